@@ -1,0 +1,8 @@
+//! screener: an SMTP zombie blocker.
+//!
+//! The daemon screens new SMTP clients the way Postfix's postscreen does and
+//! hands good ones to the real MTA; verdicts on bad ones go into kernel maps
+//! that an XDP program reads, so a bot's next packets are dropped at the NIC.
+
+pub mod config;
+pub mod duration;
