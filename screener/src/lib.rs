@@ -6,3 +6,8 @@
 
 pub mod config;
 pub mod duration;
+
+/// The compiled eBPF objects (built by `build.rs`).
+pub mod ebpf_objects {
+    include!(concat!(env!("OUT_DIR"), "/ebpf_objects.rs"));
+}
