@@ -5,6 +5,7 @@
 //! that an XDP program reads, so a bot's next packets are dropped at the NIC.
 
 pub mod config;
+pub mod dnsbl;
 pub mod duration;
 
 /// The compiled eBPF objects (built by `build.rs`).

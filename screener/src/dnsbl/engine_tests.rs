@@ -1,0 +1,1 @@
+//! Engine tests with scripted answers under paused time.
