@@ -85,7 +85,11 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Timeout => f.write_str("timeout"),
-            Failure::Rcode(code) => write!(f, "{}", code.to_str()),
+            Failure::Rcode(ResponseCode::ServFail) => f.write_str("SERVFAIL"),
+            Failure::Rcode(ResponseCode::Refused) => f.write_str("REFUSED"),
+            Failure::Rcode(ResponseCode::FormErr) => f.write_str("FORMERR"),
+            Failure::Rcode(ResponseCode::NotImp) => f.write_str("NOTIMP"),
+            Failure::Rcode(code) => write!(f, "rcode {}", u16::from(*code)),
             Failure::Transport => f.write_str("transport error or malformed reply"),
             Failure::BadName => f.write_str("query name too long"),
         }
@@ -165,7 +169,12 @@ impl Score {
 
     /// The log text of a failed test, `DNSBL rank N for [a]:p`.
     pub fn rank_message(&self, peer: std::net::SocketAddr) -> String {
-        format!("DNSBL rank {} for [{}]:{}", self.score, peer.ip(), peer.port())
+        format!(
+            "DNSBL rank {} for [{}]:{}",
+            self.score,
+            peer.ip(),
+            peer.port()
+        )
     }
 
     /// The reject reply without CRLF: `code` is 521 (drop) or 550
@@ -285,6 +294,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::too_many_lines, reason = "one row per case")]
     fn scoring_table() {
         let cases = [
             Case {
@@ -340,7 +350,10 @@ mod tests {
             },
             Case {
                 label: "same domain twice with different filters, both match",
-                sites: &["zen.example=127.0.0.[2..3]*3", "zen.example=127.0.0.[10..11]"],
+                sites: &[
+                    "zen.example=127.0.0.[2..3]*3",
+                    "zen.example=127.0.0.[10..11]",
+                ],
                 answers: vec![("zen.example", listed(&["127.0.0.2", "127.0.0.10"], 900))],
                 score: 4,
                 ttl: 900,
@@ -348,7 +361,10 @@ mod tests {
             },
             Case {
                 label: "same domain twice, one filter matches",
-                sites: &["zen.example=127.0.0.[2..3]*3", "zen.example=127.0.0.[10..11]"],
+                sites: &[
+                    "zen.example=127.0.0.[2..3]*3",
+                    "zen.example=127.0.0.[10..11]",
+                ],
                 answers: vec![("zen.example", listed(&["127.0.0.10"], 900))],
                 score: 1,
                 ttl: 900,
@@ -451,7 +467,10 @@ mod tests {
                 label: "a SERVFAIL scores 0 and shortens the TTL",
                 sites: &["bl.example", "bl2.example"],
                 answers: vec![
-                    ("bl.example", Answer::Failed(Failure::Rcode(ResponseCode::ServFail))),
+                    (
+                        "bl.example",
+                        Answer::Failed(Failure::Rcode(ResponseCode::ServFail)),
+                    ),
                     ("bl2.example", listed(&["127.0.0.2"], 900)),
                 ],
                 score: 1,
@@ -514,8 +533,18 @@ mod tests {
         for case in &cases {
             let got = run(case);
             assert_eq!(got.score, case.score, "{}: score", case.label);
-            assert_eq!(got.ttl, Duration::from_secs(case.ttl), "{}: ttl", case.label);
-            assert_eq!(got.top_site.as_deref(), case.top, "{}: top site", case.label);
+            assert_eq!(
+                got.ttl,
+                Duration::from_secs(case.ttl),
+                "{}: ttl",
+                case.label
+            );
+            assert_eq!(
+                got.top_site.as_deref(),
+                case.top,
+                "{}: top site",
+                case.label
+            );
             assert_eq!(
                 got.listed_by.is_empty(),
                 case.top.is_none(),
@@ -530,7 +559,11 @@ mod tests {
     fn listed_by_names_each_site_once() {
         let case = Case {
             label: "dup",
-            sites: &["zen.example=127.0.0.2", "zen.example=127.0.0.[2..11]", "b.example"],
+            sites: &[
+                "zen.example=127.0.0.2",
+                "zen.example=127.0.0.[2..11]",
+                "b.example",
+            ],
             answers: vec![
                 ("zen.example", listed(&["127.0.0.2"], 900)),
                 ("b.example", listed(&["127.0.0.2"], 900)),
@@ -574,10 +607,17 @@ mod tests {
         assert!(s.is_listed(3));
         assert!(!s.is_listed(4));
         assert!(!s.is_allowlisted(0));
-        let wl = Score { score: -2, ..s.clone() };
+        let wl = Score {
+            score: -2,
+            ..s.clone()
+        };
         assert!(wl.is_allowlisted(-2));
         assert!(!wl.is_allowlisted(-3));
-        assert!(!Score { score: 0, ..s.clone() }.is_allowlisted(0));
+        assert!(!Score {
+            score: 0,
+            ..s.clone()
+        }
+        .is_allowlisted(0));
         assert_eq!(
             s.rank_message("192.0.2.7:4321".parse().unwrap()),
             "DNSBL rank 3 for [192.0.2.7]:4321"

@@ -4,8 +4,8 @@
 //! 127.0.0.1 (section 5). A list that lists 127.0.0.1 lists the world; one
 //! that does not list 127.0.0.2, or answers it with an error code, is dead,
 //! misconfigured or refusing us. Either way it is switched off until a
-//! later check passes. For IPv6 the test points are ::FFFF:7F00:2 and
-//! ::FFFF:7F00:1; a list that does not list the former does not serve IPv6,
+//! later check passes. For IPv6 the test points are `::FFFF:7F00:2` and
+//! `::FFFF:7F00:1`; a list that does not list the former does not serve IPv6,
 //! and its IPv6 side is not judged.
 //!
 //! A check that gets no answer (timeout, SERVFAIL) proves nothing: the list
@@ -32,9 +32,12 @@ pub(super) async fn check(inner: &Inner, d: usize) {
     let v4 = |last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
     let v6 = |last| IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x7f00, last));
     let ask = |ip| async move {
-        tokio::time::timeout(inner.timeout, inner.source.query(query_name(ip, &domain.name)))
-            .await
-            .unwrap_or(Answer::Failed(super::Failure::Timeout))
+        tokio::time::timeout(
+            inner.timeout,
+            inner.source.query(query_name(ip, &domain.name)),
+        )
+        .await
+        .unwrap_or(Answer::Failed(super::Failure::Timeout))
     };
     let (must4, mustnt4, must6, mustnt6) =
         futures::join!(ask(v4(2)), ask(v4(1)), ask(v6(2)), ask(v6(1)));
@@ -72,10 +75,14 @@ pub(super) async fn check(inner: &Inner, d: usize) {
 
     match verdict {
         Verdict::Pass => {
-            if !domain.enabled.swap(true, Ordering::Relaxed) {
-                tracing::info!(site = %domain.public, "DNSBL site {} passes its health check again; enabled", domain.public);
-            } else {
+            if domain.enabled.swap(true, Ordering::Relaxed) {
                 tracing::debug!(site = %domain.public, "DNSBL site health check passed");
+            } else {
+                tracing::info!(
+                    site = %domain.public,
+                    "DNSBL site {} passes its health check again; enabled",
+                    domain.public
+                );
             }
         }
         Verdict::Fail(reason) => {
@@ -109,5 +116,9 @@ pub(super) async fn check(inner: &Inner, d: usize) {
 }
 
 fn join(addrs: &[Ipv4Addr]) -> String {
-    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

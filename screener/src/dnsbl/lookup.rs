@@ -160,14 +160,19 @@ pub(crate) mod scripted {
     }
 
     impl Scripted {
-        pub(crate) fn new(script: impl Fn(&str) -> (Answer, Duration) + Send + Sync + 'static) -> Arc<Self> {
+        pub(crate) fn new(
+            script: impl Fn(&str) -> (Answer, Duration) + Send + Sync + 'static,
+        ) -> Arc<Self> {
             Arc::new(Scripted {
                 script: Mutex::new(Arc::new(script)),
                 asked: Mutex::default(),
             })
         }
 
-        pub(crate) fn set(&self, script: impl Fn(&str) -> (Answer, Duration) + Send + Sync + 'static) {
+        pub(crate) fn set(
+            &self,
+            script: impl Fn(&str) -> (Answer, Duration) + Send + Sync + 'static,
+        ) {
             *self.script.lock().unwrap() = Arc::new(script);
         }
 

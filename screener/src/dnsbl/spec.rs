@@ -55,7 +55,7 @@ impl FromStr for Filter {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split('.').collect();
+        let parts = split_fields(s);
         if parts.len() != 4 {
             return Err(format!(
                 "filter \"{s}\" must have four dot-separated fields, not {}",
@@ -68,6 +68,25 @@ impl FromStr for Filter {
         }
         Ok(Filter { fields })
     }
+}
+
+/// Splits at the dots between fields, not at the `..` inside brackets.
+fn split_fields(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0u32, 0);
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            b'[' => depth += 1,
+            b']' => depth = depth.saturating_sub(1),
+            b'.' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
 }
 
 /// One filter field: `n` or `[item;item;…]` with items `n` or `n..m`.
@@ -188,7 +207,9 @@ pub(crate) fn normalize_domain(domain: &str) -> Result<String, String> {
     }
     for label in trimmed.split('.') {
         if label.is_empty() || label.len() > 63 {
-            return Err(format!("domain \"{domain}\" has an empty or over-long label"));
+            return Err(format!(
+                "domain \"{domain}\" has an empty or over-long label"
+            ));
         }
         if !label
             .bytes()
@@ -229,7 +250,7 @@ mod tests {
         let f = s.filter.unwrap();
         assert!(f.matches(Ipv4Addr::new(127, 0, 0, 2)));
         assert!(f.matches(Ipv4Addr::new(127, 0, 0, 11)));
-        assert!(!f.matches(Ipv4Addr::new(127, 0, 0, 1)));
+        assert!(!f.matches(Ipv4Addr::LOCALHOST));
         assert!(!f.matches(Ipv4Addr::new(127, 0, 0, 12)));
         assert!(!f.matches(Ipv4Addr::new(127, 0, 1, 2)));
     }
