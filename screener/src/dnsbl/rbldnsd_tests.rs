@@ -426,3 +426,84 @@ async fn truncated_replies_fail_open() {
     )
     .await;
 }
+
+/// CPU time used by the calling thread so far.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap(),
+        u32::try_from(ts.tv_nsec).unwrap(),
+    )
+}
+
+/// 1000 new clients a second, three lists, one core: the engine's whole
+/// work for a client (three lookups, scoring) costs under a millisecond of
+/// CPU on the one runtime thread, and every score is back within a DNS
+/// round trip of rbldnsd on loopback. Debug builds are several times
+/// slower than that, so this runs under `cargo test --release` only.
+#[cfg_attr(
+    debug_assertions,
+    ignore = "throughput target applies to release builds: cargo test --release"
+)]
+#[tokio::test(flavor = "current_thread")]
+async fn a_thousand_new_clients_a_second_on_one_core() {
+    const CLIENTS: u16 = 2000;
+    let server = standard_zones();
+    let dnsbl = Dnsbl::new(opts(
+        server.addr,
+        &[
+            "bl.example*2",
+            "err.example",
+            "wl.example=127.0.[0..255].[1..3]*-1",
+        ],
+    ))
+    .unwrap();
+    let cpu_before = thread_cpu_time();
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    let mut clients = tokio::task::JoinSet::new();
+    for n in 0..CLIENTS {
+        ticks.tick().await;
+        let dnsbl = dnsbl.clone();
+        clients.spawn(async move {
+            let client = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, n));
+            let begin = Instant::now();
+            let score = dnsbl.score(client, begin + Duration::from_secs(6)).await;
+            (score, begin.elapsed())
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(done) = clients.join_next().await {
+        let (score, took) = done.unwrap();
+        assert_eq!(score.score, 0);
+        slowest = slowest.max(took);
+    }
+    let cpu = thread_cpu_time().saturating_sub(cpu_before);
+    let stats = dnsbl.stats();
+    println!("{CLIENTS} clients: {cpu:?} CPU, slowest score {slowest:?}");
+    assert_eq!(stats.dns_failures, 0, "{stats:?}");
+    assert_eq!(stats.queries, u64::from(CLIENTS) * 3);
+    let per_client = cpu / u32::from(CLIENTS);
+    assert!(
+        per_client < Duration::from_millis(1),
+        "{per_client:?} CPU per client"
+    );
+    // Falling behind the arrival rate would pile clients up for seconds.
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest score took {slowest:?}"
+    );
+}
+
+/// The daemon builds its configuration before the runtime starts.
+#[test]
+fn the_engine_is_built_without_a_runtime() {
+    let dnsbl = Dnsbl::new(opts("127.0.0.1:5353".parse().unwrap(), &["bl.example"])).unwrap();
+    assert!(!dnsbl.is_empty());
+    assert_eq!(dnsbl.stats().sites["bl.example"].queries, 0);
+}
