@@ -2,7 +2,8 @@
 //!
 //! When a client connects, [`Dnsbl::score`] asks every enabled list about it
 //! at once, while the greeting wait runs; whatever has arrived by the end of
-//! that wait is scored ([`answer`] explains how) and the rest is ignored, so
+//! that wait is scored (`answer.rs` explains how, and why operators' error
+//! answers are not listings) and the rest is ignored, so
 //! scoring costs no more than the slowest list that made it in time.
 //!
 //! SHARING AND CACHING. A bot opens many connections at once; all of them
@@ -17,10 +18,13 @@
 //! reject all mail. [`Dnsbl::spawn_health_checks`] asks each list for the
 //! RFC 5782 test points at start-up and every `health_interval`; a list
 //! that fails is switched off, logged as an error and shown in the stats,
-//! until it passes again (see [`health`]).
+//! until it passes again (see `health.rs`).
 //!
 //! SECRET DOMAINS. `reply_map` gives a list's query domain a public name;
-//! replies, logs and stats only ever use the public name.
+//! replies, logs and stats only ever use the public name. hickory's own
+//! debug-level events name the queries they send, so the daemon's log
+//! filter must keep the `hickory_proto` and `hickory_resolver` targets at
+//! `info` or above.
 
 // TTLs are DNS seconds; `from_secs(3600)` reads better beside them than
 // `from_hours(1)`.
