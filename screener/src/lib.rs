@@ -4,8 +4,11 @@
 //! hands good ones to the real MTA; verdicts on bad ones go into kernel maps
 //! that an XDP program reads, so a bot's next packets are dropped at the NIC.
 
+pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod duration;
+pub mod xdp;
 
 /// The compiled eBPF objects (built by `build.rs`).
 pub mod ebpf_objects {
