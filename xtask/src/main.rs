@@ -173,9 +173,16 @@ fn bootstrap(with_test_peers: bool) -> Result<()> {
                 bail!("debconf-set-selections failed ({st})");
             }
         }
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
-        check(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))
-            .context("updating the package lists")?;
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
+        check(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("updating the package lists")?;
         check(
             Command::new("apt-get")
                 .args(["install", "-y", "--no-install-recommends"])
@@ -216,7 +223,10 @@ fn bpf_linker() -> Result<()> {
             eprintln!("    bpf-linker: {}", v.trim());
             return Ok(());
         }
-        eprintln!("    bpf-linker: found {}, want {BPF_LINKER_VERSION}", v.trim());
+        eprintln!(
+            "    bpf-linker: found {}, want {BPF_LINKER_VERSION}",
+            v.trim()
+        );
     }
     step(&format!(
         "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
