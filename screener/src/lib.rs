@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod duration;
+pub mod proxy;
+pub mod store;
 
 /// The compiled eBPF objects (built by `build.rs`).
 pub mod ebpf_objects {
