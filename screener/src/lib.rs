@@ -8,6 +8,8 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod duration;
+pub mod proxy;
+pub mod store;
 pub mod xdp;
 
 /// The compiled eBPF objects (built by `build.rs`).
