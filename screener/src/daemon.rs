@@ -5,23 +5,25 @@
 //! its `BLOCK` / `UNBLOCK` log line.
 
 use std::{
+    net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use futures::FutureExt as _;
 use ipnet::IpNet;
-use screener_common::Reason;
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     admin::{self, Request, Response},
     config::{self, Config},
-    duration,
-    xdp::{self, maps::expiry_after, Gate},
+    import,
+    store::Store,
+    verdict::{self, VerdictError, Verdicts},
+    xdp::{self, Gate},
 };
 
 /// How often expired kernel entries are swept out.
@@ -29,12 +31,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// State shared by the admin handler and the background tasks.
 pub struct Daemon {
-    /// The configuration in force; replaced as a whole on SIGHUP.
-    cfg: RwLock<Arc<Config>>,
+    /// Blocks and allows, kernel and store; also holds the configuration.
+    verdicts: Arc<Verdicts>,
     /// Where the configuration came from, for SIGHUP.
     cfg_path: PathBuf,
-    /// `None` with `--no-xdp` or after `xdp detach`.
-    gate: Mutex<Option<Gate>>,
     started: Instant,
 }
 
@@ -48,17 +48,12 @@ pub fn parse_nets(nets: &[String]) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
-/// The kernel reason for an operator's `--reason` text: a known reason
-/// name maps to itself, anything else is a manual block.
-pub fn reason_from_text(text: Option<&str>) -> Reason {
-    text.and_then(|t| Reason::ALL.into_iter().find(|r| r.name() == t))
-        .unwrap_or(Reason::Manual)
-}
-
 #[derive(Serialize)]
 struct DaemonStats {
     uptime_secs: u64,
     xdp_attached: bool,
+    #[serde(flatten)]
+    verdicts: verdict::CountersSnapshot,
 }
 
 #[derive(Serialize)]
@@ -67,217 +62,224 @@ struct Stats {
     daemon: DaemonStats,
 }
 
+#[derive(Serialize)]
+struct ImportReport {
+    list: String,
+    lines_ok: usize,
+    lines_bad: usize,
+    errors: Vec<String>,
+    added: usize,
+    removed: usize,
+    kept: usize,
+    shadowed: usize,
+}
+
 impl Daemon {
     fn cfg(&self) -> Arc<Config> {
-        self.cfg.read().expect("config lock").clone()
-    }
-
-    fn with_gate<T>(&self, f: impl FnOnce(&mut Gate) -> Result<T, String>) -> Result<T, String> {
-        let mut g = self.gate.lock().expect("gate lock");
-        match g.as_mut() {
-            Some(gate) => f(gate),
-            None => Err("XDP is not loaded (started with --no-xdp, or detached)".into()),
-        }
+        self.verdicts.cfg()
     }
 
     /// Handles one admin request.
-    pub fn handle(&self, req: Request) -> Response {
-        let result: Result<serde_json::Value, String> = match req {
-            Request::BlockAdd { nets, ttl, reason } => {
-                self.block_add(&nets, ttl, reason.as_deref())
-            }
-            Request::BlockDel { nets } => self.block_del(&nets),
-            Request::BlockList => self
-                .with_gate(|g| g.maps.blocks().map_err(|e| e.to_string()))
-                .map(json),
-            Request::AllowAdd { nets } => self.allow_add(&nets),
-            Request::AllowDel { nets } => self.allow_del(&nets),
-            Request::AllowList => self
-                .with_gate(|g| g.maps.allows().map_err(|e| e.to_string()))
-                .map(json),
-            Request::Stats => Ok(json(self.stats())),
-            Request::XdpStatus => Ok(json(xdp::status(&self.cfg().xdp.pin_path))),
-            Request::XdpDetach => {
-                let gate = self.gate.lock().expect("gate lock").take();
-                drop(gate);
-                xdp::detach(&self.cfg().xdp.pin_path)
-                    .map(|removed| {
-                        tracing::info!("XDP detached on request: {}", removed.join(", "));
-                        json(removed)
-                    })
-                    .map_err(|e| e.to_string())
-            }
-            Request::CacheList
-            | Request::CacheShow { .. }
-            | Request::CachePurge { .. }
-            | Request::Import { .. } => Err("not available in this daemon".into()),
-        };
-        match result {
+    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
+        match self.dispatch(req).await {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e),
         }
     }
 
-    fn block_add(
-        &self,
-        nets: &[String],
-        ttl: Option<u64>,
-        reason_text: Option<&str>,
-    ) -> Result<serde_json::Value, String> {
-        let nets = parse_nets(nets)?;
-        let ttl = ttl.unwrap_or_else(|| self.cfg().verdict.block_ttl.as_secs());
-        let reason = reason_from_text(reason_text);
-        let label = reason_text.unwrap_or(reason.name());
-        self.with_gate(|g| {
-            let expires = expiry_after(Some(ttl));
-            let mut done = Vec::new();
-            for net in &nets {
-                if let Err(e) = g.maps.block(*net, reason, expires) {
-                    // All or nothing: undo this request's earlier inserts.
-                    for d in &done {
-                        let _ = g.maps.unblock(*d);
+    async fn dispatch(&self, req: Request) -> Result<serde_json::Value, String> {
+        let v = &self.verdicts;
+        let err = |e: VerdictError| e.to_string();
+        match req {
+            Request::BlockAdd { nets, ttl, reason } => {
+                let parsed = parse_nets(&nets)?;
+                v.block_manual(&parsed, ttl.map(Duration::from_secs), reason.as_deref())
+                    .await
+                    .map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::BlockDel { nets } => {
+                let parsed = parse_nets(&nets)?;
+                v.unblock(&parsed, "operator").await.map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::BlockList => self.list(true).await,
+            Request::AllowAdd { nets } => {
+                let parsed = parse_nets(&nets)?;
+                v.allow(&parsed).await.map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::AllowDel { nets } => {
+                let parsed = parse_nets(&nets)?;
+                v.unallow(&parsed).await.map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::AllowList => self.list(false).await,
+            Request::Stats => Ok(json(self.stats())),
+            Request::XdpStatus => Ok(json(xdp::status(&self.cfg().xdp.pin_path))),
+            Request::XdpDetach => {
+                drop(v.take_gate());
+                let removed = xdp::detach(&self.cfg().xdp.pin_path).map_err(|e| e.to_string())?;
+                tracing::info!("XDP detached on request: {}", removed.join(", "));
+                Ok(json(removed))
+            }
+            Request::CacheList => {
+                let clients = v.store().clients().await.map_err(|e| e.to_string())?;
+                Ok(json(
+                    clients
+                        .into_iter()
+                        .map(|(ip, rec)| serde_json::json!({ "ip": ip, "record": rec }))
+                        .collect::<Vec<_>>(),
+                ))
+            }
+            Request::CacheShow { ip } => {
+                let ip: IpAddr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
+                let rec = v.store().client(ip).await.map_err(|e| e.to_string())?;
+                rec.map(json)
+                    .ok_or_else(|| format!("{ip} is not in the cache"))
+            }
+            Request::CachePurge { ip } => {
+                let n = match ip {
+                    Some(ip) => {
+                        let ip: IpAddr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
+                        usize::from(
+                            v.store()
+                                .delete_client(ip)
+                                .await
+                                .map_err(|e| e.to_string())?,
+                        )
                     }
-                    return Err(format!("{net}: {e}"));
-                }
-                done.push(*net);
+                    None => v.store().purge_clients().await.map_err(|e| e.to_string())?,
+                };
+                Ok(json(serde_json::json!({ "purged": n })))
             }
-            for net in &nets {
-                tracing::info!(
-                    "BLOCK {net} reason={label} ttl={}",
-                    duration::Display(Duration::from_secs(ttl))
-                );
-            }
-            Ok(json(
-                nets.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ))
-        })
-    }
-
-    fn block_del(&self, nets: &[String]) -> Result<serde_json::Value, String> {
-        let nets = parse_nets(nets)?;
-        self.with_gate(|g| {
-            let current = g.maps.blocks().map_err(|e| e.to_string())?;
-            if let Some(missing) = nets
-                .iter()
-                .find(|n| !current.iter().any(|c| c.net == n.trunc()))
-            {
-                return Err(format!("{missing} is not blocked"));
-            }
-            for net in &nets {
-                g.maps.unblock(*net).map_err(|e| format!("{net}: {e}"))?;
-                tracing::info!("UNBLOCK {net} reason=operator");
-            }
-            Ok(json(
-                nets.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ))
-        })
-    }
-
-    fn allow_add(&self, nets: &[String]) -> Result<serde_json::Value, String> {
-        let nets = parse_nets(nets)?;
-        self.with_gate(|g| {
-            let mut done = Vec::new();
-            for net in &nets {
-                if let Err(e) = g.maps.allow(*net) {
-                    for d in &done {
-                        let _ = g.maps.unallow(*d);
-                    }
-                    return Err(format!("{net}: {e}"));
-                }
-                done.push(*net);
-            }
-            for net in &nets {
-                tracing::info!("ALLOW {net}");
-            }
-            Ok(json(
-                nets.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ))
-        })
-    }
-
-    fn allow_del(&self, nets: &[String]) -> Result<serde_json::Value, String> {
-        let nets = parse_nets(nets)?;
-        self.with_gate(|g| {
-            let current = g.maps.allows().map_err(|e| e.to_string())?;
-            if let Some(missing) = nets
-                .iter()
-                .find(|n| !current.iter().any(|c| c.net == n.trunc()))
-            {
-                return Err(format!("{missing} is not allowed"));
-            }
-            for net in &nets {
-                g.maps.unallow(*net).map_err(|e| format!("{net}: {e}"))?;
-                tracing::info!("DISALLOW {net}");
-            }
-            Ok(json(
-                nets.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ))
-        })
-    }
-
-    fn stats(&self) -> Stats {
-        let g = self.gate.lock().expect("gate lock");
-        let kernel = g.as_ref().and_then(|g| match g.maps.stats() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("reading kernel counters: {e}");
-                None
-            }
-        });
-        Stats {
-            kernel,
-            daemon: DaemonStats {
-                uptime_secs: self.started.elapsed().as_secs(),
-                xdp_attached: g.is_some(),
-            },
+            Request::Import {
+                file,
+                format,
+                ttl,
+                reason,
+            } => self.import(&file, &format, ttl, reason).await,
         }
     }
 
-    fn sweep(&self) {
-        let mut g = self.gate.lock().expect("gate lock");
-        if let Some(gate) = g.as_mut() {
-            match gate.maps.sweep() {
-                Ok(gone) => {
-                    for l in gone {
-                        tracing::info!("UNBLOCK {} reason={} expired", l.net, l.reason);
-                    }
+    async fn list(&self, blocks: bool) -> Result<serde_json::Value, String> {
+        let v = self.verdicts.clone();
+        // A large listing walks whole maps: off the runtime's workers.
+        let listed = tokio::task::spawn_blocking(move || {
+            v.with_gate(|g| {
+                if blocks {
+                    g.maps.blocks()
+                } else {
+                    g.maps.allows()
                 }
-                Err(e) => tracing::warn!("sweeping expired entries: {e}"),
-            }
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match listed {
+            Some(r) => r.map(json).map_err(|e| e.to_string()),
+            None => Err("XDP is not loaded (started with --no-xdp, or detached)".into()),
+        }
+    }
+
+    async fn import(
+        &self,
+        file: &std::path::Path,
+        format: &str,
+        ttl: Option<u64>,
+        reason: Option<String>,
+    ) -> Result<serde_json::Value, String> {
+        let format: import::Format = format.parse()?;
+        let text = tokio::fs::read_to_string(file)
+            .await
+            .map_err(|e| format!("reading {}: {e}", file.display()))?;
+        let parsed = tokio::task::spawn_blocking(move || import::parse(&text, format))
+            .await
+            .map_err(|e| e.to_string())?;
+        let list = reason.unwrap_or_else(|| {
+            file.file_name()
+                .map_or_else(|| "import".into(), |n| n.to_string_lossy().into_owned())
+        });
+        for (line, e) in parsed.errors.iter().take(20) {
+            tracing::warn!(list = %list, "{}:{line}: {e}; line skipped", file.display());
+        }
+        let lines_ok = parsed.nets.len();
+        let change = self
+            .verdicts
+            .import(&list, parsed.nets, ttl.map(Duration::from_secs))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(json(ImportReport {
+            list,
+            lines_ok,
+            lines_bad: parsed.errors.len(),
+            errors: parsed
+                .errors
+                .iter()
+                .take(20)
+                .map(|(l, e)| format!("line {l}: {e}"))
+                .collect(),
+            added: change.added,
+            removed: change.removed,
+            kept: change.kept,
+            shadowed: change.shadowed,
+        }))
+    }
+
+    fn stats(&self) -> Stats {
+        let kernel = self.verdicts.with_gate(|g| g.maps.stats()).and_then(|r| {
+            r.map_err(|e| tracing::warn!("reading kernel counters: {e}"))
+                .ok()
+        });
+        Stats {
+            daemon: DaemonStats {
+                uptime_secs: self.started.elapsed().as_secs(),
+                xdp_attached: self.verdicts.with_gate(|_| ()).is_some(),
+                verdicts: self.verdicts.counters(),
+            },
+            kernel,
         }
     }
 
     /// SIGHUP: a new configuration for what can change while running. A bad
     /// file is refused and logged; the old configuration stays.
-    fn reload(&self) {
+    fn reload(&self) -> Option<Arc<Config>> {
         let new = match Config::load(&self.cfg_path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("reload refused, keeping the running configuration: {e}");
-                return;
+                return None;
             }
         };
         let old = self.cfg();
         if new.verdict.ipv6_prefix != old.verdict.ipv6_prefix
             || new.xdp.pin_path != old.xdp.pin_path
             || new.admin.socket != old.admin.socket
+            || new.store.path != old.store.path
         {
             tracing::warn!(
-                "verdict.ipv6_prefix, xdp.pin_path and admin.socket change only on restart"
+                "verdict.ipv6_prefix, xdp.pin_path, store.path and admin.socket change only on restart"
             );
         }
-        if let Some(gate) = self.gate.lock().expect("gate lock").as_mut() {
-            let ports = match &new.xdp.ports {
-                config::Ports::All => None,
-                config::Ports::List(p) => Some(p.as_slice()),
-            };
-            if let Err(e) = gate.maps.configure(gate.maps.ipv6_prefix(), ports) {
-                tracing::error!("applying xdp.ports: {e}");
-            }
+        let ports = match &new.xdp.ports {
+            config::Ports::All => None,
+            config::Ports::List(p) => Some(p.clone()),
+        };
+        if let Some(Err(e)) = self
+            .verdicts
+            .with_gate(|g| g.maps.configure(g.maps.ipv6_prefix(), ports.as_deref()))
+        {
+            tracing::error!("applying xdp.ports: {e}");
         }
-        *self.cfg.write().expect("config lock") = Arc::new(new);
+        let new = Arc::new(new);
+        self.verdicts.set_cfg(new.clone());
         tracing::info!(config = %self.cfg_path.display(), "configuration reloaded");
+        Some(new)
     }
+}
+
+fn names(nets: &[IpNet]) -> Vec<String> {
+    nets.iter().map(ToString::to_string).collect()
 }
 
 fn json(v: impl Serialize) -> serde_json::Value {
@@ -287,6 +289,10 @@ fn json(v: impl Serialize) -> serde_json::Value {
 /// Runs the daemon until SIGTERM or SIGINT. The XDP gate stays attached
 /// when it exits: only `screener xdp detach` opens it.
 pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<()> {
+    let store_path = cfg.store.path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+        .await?
+        .context("opening the store")?;
     let gate = if no_xdp {
         tracing::info!("running without XDP (--no-xdp)");
         None
@@ -302,36 +308,35 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         .await
         .context("opening the admin socket")?;
     let socket = cfg.admin.socket.clone();
+    let verdicts = Arc::new(Verdicts::new(Arc::new(cfg), store, gate));
+    match verdicts.reconcile().await {
+        Ok((added, removed, expired)) => tracing::info!(
+            added,
+            removed,
+            expired,
+            "kernel maps reconciled with the store"
+        ),
+        Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
+    }
     let daemon = Arc::new(Daemon {
-        cfg: RwLock::new(Arc::new(cfg)),
+        verdicts: verdicts.clone(),
         cfg_path,
-        gate: Mutex::new(gate),
         started: Instant::now(),
     });
-    daemon.sweep();
 
     let d = daemon.clone();
-    let handler: admin::Handler = Arc::new(move |req| {
-        let d = d.clone();
-        // Map updates are short syscalls, but a large listing is not:
-        // keep them off the runtime's worker threads.
-        async move {
-            tokio::task::spawn_blocking(move || d.handle(req))
-                .await
-                .unwrap_or_else(|e| Response::err(format!("internal error: {e}")))
-        }
-        .boxed()
-    });
+    let handler: admin::Handler = Arc::new(move |req| d.clone().handle(req).boxed());
     let admin_task = tokio::spawn(admin::serve(listener, handler));
     tracing::info!(socket = %socket.display(), "admin socket ready");
 
-    let d = daemon.clone();
+    let v = verdicts.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
-            let d = d.clone();
-            let _ = tokio::task::spawn_blocking(move || d.sweep()).await;
+            if let Err(e) = v.sweep().await {
+                tracing::warn!("sweeping expired blocks: {e}");
+            }
         }
     });
 

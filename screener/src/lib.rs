@@ -8,8 +8,10 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod duration;
+pub mod import;
 pub mod proxy;
 pub mod store;
+pub mod verdict;
 pub mod xdp;
 
 /// The compiled eBPF objects (built by `build.rs`).
