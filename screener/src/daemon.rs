@@ -339,6 +339,17 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             }
         }
     });
+    let v = verdicts.clone();
+    let cleaner = tokio::spawn(async move {
+        loop {
+            let every = v.cfg().screen.cache_cleanup_interval;
+            tokio::time::sleep(every).await;
+            match v.cleanup().await {
+                Ok(n) => tracing::info!(removed = n, "store cleanup"),
+                Err(e) => tracing::warn!("store cleanup: {e}"),
+            }
+        }
+    });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -356,6 +367,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     tracing::info!("shutting down; the XDP gate stays attached");
     admin_task.abort();
     sweeper.abort();
+    cleaner.abort();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

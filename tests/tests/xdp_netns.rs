@@ -334,3 +334,130 @@ fn daemon_not_running_is_a_clear_error() {
     assert!(!success);
     assert!(out.contains("not running"), "{out}");
 }
+
+#[test]
+fn blocks_come_back_after_restart_and_wiped_pins() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("wipe{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let mut d = daemon(&ns, &pins, "skb", port);
+    let client = ns.client_v4().to_string();
+    ok(
+        &d.cfg,
+        &["block", "add", &client, "203.0.113.0/24", "--ttl", "1d"],
+    );
+    ok(&d.cfg, &["allow", "add", "198.51.100.0/24"]);
+    assert!(!ns.connects(ns.client_v4(), v4, DROPPED));
+
+    // A plain restart.
+    d.child.kill9();
+    d.child = start(&d.cfg, d.dir.path(), 1);
+    assert!(
+        !ns.connects(ns.client_v4(), v4, DROPPED),
+        "block lost across restart"
+    );
+
+    // As after a reboot: every pin gone, the store remains.
+    d.child.kill9();
+    ok(&d.cfg, &["xdp", "detach"]);
+    assert!(
+        ns.connects(ns.client_v4(), v4, THROUGH),
+        "detach left the gate closed"
+    );
+    d.child = start(&d.cfg, d.dir.path(), 2);
+    assert!(
+        !ns.connects(ns.client_v4(), v4, DROPPED),
+        "block lost with the pins"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&d.cfg, &["block", "list", "--json"])).unwrap();
+    let nets: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["net"].as_str().unwrap())
+        .collect();
+    assert!(nets.contains(&format!("{client}/32").as_str()), "{nets:?}");
+    assert!(nets.contains(&"203.0.113.0/24"), "{nets:?}");
+    let allows = ok(&d.cfg, &["allow", "list", "--json"]);
+    assert!(allows.contains("198.51.100.0/24"), "{allows}");
+}
+
+#[test]
+fn import_large_drop_list_and_replace_it() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("import{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let d = daemon(&ns, &pins, "skb", port);
+    let client = ns.client_v4();
+
+    // 100k entries: the client itself, then /30s elsewhere.
+    let mut text = String::from("; DROP-style list for the test\n");
+    text += &format!("{client}/32 ; SBL000000\n");
+    for i in 0..99_999u32 {
+        let a = 0x0a00_0000 + i * 4;
+        text += &format!(
+            "{}.{}.{}.{}/30 ; SBL{i:06}\n",
+            a >> 24,
+            (a >> 16) & 255,
+            (a >> 8) & 255,
+            a & 255
+        );
+    }
+    text += "garbage line ; SBL999999\n";
+    let file = d.dir.path().join("drop.txt");
+    std::fs::write(&file, &text).unwrap();
+    let out = ok(
+        &d.cfg,
+        &[
+            "import",
+            file.to_str().unwrap(),
+            "--format",
+            "drop",
+            "--reason",
+            "drop",
+        ],
+    );
+    assert!(out.contains("added = 100000"), "{out}");
+    assert!(out.contains("lines_bad = 1"), "{out}");
+    assert!(
+        out.contains("line 100002"),
+        "bad line not reported with its number: {out}"
+    );
+    assert!(
+        !ns.connects(client, v4, DROPPED),
+        "imported entry does not drop"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&d.cfg, &["xdp", "status", "--json"])).unwrap();
+    let cidrs = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "block_v4_cidr")
+        .unwrap()["entries"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cidrs, 99_999);
+
+    // The list changes: the client and 999 others leave, 5 arrive.
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.drain(1..1001);
+    let mut changed = lines.join("\n");
+    for i in 0..5 {
+        changed += &format!("\n172.16.{i}.0/24 ; SBLNEW{i}");
+    }
+    std::fs::write(&file, changed).unwrap();
+    let out = ok(
+        &d.cfg,
+        &["import", file.to_str().unwrap(), "--reason", "drop"],
+    );
+    assert!(out.contains("removed = 1000"), "{out}");
+    assert!(out.contains("added = 5"), "{out}");
+    assert!(
+        ns.connects(client, v4, THROUGH),
+        "entry gone from the list still drops"
+    );
+}
