@@ -376,6 +376,9 @@ impl Inner {
 impl Store {
     /// Opens the database at `path`, creating it and its missing parent
     /// directories, and checks its layout version.
+    ///
+    /// This blocks (it may repair a file left by a crash): call it at
+    /// start-up or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
