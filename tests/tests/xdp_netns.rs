@@ -461,3 +461,43 @@ fn import_large_drop_list_and_replace_it() {
         "entry gone from the list still drops"
     );
 }
+
+#[test]
+fn kernel_drop_logs_reach_the_daemon_log_when_enabled() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("log{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[xdp]\n", "[xdp]\nlog_level = \"debug\"\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let _child = spawn_logged(
+        Command::new(screener_bin())
+            .env("RUST_LOG", "debug")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("run"),
+        &log,
+    );
+    wait_for("the admin socket", Duration::from_secs(20), || {
+        cli(&cfg, &["stats", "--json"]).0
+    });
+    let client = ns.client_v4().to_string();
+    ok(&cfg, &["block", "add", &client]);
+    assert!(!ns.connects(ns.client_v4(), v4, DROPPED));
+    wait_for(
+        "the kernel's drop log line",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("drop {client} reason 0"))
+        },
+    );
+}
