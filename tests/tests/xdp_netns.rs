@@ -501,3 +501,39 @@ fn kernel_drop_logs_reach_the_daemon_log_when_enabled() {
         },
     );
 }
+
+#[test]
+fn configured_lists_are_imported_and_follow_their_file() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("watch{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("local.cidr");
+    std::fs::write(
+        &list,
+        format!("# local list\n{}\n203.0.113.0/24\n", ns.client_v4()),
+    )
+    .unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += &format!(
+        "\n[import]\nlists = [{{ file = \"{}\", format = \"cidr\", interval = \"1s\" }}]\n",
+        list.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let _child = start(&cfg, dir.path(), 0);
+    wait_for(
+        "the configured list to block the client",
+        Duration::from_secs(15),
+        || !ns.connects(ns.client_v4(), v4, DROPPED),
+    );
+    std::fs::write(&list, "203.0.113.0/24\n").unwrap();
+    wait_for(
+        "the changed list to release the client",
+        Duration::from_secs(15),
+        || ns.connects(ns.client_v4(), v4, DROPPED),
+    );
+    let out = ok(&cfg, &["block", "list", "--json"]);
+    assert!(out.contains("203.0.113.0/24"), "{out}");
+}
