@@ -537,3 +537,62 @@ fn configured_lists_are_imported_and_follow_their_file() {
     let out = ok(&cfg, &["block", "list", "--json"]);
     assert!(out.contains("203.0.113.0/24"), "{out}");
 }
+
+#[test]
+fn pinned_set_of_another_layout_is_refused() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("layout{}", ns.n));
+    let mut d = daemon(&ns, &pins, "skb", 2500 + u16::try_from(ns.n).unwrap());
+    d.child.kill9();
+    let run = |cfg: &Path| {
+        Command::new(screener_bin())
+            .arg("-c")
+            .arg(cfg)
+            .arg("run")
+            .output()
+            .unwrap()
+    };
+
+    // Another IPv6 prefix would read the block_v6 keys with another meaning.
+    let text = std::fs::read_to_string(&d.cfg).unwrap();
+    std::fs::write(
+        &d.cfg,
+        text.replace("[xdp]\n", "[verdict]\nipv6_prefix = 48\n\n[xdp]\n"),
+    )
+    .unwrap();
+    let out = run(&d.cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("verdict.ipv6_prefix") && err.contains("/64"),
+        "{err}"
+    );
+    std::fs::write(&d.cfg, text).unwrap();
+
+    // A map of another shape where block_v4 should be.
+    let map = pins.0.join("block_v4");
+    std::fs::remove_file(&map).unwrap();
+    integration_tests::netns::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        map.to_str().unwrap(),
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        "16",
+        "entries",
+        "16",
+        "name",
+        "block_v4",
+    ]);
+    let out = run(&d.cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("another layout") && err.contains("block_v4") && err.contains("xdp detach"),
+        "{err}"
+    );
+}
