@@ -248,7 +248,8 @@ impl Daemon {
                     {
                         Ok(_) => imported_at = Some(m),
                         Err(e) => {
-                            tracing::warn!(list = %name, "import of {} failed: {e}", list.file.display())
+                            let file = list.file.display();
+                            tracing::warn!(list = %name, "import of {file} failed: {e}");
                         }
                     }
                 }
