@@ -10,7 +10,7 @@ use std::{
 
 use integration_tests::{config, ensure_bpffs, entry, packet::syn, Gate, Ports, SMTP_PORTS};
 use screener_common::{
-    map_names as m, stat, Reason, FLAG_HAS_V4_ALLOW, FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS,
+    map_names as m, stat, Config, Reason, FLAG_HAS_V4_ALLOW, FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS,
     FLAG_HAS_V6_ALLOW, FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS, LAYOUT_VERSION, PORT_WORDS,
 };
 use serde_json::Value;
@@ -199,6 +199,12 @@ fn pinned_maps_dump_with_named_fields() {
     assert_trie_key(m::ALLOW_V6, &e["key"], 48, &allow6.octets());
     assert_entry(m::ALLOW_V6, &e["value"], 0, 0, 0);
 
+    check_config(&pins, &cfg);
+    check_stats(&pins, stat::DROP_BASE + pregreet);
+}
+
+/// The settings dump names every field, the port bitmap as words.
+fn check_config(pins: &PinDir, cfg: &Config) {
     let e = only(&dump(&pins.path(m::CONFIG)), m::CONFIG);
     let v = &e["value"];
     assert_eq!(
@@ -220,8 +226,11 @@ fn pinned_maps_dump_with_named_fields() {
     }
     let set: u32 = ports.iter().map(|w| w.as_u64().unwrap().count_ones()).sum();
     assert_eq!(set, 3, "only the SMTP ports are set");
+}
 
-    // Per-CPU counters: one row per index, one value per CPU.
+/// Per-CPU counters: one row per index, one value per CPU; only `index`
+/// counted, once.
+fn check_stats(pins: &PinDir, index_hit: u32) {
     let rows = dump(&pins.path(m::STATS));
     assert_eq!(rows.len(), stat::LEN as usize);
     let mut total = 0;
@@ -237,7 +246,7 @@ fn pinned_maps_dump_with_named_fields() {
                 v["value"].as_u64().expect("a counter")
             })
             .sum();
-        let want = u64::from(index == u64::from(stat::DROP_BASE + pregreet));
+        let want = u64::from(index == u64::from(index_hit));
         assert_eq!(sum, want, "stats[{index}]: {f}");
         total += sum;
     }
