@@ -159,8 +159,11 @@ fn parse(ctx: &XdpContext, cfg: &Config) -> Result<Src, u32> {
     if protocol != IPPROTO_TCP {
         return Err(stat::PASS_OUT_OF_SCOPE);
     }
-    ptr_at::<[u8; 20]>(ctx, l4).ok_or(stat::PASS_UNPARSEABLE)?;
-    let dport = be16_at(ctx, l4 + 2).ok_or(stat::PASS_UNPARSEABLE)?;
+    // The port is read through the checked pointer: the verifier cannot
+    // tie a separately derived variable-offset pointer to the check.
+    let tcp = ptr_at::<[u8; 20]>(ctx, l4).ok_or(stat::PASS_UNPARSEABLE)?;
+    // SAFETY: ptr_at checked the whole TCP header is inside the packet.
+    let dport = unsafe { u16::from_be_bytes([(*tcp)[2], (*tcp)[3]]) };
     if cfg.port_enabled(dport) {
         Ok(src)
     } else {
