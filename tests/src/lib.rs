@@ -198,6 +198,26 @@ impl Gate {
     }
 
     /// Inserts into the hash map `map`.
+    /// Writes every non-zero word of an array map of `u64`.
+    pub fn set_words(&mut self, map: &str, words: &[u64]) -> anyhow::Result<()> {
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut(map)?)?;
+        for (i, w) in words.iter().enumerate() {
+            if *w != 0 {
+                a.set(u32::try_from(i)?, *w, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets or clears one prefilter bit (`prefilter_v4` / `prefilter_v6`).
+    pub fn set_prefilter_bit(&mut self, map: &str, bit: u32, on: bool) -> anyhow::Result<()> {
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut(map)?)?;
+        let word = a.get(&(bit >> 6), 0)?;
+        let mask = 1u64 << (bit & 63);
+        a.set(bit >> 6, if on { word | mask } else { word & !mask }, 0)?;
+        Ok(())
+    }
+
     pub fn put_hash<K: Pod>(&mut self, map: &str, key: K, e: &Entry) -> anyhow::Result<()> {
         let mut h: HashMap<_, K, Entry> = HashMap::try_from(self.map_mut(map)?)?;
         h.insert(key, e, 0)

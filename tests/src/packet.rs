@@ -111,9 +111,11 @@ pub struct Frame {
     /// End of the IP header: the fixed IPv6 header or the IPv4 header with
     /// its options. A frame this long is enough to judge in "all" scope.
     pub ip_end: usize,
-    /// End of the L4 header (the TCP header for a SYN). A frame this long is
-    /// enough to judge in a port scope.
+    /// End of the L4 header (the TCP header for a SYN).
     pub l4_end: usize,
+    /// End of the TCP ports: a frame this long is enough to judge in a
+    /// port scope (or `l4_end` when the L4 header is shorter).
+    pub ports_end: usize,
 }
 
 impl Frame {
@@ -287,6 +289,10 @@ impl FrameBuilder {
             }
             _ => unreachable!("source and destination share a family"),
         }
+        let ports_end = b.len() + l4.len().min(4);
+        if l4.len() > 4 {
+            boundaries.push(("tcp ports", ports_end));
+        }
         b.extend(&l4);
         let l4_end = b.len();
         if !l4.is_empty() {
@@ -298,6 +304,7 @@ impl FrameBuilder {
             boundaries,
             ip_end,
             l4_end,
+            ports_end,
         }
     }
 

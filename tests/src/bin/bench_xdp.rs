@@ -14,10 +14,14 @@ use std::{
 use anyhow::{bail, ensure, Context as _};
 use aya::EbpfLoader;
 use integration_tests::{config, entry, packet::syn, Gate, Ports, SMTP_PORTS, XDP_DROP, XDP_PASS};
-use screener::ebpf_objects::{FLOOR, NAIVE, SCREENER};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use screener::{
+    ebpf_objects::{FLOOR, NAIVE, SCREENER},
+    xdp::prefilter::bits_of,
+};
 use screener_common::{
-    map_names as m, stat, Config, Reason, FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS, FLAG_HAS_V6_CIDRS,
-    FLAG_HAS_V6_HOSTS,
+    map_names as m, prefilter, stat, Config, Reason, FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS,
+    FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS, FLAG_PREFILTER_V4, FLAG_PREFILTER_V6,
 };
 
 /// `AYA_LOG_LEVEL` patched to 0: no log record is even formatted.
@@ -61,16 +65,20 @@ fn prefix4(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(scramble24(i) << 8)
 }
 
-const DOC6: u128 = 0x2001_0db8 << 96;
+// Map contents only: nothing is sent from these addresses. They spread
+// over many /32s as real blocked IPv6 sources do; the probes that miss come
+// from 2001:db8::/32.
+const HOSTS6: u128 = 0x2400 << 112;
+const PREFIXES6: u128 = 0x2600 << 112;
 
-/// A /64 of `2001:db8::/32`, the key of one blocked IPv6 host.
+/// A /64, the key of one blocked IPv6 host.
 fn host6(i: u32) -> Ipv6Addr {
-    Ipv6Addr::from(DOC6 | (u128::from(scramble32(i)) << 64))
+    Ipv6Addr::from(HOSTS6 | (u128::from(scramble32(i)) << 80))
 }
 
-/// A /56 of `2001:db8::/32`.
+/// A /56.
 fn prefix6(i: u32) -> Ipv6Addr {
-    Ipv6Addr::from(DOC6 | (u128::from(scramble24(i)) << 72))
+    Ipv6Addr::from(PREFIXES6 | (u128::from(scramble24(i)) << 80))
 }
 
 const V4_PREFIX: u32 = 24;
@@ -196,7 +204,27 @@ fn load_ours(s: Setup, log: bool) -> anyhow::Result<Gate> {
             }
         }
     }
-    g.set_config(m::CONFIG, &settings(flags))?;
+    // The prefilter bits, as the daemon keeps them.
+    let (pre_map, pre_flag) = match s.family {
+        Family::V4 => (m::PREFILTER_V4, FLAG_PREFILTER_V4),
+        Family::V6 => (m::PREFILTER_V6, FLAG_PREFILTER_V6),
+    };
+    let mut words = vec![0u64; prefilter::WORDS];
+    let nets = (0..s.hosts).map(|i| match s.family {
+        Family::V4 => IpNet::from(IpAddr::V4(host4(i))),
+        Family::V6 => IpNet::V6(Ipv6Net::new(host6(i), 64).expect("valid")),
+    });
+    let cidrs = (0..s.prefixes).map(|i| match s.family {
+        Family::V4 => IpNet::V4(Ipv4Net::new(prefix4(i), 24).expect("valid")),
+        Family::V6 => IpNet::V6(Ipv6Net::new(prefix6(i), 56).expect("valid")),
+    });
+    for net in nets.chain(cidrs) {
+        for b in bits_of(&net).expect("bench entries are narrow enough") {
+            words[(b >> 6) as usize] |= 1u64 << (b & 63);
+        }
+    }
+    g.set_words(pre_map, &words)?;
+    g.set_config(m::CONFIG, &settings(flags | pre_flag))?;
     Ok(g)
 }
 
