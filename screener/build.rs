@@ -7,6 +7,7 @@
 //! override where they are.
 use std::{
     env,
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -23,7 +24,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", d.join("src").display());
         println!("cargo:rerun-if-changed={}", d.join("Cargo.toml").display());
     }
-    println!("cargo:rerun-if-changed={}", ebpf_dir.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("Cargo.lock").display()
+    );
     println!("cargo:rerun-if-env-changed=SCREENER_BPF_CARGO");
     println!("cargo:rerun-if-env-changed=SCREENER_BPF_RUSTC");
 
@@ -70,10 +74,12 @@ fn main() {
     for (bin, konst) in PROGRAMS {
         let path = release.join(bin);
         assert!(path.exists(), "{} was not built", path.display());
-        generated += &format!(
-            "/// The `{bin}` eBPF object.\npub static {konst}: &[u8] = ::aya::include_bytes_aligned!({:?});\n",
+        writeln!(
+            generated,
+            "/// The `{bin}` eBPF object.\npub static {konst}: &[u8] = ::aya::include_bytes_aligned!({:?});",
             path.display().to_string()
-        );
+        )
+        .unwrap();
     }
     std::fs::write(Path::new(&out_dir).join("ebpf_objects.rs"), generated).unwrap();
 }

@@ -1,1 +1,929 @@
-//! Configuration (placeholder).
+//! The configuration file (TOML).
+//!
+//! Screening parameters keep postscreen's names without the `postscreen_`
+//! prefix. Every key is checked at start-up: an unknown key, a bad value or
+//! a value out of range is an error naming the key (`section.key`) and the
+//! value, and the daemon does not start on a half-understood file.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::duration::serde_str as dur;
+
+/// Where the daemon and the admin commands look without `-c`.
+pub const DEFAULT_PATH: &str = "/etc/screener/screener.toml";
+
+/// A configuration that did not load.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("unknown key {key}")]
+    UnknownKey { key: String },
+    #[error("bad value for {key} = {value}: {reason}")]
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn value(key: &str, value: impl fmt::Display, reason: impl fmt::Display) -> Self {
+        ConfigError::Value {
+            key: key.to_owned(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// What a failed test does to the client (postscreen's `*_action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Log and carry on as if the test had passed (without caching a pass).
+    Ignore,
+    /// Carry on, then reject every RCPT with a 550.
+    Enforce,
+    /// Reply 521 and close at once.
+    Drop,
+}
+
+/// The PROXY protocol header sent to the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    None,
+    V1,
+    V2,
+}
+
+/// Whether connections arrive with a PROXY header from a load balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Upstream {
+    None,
+    Haproxy,
+}
+
+/// What happens when a client passes the deep protocol tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handoff {
+    /// Replay the dialogue to the backend and splice: no reconnect.
+    Replay,
+    /// postscreen's way: `450 4.3.2`, the client must come back.
+    Reconnect,
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver has it, else generic (skb).
+    Auto,
+    Driver,
+    Skb,
+}
+
+/// Which kernel-side log lines the XDP program emits (through aya-log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BpfLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl BpfLogLevel {
+    /// The value of aya-log's `AYA_LOG_LEVEL` global: statements above it are
+    /// removed by the verifier, so they cost nothing on the drop path.
+    pub fn aya_level(self) -> u8 {
+        match self {
+            BpfLogLevel::Off => 0,
+            BpfLogLevel::Error => 1,
+            BpfLogLevel::Warn => 2,
+            BpfLogLevel::Info => 3,
+            BpfLogLevel::Debug => 4,
+            BpfLogLevel::Trace => 5,
+        }
+    }
+}
+
+/// TCP destination ports the XDP program protects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ports {
+    /// `["all"]`: every IP packet is in scope.
+    All,
+    List(Vec<u16>),
+}
+
+impl Serialize for Ports {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Ports::All => ["all"].serialize(s),
+            Ports::List(p) => p.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Item {
+            Port(i64),
+            Word(String),
+        }
+        let items = Vec::<Item>::deserialize(d)?;
+        let mut ports = Vec::new();
+        for item in &items {
+            match item {
+                Item::Word(w) if w == "all" => {
+                    if items.len() != 1 {
+                        return Err(serde::de::Error::custom("\"all\" must stand alone"));
+                    }
+                    return Ok(Ports::All);
+                }
+                Item::Word(w) => {
+                    return Err(serde::de::Error::custom(format!(
+                        "{w:?} is neither a port number nor \"all\""
+                    )))
+                }
+                Item::Port(p) => match u16::try_from(*p) {
+                    Ok(p) if p != 0 => ports.push(p),
+                    _ => {
+                        return Err(serde::de::Error::custom(format!(
+                            "port {p} is outside 1..65535"
+                        )))
+                    }
+                },
+            }
+        }
+        if ports.is_empty() {
+            return Err(serde::de::Error::custom(
+                "no ports: list ports, or [\"all\"] for every packet",
+            ));
+        }
+        Ok(Ports::List(ports))
+    }
+}
+
+/// `permit` or `reject` in the permanent access list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessAction {
+    Permit,
+    Reject,
+}
+
+/// One `permit CIDR` / `reject CIDR` line; the first match wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessRule {
+    pub action: AccessAction,
+    pub net: IpNet,
+}
+
+impl FromStr for AccessRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut words = s.split_whitespace();
+        let (Some(action), Some(net), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!(
+                "{s:?}: expected \"permit CIDR\" or \"reject CIDR\""
+            ));
+        };
+        let action = match action {
+            "permit" => AccessAction::Permit,
+            "reject" => AccessAction::Reject,
+            other => return Err(format!("{other:?} is neither permit nor reject")),
+        };
+        let net = parse_net(net)?;
+        Ok(AccessRule { action, net })
+    }
+}
+
+impl fmt::Display for AccessRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = match self.action {
+            AccessAction::Permit => "permit",
+            AccessAction::Reject => "reject",
+        };
+        write!(f, "{a} {}", self.net)
+    }
+}
+
+impl Serialize for AccessRule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a CIDR or a bare address (a host), normalising host bits away.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not an address or CIDR"))
+}
+
+/// Outcomes that put the client into the kernel block maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockOn {
+    Pregreet,
+    Dnsbl,
+    Pipelining,
+    NonSmtpCommand,
+    BareNewline,
+    Denylist,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub smtp: Smtp,
+    pub screen: Screen,
+    pub dns: Dns,
+    pub xdp: Xdp,
+    pub verdict: Verdict,
+    pub store: Store,
+    pub admin: Admin,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Smtp {
+    /// Where clients connect: both families on the SMTP port.
+    pub listen: Vec<SocketAddr>,
+    /// Our name in replies and in the default banner.
+    pub hostname: String,
+    /// The `220-` teaser; `$hostname` expands; empty turns pregreet off.
+    pub greet_banner: String,
+    /// The real MTA.
+    pub backend: SocketAddr,
+    /// v2 by default: binary, unambiguous, and what Postfix reads.
+    pub backend_proxy_protocol: ProxyVersion,
+    pub upstream_proxy_protocol: Upstream,
+    /// `postscreen_upstream_proxy_timeout`: a balancer that sends no header
+    /// in this time is not one.
+    #[serde(with = "dur")]
+    pub upstream_proxy_timeout: Duration,
+    /// Connecting to the backend and reading its greeting.
+    #[serde(with = "dur")]
+    pub backend_timeout: Duration,
+    /// How long hand-offs in flight may run on after SIGTERM.
+    #[serde(with = "dur")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Smtp {
+    fn default() -> Self {
+        Smtp {
+            listen: vec![
+                SocketAddr::from(([0, 0, 0, 0], 25)),
+                SocketAddr::from(([0u16; 8], 25)),
+            ],
+            hostname: default_hostname(),
+            greet_banner: "$hostname ESMTP".into(),
+            backend: SocketAddr::from(([127, 0, 0, 1], 10025)),
+            backend_proxy_protocol: ProxyVersion::V2,
+            upstream_proxy_protocol: Upstream::None,
+            upstream_proxy_timeout: Duration::from_secs(5),
+            backend_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Screen {
+    pub access_list: Vec<AccessRule>,
+    /// postscreen's 6 s: long enough that real MTAs wait, short enough
+    /// that bots (which pregreet within a second or two) show themselves.
+    #[serde(with = "dur")]
+    pub greet_wait: Duration,
+    pub greet_action: Action,
+    #[serde(with = "dur")]
+    pub greet_ttl: Duration,
+    pub dnsbl_sites: Vec<String>,
+    pub dnsbl_threshold: i32,
+    pub dnsbl_allowlist_threshold: i32,
+    pub dnsbl_action: Action,
+    #[serde(with = "dur")]
+    pub dnsbl_timeout: Duration,
+    #[serde(with = "dur")]
+    pub dnsbl_min_ttl: Duration,
+    #[serde(with = "dur")]
+    pub dnsbl_max_ttl: Duration,
+    /// Query domain → public name shown in replies and logs.
+    pub dnsbl_reply_map: BTreeMap<String, String>,
+    /// Deep tests are off by default, as in postscreen: they cost a
+    /// first-time client a dialogue.
+    pub pipelining_enable: bool,
+    pub pipelining_action: Action,
+    #[serde(with = "dur")]
+    pub pipelining_ttl: Duration,
+    pub non_smtp_command_enable: bool,
+    pub non_smtp_command_action: Action,
+    #[serde(with = "dur")]
+    pub non_smtp_command_ttl: Duration,
+    pub bare_newline_enable: bool,
+    pub bare_newline_action: Action,
+    #[serde(with = "dur")]
+    pub bare_newline_ttl: Duration,
+    pub deep_test_handoff: Handoff,
+    pub forbidden_commands: Vec<String>,
+    pub pre_queue_limit: usize,
+    pub post_queue_limit: usize,
+    pub client_connection_count_limit: usize,
+    pub command_count_limit: u32,
+    #[serde(with = "dur")]
+    pub command_time_limit: Duration,
+    pub line_length_limit: usize,
+    #[serde(with = "dur")]
+    pub stress_greet_wait: Duration,
+    #[serde(with = "dur")]
+    pub stress_command_time_limit: Duration,
+    #[serde(with = "dur")]
+    pub cache_retention_time: Duration,
+    #[serde(with = "dur")]
+    pub cache_cleanup_interval: Duration,
+}
+
+const DAY: u64 = 86_400;
+
+impl Default for Screen {
+    fn default() -> Self {
+        Screen {
+            access_list: Vec::new(),
+            greet_wait: Duration::from_secs(6),
+            greet_action: Action::Enforce,
+            greet_ttl: Duration::from_secs(DAY),
+            dnsbl_sites: Vec::new(),
+            dnsbl_threshold: 1,
+            dnsbl_allowlist_threshold: 0,
+            dnsbl_action: Action::Ignore,
+            dnsbl_timeout: Duration::from_secs(10),
+            dnsbl_min_ttl: Duration::from_secs(60),
+            dnsbl_max_ttl: Duration::from_secs(3600),
+            dnsbl_reply_map: BTreeMap::new(),
+            pipelining_enable: false,
+            pipelining_action: Action::Enforce,
+            pipelining_ttl: Duration::from_secs(30 * DAY),
+            non_smtp_command_enable: false,
+            non_smtp_command_action: Action::Drop,
+            non_smtp_command_ttl: Duration::from_secs(30 * DAY),
+            bare_newline_enable: false,
+            bare_newline_action: Action::Ignore,
+            bare_newline_ttl: Duration::from_secs(30 * DAY),
+            deep_test_handoff: Handoff::Replay,
+            forbidden_commands: vec!["CONNECT".into(), "GET".into(), "POST".into()],
+            pre_queue_limit: 100,
+            post_queue_limit: 100,
+            client_connection_count_limit: 50,
+            command_count_limit: 20,
+            command_time_limit: Duration::from_secs(300),
+            line_length_limit: 2048,
+            stress_greet_wait: Duration::from_secs(2),
+            stress_command_time_limit: Duration::from_secs(10),
+            cache_retention_time: Duration::from_secs(7 * DAY),
+            cache_cleanup_interval: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dns {
+    /// Empty: the system's resolver configuration.
+    pub nameservers: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Xdp {
+    pub interfaces: Vec<String>,
+    pub mode: XdpMode,
+    pub ports: Ports,
+    pub pin_path: PathBuf,
+    /// Kernel-side log level; above `warn` the drop path logs every drop.
+    pub log_level: BpfLogLevel,
+    /// Size of each exact-host map (`block_v4`, `block_v6`).
+    pub max_hosts: u32,
+    /// Size of each CIDR trie (`block_v4_cidr`, `block_v6_cidr`).
+    pub max_prefixes: u32,
+    /// Size of each allow trie.
+    pub max_allows: u32,
+}
+
+impl Default for Xdp {
+    fn default() -> Self {
+        Xdp {
+            interfaces: vec!["eth0".into()],
+            mode: XdpMode::Auto,
+            ports: Ports::List(vec![25, 465, 587]),
+            pin_path: "/sys/fs/bpf/screener".into(),
+            log_level: BpfLogLevel::Warn,
+            max_hosts: 1 << 20,
+            max_prefixes: 1 << 17,
+            max_allows: 1 << 14,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Verdict {
+    pub block_on: Vec<BlockOn>,
+    #[serde(with = "dur")]
+    pub block_ttl: Duration,
+    /// Repeat offenders' TTL doubles up to this.
+    #[serde(with = "dur")]
+    pub block_ttl_max: Duration,
+    /// IPv6 verdicts cover this prefix: privacy addresses rotate inside it.
+    pub ipv6_prefix: u8,
+    /// Blocked hosts in one IPv4 /24 that block the /24 instead (0: never).
+    pub escalate_v4_hosts: u32,
+    /// Blocked prefixes in one IPv6 /48 that block the /48 instead (0: never).
+    pub escalate_v6_hosts: u32,
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Verdict {
+            block_on: vec![
+                BlockOn::Pregreet,
+                BlockOn::Dnsbl,
+                BlockOn::NonSmtpCommand,
+                BlockOn::Denylist,
+            ],
+            block_ttl: Duration::from_secs(3600),
+            block_ttl_max: Duration::from_secs(DAY),
+            ipv6_prefix: 64,
+            escalate_v4_hosts: 8,
+            escalate_v6_hosts: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Store {
+    pub path: PathBuf,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            path: "/var/lib/screener/screener.redb".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    pub socket: PathBuf,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            socket: "/run/screener/admin.sock".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Parses and checks a configuration. Each key is checked on its own
+    /// first so an error names the key, not a line of a merged document.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
+        let defaults = Config::default().to_table();
+        for (section, body) in &file {
+            let Some(default_section) = defaults.get(section).and_then(toml::Value::as_table)
+            else {
+                return Err(ConfigError::UnknownKey {
+                    key: section.clone(),
+                });
+            };
+            let Some(body) = body.as_table() else {
+                return Err(ConfigError::value(section, body, "expected a [section]"));
+            };
+            for (key, value) in body {
+                let name = format!("{section}.{key}");
+                if !default_section.contains_key(key) {
+                    return Err(ConfigError::UnknownKey { key: name });
+                }
+                let mut probe = defaults.clone();
+                probe[section]
+                    .as_table_mut()
+                    .expect("sections are tables")
+                    .insert(key.clone(), value.clone());
+                if let Err(e) = Config::deserialize(toml::Value::Table(probe)) {
+                    return Err(ConfigError::value(&name, value, e.message()));
+                }
+            }
+        }
+        let cfg = Config::deserialize(toml::Value::Table(file))
+            .map_err(|e| ConfigError::Syntax(e.message().to_owned()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Range and consistency checks serde cannot express.
+    fn check(&self) -> Result<(), ConfigError> {
+        let s = &self.screen;
+        if self.smtp.listen.is_empty() {
+            return Err(ConfigError::value(
+                "smtp.listen",
+                "[]",
+                "nothing to listen on",
+            ));
+        }
+        if self.smtp.hostname.is_empty() || self.smtp.hostname.contains(char::is_whitespace) {
+            return Err(ConfigError::value(
+                "smtp.hostname",
+                format!("{:?}", self.smtp.hostname),
+                "must be a host name",
+            ));
+        }
+        if s.greet_wait.is_zero() && !self.smtp.greet_banner.is_empty() {
+            return Err(ConfigError::value(
+                "screen.greet_wait",
+                "0s",
+                "must be positive while greet_banner is set",
+            ));
+        }
+        for (key, v) in [
+            ("screen.pre_queue_limit", s.pre_queue_limit),
+            ("screen.post_queue_limit", s.post_queue_limit),
+            (
+                "screen.client_connection_count_limit",
+                s.client_connection_count_limit,
+            ),
+            ("screen.line_length_limit", s.line_length_limit),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::value(key, 0, "must be at least 1"));
+            }
+        }
+        if s.line_length_limit < 512 {
+            return Err(ConfigError::value(
+                "screen.line_length_limit",
+                s.line_length_limit,
+                "must be at least 512 (RFC 5321's command line)",
+            ));
+        }
+        if s.command_count_limit == 0 {
+            return Err(ConfigError::value(
+                "screen.command_count_limit",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if s.dnsbl_min_ttl > s.dnsbl_max_ttl {
+            return Err(ConfigError::value(
+                "screen.dnsbl_min_ttl",
+                crate::duration::Display(s.dnsbl_min_ttl),
+                "is above screen.dnsbl_max_ttl",
+            ));
+        }
+        if s.dnsbl_allowlist_threshold > 0 {
+            return Err(ConfigError::value(
+                "screen.dnsbl_allowlist_threshold",
+                s.dnsbl_allowlist_threshold,
+                "must be 0 (off) or negative",
+            ));
+        }
+        for c in &s.forbidden_commands {
+            if c.is_empty() || c.contains(char::is_whitespace) {
+                return Err(ConfigError::value(
+                    "screen.forbidden_commands",
+                    format!("{c:?}"),
+                    "each entry is one word",
+                ));
+            }
+        }
+        if self.verdict.ipv6_prefix > 128 {
+            return Err(ConfigError::value(
+                "verdict.ipv6_prefix",
+                self.verdict.ipv6_prefix,
+                "must be 0..=128",
+            ));
+        }
+        if self.verdict.block_ttl.is_zero() || self.verdict.block_ttl_max < self.verdict.block_ttl {
+            return Err(ConfigError::value(
+                "verdict.block_ttl_max",
+                crate::duration::Display(self.verdict.block_ttl_max),
+                "must be at least verdict.block_ttl, which must be positive",
+            ));
+        }
+        for (key, v) in [
+            ("xdp.max_hosts", self.xdp.max_hosts),
+            ("xdp.max_prefixes", self.xdp.max_prefixes),
+            ("xdp.max_allows", self.xdp.max_allows),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::value(key, 0, "must be at least 1"));
+            }
+        }
+        for i in &self.xdp.interfaces {
+            if i.is_empty() || i.len() > 15 || i.contains(['/', ' ']) {
+                return Err(ConfigError::value(
+                    "xdp.interfaces",
+                    format!("{i:?}"),
+                    "not an interface name",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `220-` teaser with `$hostname` expanded; empty = pregreet off.
+    pub fn greet_banner(&self) -> String {
+        self.smtp
+            .greet_banner
+            .replace("$hostname", &self.smtp.hostname)
+    }
+
+    fn to_table(&self) -> toml::Table {
+        toml::Table::try_from(self).expect("a config always serializes")
+    }
+
+    /// Every `section.key` with its value as TOML text, in file order.
+    pub fn entries(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (section, body) in self.to_table() {
+            if let toml::Value::Table(body) = body {
+                for (key, value) in body {
+                    out.push((format!("{section}.{key}"), show_value(&value)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A value as `config show` prints it: strings bare, as postconf does.
+fn show_value(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Which lines `config show` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Show {
+    Effective,
+    NonDefault,
+    Defaults,
+}
+
+/// The `name = value` lines of `config show`. Unknown names are an error.
+pub fn show(cfg: &Config, which: Show, names: &[String]) -> Result<Vec<String>, ConfigError> {
+    let defaults = Config::default().entries();
+    let current = cfg.entries();
+    for n in names {
+        if !defaults.iter().any(|(k, _)| k == n) {
+            return Err(ConfigError::UnknownKey { key: n.clone() });
+        }
+    }
+    let mut lines = Vec::new();
+    for ((key, value), (_, default)) in current.iter().zip(&defaults) {
+        if !names.is_empty() && !names.contains(key) {
+            continue;
+        }
+        let shown = match which {
+            Show::NonDefault if value == default => continue,
+            Show::Effective | Show::NonDefault => value,
+            Show::Defaults => default,
+        };
+        lines.push(format!("{key} = {shown}"));
+    }
+    Ok(lines)
+}
+
+/// Applies `NAME=VALUE` assignments to the file's text, keeping comments
+/// and layout, and returns the new text. Nothing is written when any
+/// assignment or the resulting configuration is bad.
+pub fn set(text: &str, assignments: &[String]) -> Result<String, ConfigError> {
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| ConfigError::Syntax(e.to_string()))?;
+    let defaults = Config::default().to_table();
+    for a in assignments {
+        let Some((name, value)) = a.split_once('=') else {
+            return Err(ConfigError::Syntax(format!(
+                "{a:?}: expected NAME=VALUE, e.g. screen.greet_wait=6s"
+            )));
+        };
+        let name = name.trim();
+        let value = value.trim();
+        let Some((section, key)) = name.split_once('.') else {
+            return Err(ConfigError::UnknownKey {
+                key: name.to_owned(),
+            });
+        };
+        let Some(default) = defaults.get(section).and_then(|s| s.get(key)) else {
+            return Err(ConfigError::UnknownKey {
+                key: name.to_owned(),
+            });
+        };
+        let item = edit_value(value, default);
+        if !doc.contains_key(section) {
+            doc[section] = toml_edit::table();
+        }
+        doc[section][key] = toml_edit::value(item);
+    }
+    let new_text = doc.to_string();
+    Config::from_toml(&new_text)?;
+    Ok(new_text)
+}
+
+/// Turns command-line text into a TOML value of the key's kind: a string
+/// key takes the text as it is; others parse it as TOML (`[25, 587]`,
+/// `true`, `100`), and a bare word in a list key becomes a one-item list.
+fn edit_value(text: &str, default: &toml::Value) -> toml_edit::Value {
+    if default.is_str() {
+        return text.into();
+    }
+    if let Ok(v) = text.parse::<toml_edit::Value>() {
+        if default.is_array() && !v.is_array() {
+            let mut arr = toml_edit::Array::new();
+            arr.push(v);
+            return arr.into();
+        }
+        return v;
+    }
+    if default.is_array() {
+        let mut arr = toml_edit::Array::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            arr.push(part);
+        }
+        return arr.into();
+    }
+    text.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_postscreens() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.screen.greet_wait, Duration::from_secs(6));
+        assert_eq!(c.screen.greet_action, Action::Enforce);
+        assert_eq!(c.screen.command_count_limit, 20);
+        assert_eq!(c.screen.pre_queue_limit, 100);
+        assert_eq!(c.xdp.ports, Ports::List(vec![25, 465, 587]));
+        assert_eq!(c.verdict.ipv6_prefix, 64);
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let c = Config::from_toml(
+            r#"
+[smtp]
+listen = ["0.0.0.0:25", "[::]:25"]
+hostname = "mx.example.com"
+greet_banner = "$hostname ESMTP"
+backend = "127.0.0.1:10025"
+backend_proxy_protocol = "v2"
+upstream_proxy_protocol = "none"
+[screen]
+access_list = ["permit 192.0.2.0/24", "reject 198.51.100.0/24"]
+greet_wait = "6s"
+dnsbl_sites = ["zen.example=127.0.0.[2..11]*3", "wl.example=127.0.[0..255].[1..3]*-2"]
+deep_test_handoff = "replay"
+[xdp]
+ports = ["all"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.greet_banner(), "mx.example.com ESMTP");
+        assert_eq!(c.screen.access_list[1].action, AccessAction::Reject);
+        assert_eq!(c.xdp.ports, Ports::All);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let cases = [
+            ("[screen]\ngreet_wait = \"6x\"", "screen.greet_wait", "6x"),
+            ("[screen]\ngret_wait = \"6s\"", "screen.gret_wait", ""),
+            ("[nope]\na = 1", "nope", ""),
+            (
+                "[screen]\ngreet_action = \"maybe\"",
+                "screen.greet_action",
+                "maybe",
+            ),
+            (
+                "[screen]\naccess_list = [\"permit 192.0.2.0/33\"]",
+                "screen.access_list",
+                "192.0.2.0/33",
+            ),
+            ("[xdp]\nports = [0]", "xdp.ports", "0"),
+            ("[xdp]\nports = [\"all\", 25]", "xdp.ports", "all"),
+            ("[verdict]\nipv6_prefix = 129", "verdict.ipv6_prefix", "129"),
+            ("[smtp]\nbackend = \"nowhere\"", "smtp.backend", "nowhere"),
+        ];
+        for (text, key, value) in cases {
+            let msg = Config::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text:?}: {msg}");
+            assert!(msg.contains(value), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn show_lists_effective_nondefault_and_defaults() {
+        let c = Config::from_toml("[screen]\ngreet_wait = \"2s\"").unwrap();
+        let nd = show(&c, Show::NonDefault, &[]).unwrap();
+        assert_eq!(nd, vec!["screen.greet_wait = 2s"]);
+        let one = show(&c, Show::Effective, &["screen.greet_wait".into()]).unwrap();
+        assert_eq!(one, vec!["screen.greet_wait = 2s"]);
+        let d = show(&c, Show::Defaults, &["screen.greet_wait".into()]).unwrap();
+        assert_eq!(d, vec!["screen.greet_wait = 6s"]);
+        assert!(show(&c, Show::Effective, &["screen.nope".into()]).is_err());
+        let all = show(&c, Show::Effective, &[]).unwrap();
+        assert!(all.contains(&"xdp.ports = [25, 465, 587]".to_owned()));
+    }
+
+    #[test]
+    fn set_keeps_comments_and_validates() {
+        let text = "# top comment\n[screen]\n# why six\ngreet_wait = \"6s\" # inline\n";
+        let out = set(
+            text,
+            &[
+                "screen.greet_wait=3s".into(),
+                "xdp.ports=all".into(),
+                "screen.pre_queue_limit=50".into(),
+            ],
+        )
+        .unwrap();
+        assert!(out.contains("# top comment"));
+        assert!(out.contains("# why six"));
+        let c = Config::from_toml(&out).unwrap();
+        assert_eq!(c.screen.greet_wait, Duration::from_secs(3));
+        assert_eq!(c.xdp.ports, Ports::All);
+        assert_eq!(c.screen.pre_queue_limit, 50);
+        let e = set(text, &["screen.greet_wait=soon".into()]).unwrap_err();
+        assert!(e.to_string().contains("screen.greet_wait"), "{e}");
+        assert!(set(text, &["screen.nope=1".into()]).is_err());
+    }
+}
