@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod smtp;
 
 /// The compiled eBPF objects (built by `build.rs`).
 pub mod ebpf_objects {

@@ -16,16 +16,7 @@ use tokio::time::{timeout_at, Instant};
 
 use super::session::Plan;
 
-/// PROXY protocol version sent to the backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProxyVersion {
-    /// No header: the backend sees the screener's address.
-    None,
-    /// Text header.
-    V1,
-    /// Binary header.
-    V2,
-}
+pub use crate::config::ProxyVersion;
 
 /// Why the backend could not take a client.
 #[derive(Debug, thiserror::Error)]
@@ -145,20 +136,35 @@ const REPLY_MAX: usize = 64 * 1024;
 
 impl Backend {
     /// Connects, sends the PROXY header and reads the greeting.
-    pub async fn connect(&self, client: SocketAddr, server: SocketAddr) -> Result<Conn, BackendError> {
+    pub async fn connect(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Result<Conn, BackendError> {
         let deadline = Instant::now() + self.timeout;
         let backend = self.addr;
         let mut stream = timeout_at(deadline, TcpStream::connect(backend))
             .await
-            .map_err(|_| BackendError::Timeout { backend, call: "connect" })?
-            .map_err(|source| BackendError::Io { backend, call: "connect", source })?;
+            .map_err(|_| BackendError::Timeout {
+                backend,
+                call: "connect",
+            })?
+            .map_err(|source| BackendError::Io {
+                backend,
+                call: "connect",
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         let header = proxy_header(self.proxy, client, server);
         if !header.is_empty() {
             stream
                 .write_all(&header)
                 .await
-                .map_err(|source| BackendError::Io { backend, call: "PROXY header", source })?;
+                .map_err(|source| BackendError::Io {
+                    backend,
+                    call: "PROXY header",
+                    source,
+                })?;
         }
         let mut conn = Conn {
             stream,
@@ -188,10 +194,15 @@ impl Backend {
             (std::net::Ipv6Addr::LOCALHOST, 0).into()
         };
         let mut conn = self.connect(local, backend).await?;
-        let reply = conn.command(format!("EHLO {hostname}").as_bytes(), "EHLO").await?;
+        let reply = conn
+            .command(format!("EHLO {hostname}").as_bytes(), "EHLO")
+            .await?;
         let _ = conn.command(b"QUIT", "QUIT").await;
         if !reply.starts_with(b"250") {
-            return Err(BackendError::Malformed { backend, call: "EHLO" });
+            return Err(BackendError::Malformed {
+                backend,
+                call: "EHLO",
+            });
         }
         Ok(keywords(&reply))
     }
@@ -208,10 +219,17 @@ pub fn keywords(ehlo_reply: &[u8]) -> Vec<String> {
         .filter_map(|l| std::str::from_utf8(&l[4..]).ok())
         .map(|l| l.trim_end_matches('\r').trim().to_owned())
         .filter(|kw| {
-            let name = kw.split([' ', '=']).next().unwrap_or("").to_ascii_uppercase();
+            let name = kw
+                .split([' ', '='])
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
             !name.is_empty()
                 && !name.starts_with('X')
-                && !matches!(name.as_str(), "PIPELINING" | "AUTH" | "ETRN" | "ATRN" | "TURN")
+                && !matches!(
+                    name.as_str(),
+                    "PIPELINING" | "AUTH" | "ETRN" | "ATRN" | "TURN"
+                )
         })
         .collect()
 }
@@ -231,7 +249,11 @@ fn complete_reply(buf: &[u8]) -> Option<usize> {
 }
 
 impl Conn {
-    async fn reply_by(&mut self, call: &'static str, deadline: Instant) -> Result<Vec<u8>, BackendError> {
+    async fn reply_by(
+        &mut self,
+        call: &'static str,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, BackendError> {
         let backend = self.backend;
         let mut buf = std::mem::take(&mut self.extra);
         loop {
@@ -249,7 +271,11 @@ impl Conn {
             let n = timeout_at(deadline, self.stream.read(&mut chunk))
                 .await
                 .map_err(|_| BackendError::Timeout { backend, call })?
-                .map_err(|source| BackendError::Io { backend, call, source })?;
+                .map_err(|source| BackendError::Io {
+                    backend,
+                    call,
+                    source,
+                })?;
             if n == 0 {
                 return Err(BackendError::Io {
                     backend,
@@ -262,14 +288,22 @@ impl Conn {
     }
 
     /// Sends one command line and reads the reply.
-    pub async fn command(&mut self, line: &[u8], call: &'static str) -> Result<Vec<u8>, BackendError> {
+    pub async fn command(
+        &mut self,
+        line: &[u8],
+        call: &'static str,
+    ) -> Result<Vec<u8>, BackendError> {
         let backend = self.backend;
         let mut out = line.to_vec();
         out.extend_from_slice(b"\r\n");
         self.stream
             .write_all(&out)
             .await
-            .map_err(|source| BackendError::Io { backend, call, source })?;
+            .map_err(|source| BackendError::Io {
+                backend,
+                call,
+                source,
+            })?;
         self.reply_by(call, Instant::now() + self.timeout).await
     }
 
@@ -278,7 +312,9 @@ impl Conn {
     pub async fn prepare(&mut self, plan: &Plan) -> Result<Vec<u8>, BackendError> {
         match plan {
             Plan::Greeting => Ok(self.greeting.clone()),
-            Plan::Replay { helo, mail, rcpt, .. } => {
+            Plan::Replay {
+                helo, mail, rcpt, ..
+            } => {
                 let r = self.command(helo, "replayed HELO").await?;
                 if !r.starts_with(b"2") {
                     return Ok(r);
@@ -334,7 +370,10 @@ mod tests {
     #[test]
     fn keyword_filter() {
         let reply = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-AUTH PLAIN\r\n250-XCLIENT NAME\r\n250-ETRN\r\n250-STARTTLS\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
-        assert_eq!(keywords(reply), ["SIZE 10240000", "STARTTLS", "8BITMIME", "SMTPUTF8"]);
+        assert_eq!(
+            keywords(reply),
+            ["SIZE 10240000", "STARTTLS", "8BITMIME", "SMTPUTF8"]
+        );
     }
 
     #[test]

@@ -164,7 +164,10 @@ mod tests {
         );
         assert_eq!(non_smtp(b"Subject: hello", &f), Some(NonSmtp::HeaderLike));
         assert_eq!(non_smtp(b"X-Mailer:x", &f), Some(NonSmtp::HeaderLike));
-        assert_eq!(non_smtp(&[0x16, 0x03, 0x01, 0x02], &f), Some(NonSmtp::NotALetter));
+        assert_eq!(
+            non_smtp(&[0x16, 0x03, 0x01, 0x02], &f),
+            Some(NonSmtp::NotALetter)
+        );
         assert_eq!(non_smtp(b"MAIL FROM:<a@b>", &f), None);
         assert_eq!(non_smtp(b"RCPT TO:<a@b>", &f), None);
         assert_eq!(non_smtp(b"EHLO x", &f), None);

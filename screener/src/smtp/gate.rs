@@ -4,19 +4,9 @@
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
-
 use super::session::Todo;
 use super::Test;
-
-/// One entry of the permanent access list; the first match wins.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AccessRule {
-    /// `permit` (straight to the backend) or `reject`.
-    pub permit: bool,
-    /// The network the rule covers.
-    pub net: IpNet,
-}
+use crate::config::{AccessAction, AccessRule};
 
 /// The limits and switches admission looks at.
 #[derive(Clone, Debug)]
@@ -87,7 +77,7 @@ pub fn admit(
     }
     let ip = ip.to_canonical();
     if let Some(rule) = p.access_list.iter().find(|r| r.net.contains(&ip)) {
-        return if rule.permit {
+        return if rule.action == AccessAction::Permit {
             Admission::Allowlisted
         } else {
             Admission::Denylisted
@@ -117,14 +107,8 @@ mod tests {
     fn params() -> GateParams {
         GateParams {
             access_list: vec![
-                AccessRule {
-                    permit: true,
-                    net: "192.0.2.0/25".parse().unwrap(),
-                },
-                AccessRule {
-                    permit: false,
-                    net: "192.0.2.0/24".parse().unwrap(),
-                },
+                "permit 192.0.2.0/25".parse().unwrap(),
+                "reject 192.0.2.0/24".parse().unwrap(),
             ],
             client_connection_count_limit: 2,
             post_queue_limit: 3,
@@ -141,16 +125,34 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let busy = |load| admit(&p, ip, load, None, NOW);
         assert!(matches!(
-            busy(Load { client: 2, pre_queue: 9, post_queue: 9 }),
-            Admission::Busy { why: "too many connections", .. }
+            busy(Load {
+                client: 2,
+                pre_queue: 9,
+                post_queue: 9
+            }),
+            Admission::Busy {
+                why: "too many connections",
+                ..
+            }
         ));
         assert!(matches!(
-            busy(Load { client: 0, pre_queue: 9, post_queue: 3 }),
-            Admission::Busy { why: "all server ports busy", .. }
+            busy(Load {
+                client: 0,
+                pre_queue: 9,
+                post_queue: 3
+            }),
+            Admission::Busy {
+                why: "all server ports busy",
+                ..
+            }
         ));
         // The access list comes before the pre-queue limit.
         assert_eq!(
-            busy(Load { client: 0, pre_queue: 9, post_queue: 0 }),
+            busy(Load {
+                client: 0,
+                pre_queue: 9,
+                post_queue: 0
+            }),
             Admission::Allowlisted
         );
         let other: IpAddr = "192.0.2.200".parse().unwrap();
@@ -171,7 +173,16 @@ mod tests {
         let ip: IpAddr = "203.0.113.5".parse().unwrap();
         let fresh = [NOW + 10, 0, NOW + 10, 0, 0];
         assert_eq!(
-            admit(&p, ip, Load { pre_queue: 9, ..Load::default() }, Some(fresh), NOW),
+            admit(
+                &p,
+                ip,
+                Load {
+                    pre_queue: 9,
+                    ..Load::default()
+                },
+                Some(fresh),
+                NOW
+            ),
             Admission::PassOld
         );
         let stale = [NOW + 10, 0, NOW - 1, 0, 0];
@@ -180,8 +191,20 @@ mod tests {
             Admission::Screen(Todo([false, false, true, false, false]))
         );
         assert!(matches!(
-            admit(&p, ip, Load { pre_queue: 4, ..Load::default() }, Some(stale), NOW),
-            Admission::Busy { why: "all screening ports busy", .. }
+            admit(
+                &p,
+                ip,
+                Load {
+                    pre_queue: 4,
+                    ..Load::default()
+                },
+                Some(stale),
+                NOW
+            ),
+            Admission::Busy {
+                why: "all screening ports busy",
+                ..
+            }
         ));
         assert_eq!(
             admit(&p, ip, Load::default(), None, NOW),

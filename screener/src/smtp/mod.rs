@@ -14,6 +14,7 @@ pub mod params;
 pub mod server;
 pub mod session;
 pub mod text;
+pub mod upstream;
 
 use std::net::SocketAddr;
 

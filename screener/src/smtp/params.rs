@@ -7,27 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What to do with a client that fails a test (postscreen's
-/// `*_action` parameters).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Log the failure and carry on as if the test had passed (but never
-    /// allowlist the client).
-    Ignore,
-    /// Carry on, but reject every RCPT TO with the test's 5xx reply.
-    Enforce,
-    /// Send the test's 5xx reply and hang up at once.
-    Drop,
-}
-
-/// How a client that passed the deep tests reaches the real MTA.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Handoff {
-    /// Replay the dialogue to the backend and splice: no reconnect.
-    Replay,
-    /// postscreen's way: `450 4.3.2` and the client must come back.
-    Reconnect,
-}
+use crate::config::Config;
+pub use crate::config::{Action, Handoff};
 
 /// Enable flag, action and pass lifetime of one deep protocol test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,42 +82,57 @@ impl Params {
     }
 }
 
-impl Default for Params {
-    /// postscreen's defaults (deep tests off, as in postscreen).
-    fn default() -> Self {
+impl Params {
+    /// The parameters from a configuration, with the stress-mode greet wait
+    /// and command time limit when `stress` is set, and the EHLO keywords
+    /// learned from the backend.
+    pub fn from_config(cfg: &Config, stress: bool, ehlo_keywords: Arc<Vec<String>>) -> Params {
+        let s = &cfg.screen;
         Params {
-            hostname: "localhost".into(),
-            greet_banner: "localhost ESMTP".into(),
-            greet_wait: Duration::from_secs(6),
-            greet_action: Action::Enforce,
-            greet_ttl: Duration::from_secs(86_400),
-            dnsbl_enable: false,
-            dnsbl_threshold: 1,
-            dnsbl_allowlist_threshold: 0,
-            dnsbl_action: Action::Ignore,
-            dnsbl_min_ttl: Duration::from_secs(60),
-            dnsbl_max_ttl: Duration::from_secs(3600),
+            hostname: cfg.smtp.hostname.clone(),
+            greet_banner: cfg.greet_banner(),
+            greet_wait: if stress {
+                s.stress_greet_wait
+            } else {
+                s.greet_wait
+            },
+            greet_action: s.greet_action,
+            greet_ttl: s.greet_ttl,
+            dnsbl_enable: !s.dnsbl_sites.is_empty(),
+            dnsbl_threshold: s.dnsbl_threshold,
+            dnsbl_allowlist_threshold: s.dnsbl_allowlist_threshold,
+            dnsbl_action: s.dnsbl_action,
+            dnsbl_min_ttl: s.dnsbl_min_ttl,
+            dnsbl_max_ttl: s.dnsbl_max_ttl,
             pipelining: DeepTest {
-                enable: false,
-                action: Action::Enforce,
-                ttl: Duration::from_secs(30 * 86_400),
+                enable: s.pipelining_enable,
+                action: s.pipelining_action,
+                ttl: s.pipelining_ttl,
             },
             non_smtp_command: DeepTest {
-                enable: false,
-                action: Action::Drop,
-                ttl: Duration::from_secs(30 * 86_400),
+                enable: s.non_smtp_command_enable,
+                action: s.non_smtp_command_action,
+                ttl: s.non_smtp_command_ttl,
             },
             bare_newline: DeepTest {
-                enable: false,
-                action: Action::Ignore,
-                ttl: Duration::from_secs(30 * 86_400),
+                enable: s.bare_newline_enable,
+                action: s.bare_newline_action,
+                ttl: s.bare_newline_ttl,
             },
-            forbidden_commands: vec!["CONNECT".into(), "GET".into(), "POST".into()],
-            deep_test_handoff: Handoff::Replay,
-            command_count_limit: 20,
-            command_time_limit: Duration::from_secs(300),
-            line_length_limit: 2048,
-            ehlo_keywords: Arc::new(Vec::new()),
+            forbidden_commands: s
+                .forbidden_commands
+                .iter()
+                .map(|c| c.to_ascii_uppercase())
+                .collect(),
+            deep_test_handoff: s.deep_test_handoff,
+            command_count_limit: s.command_count_limit,
+            command_time_limit: if stress {
+                s.stress_command_time_limit
+            } else {
+                s.command_time_limit
+            },
+            line_length_limit: s.line_length_limit,
+            ehlo_keywords,
         }
     }
 }

@@ -18,6 +18,7 @@
 //! `enforce` lets the dialogue go on and rejects every RCPT TO; `ignore`
 //! only logs. Any failure keeps the client off the temporary allowlist.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,6 +207,7 @@ impl Session {
                 until: now + self.p.greet_wait,
             };
         } else {
+            self.state = State::Early { until: now };
             self.finish_early(now);
         }
         self.take()
@@ -575,7 +577,7 @@ impl Session {
                 let mut reply = String::new();
                 while let Some(l) = lines.next() {
                     let sep = if lines.peek().is_some() { '-' } else { ' ' };
-                    reply.push_str(&format!("250{sep}{l}\r\n"));
+                    let _ = write!(reply, "250{sep}{l}\r\n");
                 }
                 self.send(reply);
             }
@@ -716,5 +718,444 @@ fn verb_name(v: Verb) -> &'static str {
         Verb::StartTls => "STARTTLS",
         Verb::Empty => "empty line",
         Verb::Unknown => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use tokio::time::advance;
+
+    const CLIENT: &str = "192.0.2.10:40000";
+
+    fn params(edit: impl FnOnce(&mut Params)) -> Arc<Params> {
+        let mut cfg = Config::default();
+        cfg.smtp.hostname = "mx.example".into();
+        cfg.smtp.greet_banner = "$hostname ESMTP".into();
+        let kw = Arc::new(vec!["SIZE 1000".to_owned(), "8BITMIME".to_owned()]);
+        let mut p = Params::from_config(&cfg, false, kw);
+        edit(&mut p);
+        Arc::new(p)
+    }
+
+    fn deep(p: &mut Params) {
+        p.pipelining.enable = true;
+        p.non_smtp_command.enable = true;
+        p.bare_newline.enable = true;
+    }
+
+    /// A session plus everything it asked for so far.
+    struct Run {
+        s: Session,
+        out: Vec<Output>,
+    }
+
+    impl Run {
+        fn start(p: Arc<Params>, todo: Todo) -> Run {
+            let mut s = Session::new(p, CLIENT.parse().unwrap(), todo, Instant::now());
+            let out = s.start(Instant::now());
+            Run { s, out }
+        }
+
+        async fn wait(&mut self, secs: u64) {
+            advance(Duration::from_secs(secs)).await;
+            if self.s.deadline().is_some_and(|d| d <= Instant::now()) {
+                let o = self.s.timeout(Instant::now());
+                self.out.extend(o);
+            }
+        }
+
+        /// Sends `bytes` and returns the text the session wrote back.
+        fn say(&mut self, bytes: &[u8]) -> String {
+            let o = self.s.input(bytes, Instant::now());
+            let text = sent(&o);
+            self.out.extend(o);
+            text
+        }
+
+        fn text(&self) -> String {
+            sent(&self.out)
+        }
+
+        fn closed(&self) -> bool {
+            self.out.contains(&Output::Close)
+        }
+
+        fn fails(&self) -> Vec<FailedTest> {
+            self.out
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Fail { test, .. } => Some(*test),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn pass(&self) -> Option<[Option<Duration>; Test::COUNT]> {
+            self.out.iter().find_map(|o| match o {
+                Output::Pass(t) => Some(*t),
+                _ => None,
+            })
+        }
+
+        fn handoff(&self) -> Option<Plan> {
+            self.out.iter().find_map(|o| match o {
+                Output::Handoff(p) => Some(p.clone()),
+                _ => None,
+            })
+        }
+    }
+
+    fn sent(out: &[Output]) -> String {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_passes_after_the_greet_wait() {
+        let mut r = Run::start(params(|_| {}), Todo::ALL);
+        assert_eq!(r.text(), "220-mx.example ESMTP\r\n");
+        r.wait(5).await;
+        assert_eq!(r.handoff(), None, "the greet wait is 6 s");
+        r.wait(1).await;
+        assert_eq!(r.handoff(), Some(Plan::Greeting));
+        let pass = r.pass().expect("PASS NEW");
+        assert_eq!(
+            pass[Test::Pregreet.index()],
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(pass[Test::Pipelining.index()], None, "deep tests are off");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pregreet_drop() {
+        let mut r = Run::start(params(|p| p.greet_action = Action::Drop), Todo::ALL);
+        r.wait(1).await;
+        assert_eq!(r.say(b"EHLO bot\r\n"), "521 5.5.1 Protocol error\r\n");
+        assert!(r.closed());
+        assert_eq!(r.fails(), [FailedTest::Pregreet]);
+        assert_eq!(r.s.deadline(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pregreet_enforce_rejects_at_rcpt() {
+        let mut r = Run::start(params(|_| {}), Todo::ALL);
+        assert_eq!(r.say(b"HELO bot\r\n"), "", "enforce waits quietly");
+        r.wait(6).await;
+        assert!(r.text().ends_with("220 mx.example ESMTP\r\n"));
+        // The pregreet bytes are gone; the dialogue starts afresh.
+        assert!(r.say(b"HELO bot\r\n").starts_with("250 "));
+        assert!(r.say(b"MAIL FROM:<a@example.org>\r\n").starts_with("250 "));
+        assert_eq!(
+            r.say(b"RCPT TO:<b@example.net>\r\n"),
+            "550 5.5.1 Protocol error\r\n"
+        );
+        assert_eq!(
+            r.say(b"RCPT TO:<c@example.net>\r\n"),
+            "550 5.5.1 Protocol error\r\n"
+        );
+        assert_eq!(r.pass(), None);
+        assert_eq!(r.handoff(), None);
+        assert_eq!(r.say(b"QUIT\r\n"), "221 2.0.0 Bye\r\n");
+        assert!(r.closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pregreet_ignore_still_hands_off_without_pass() {
+        let mut r = Run::start(params(|p| p.greet_action = Action::Ignore), Todo::ALL);
+        r.say(b"x");
+        r.wait(6).await;
+        assert_eq!(r.fails(), [FailedTest::Pregreet]);
+        assert_eq!(r.pass(), None);
+        assert_eq!(r.handoff(), Some(Plan::Greeting));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn good_client_passes_deep_tests_and_is_replayed() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        assert!(r.text().ends_with("220 mx.example ESMTP\r\n"));
+        assert_eq!(
+            r.say(b"EHLO client.example\r\n"),
+            "250-mx.example\r\n250-SIZE 1000\r\n250 8BITMIME\r\n"
+        );
+        assert_eq!(
+            r.say(b"MAIL FROM:<a@example.org> SIZE=10\r\n"),
+            "250 2.1.0 Ok\r\n"
+        );
+        assert_eq!(
+            r.say(b"RCPT TO:<b@example.net>\r\n"),
+            "",
+            "the backend answers"
+        );
+        assert_eq!(
+            r.handoff(),
+            Some(Plan::Replay {
+                helo: b"EHLO client.example".to_vec(),
+                mail: b"MAIL FROM:<a@example.org> SIZE=10".to_vec(),
+                rcpt: b"RCPT TO:<b@example.net>".to_vec(),
+                rest: Vec::new(),
+            })
+        );
+        let pass = r.pass().expect("PASS NEW");
+        assert!(pass.iter().all(Option::is_some) || pass[Test::Dnsbl.index()].is_none());
+        assert_eq!(
+            pass[Test::NonSmtpCommand.index()],
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(
+            r.say(b"DATA\r\n"),
+            "",
+            "input after the hand-off is not ours"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_mode_answers_450() {
+        let mut r = Run::start(
+            params(|p| {
+                deep(p);
+                p.deep_test_handoff = Handoff::Reconnect;
+            }),
+            Todo::ALL,
+        );
+        r.wait(6).await;
+        r.say(b"HELO c\r\n");
+        r.say(b"MAIL FROM:<>\r\n");
+        assert_eq!(
+            r.say(b"RCPT TO:<b@example.net>\r\n"),
+            "450 4.3.2 Service currently unavailable\r\n"
+        );
+        assert!(r.pass().is_some());
+        assert_eq!(r.handoff(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipelining_enforced() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        let reply = r.say(b"EHLO bot\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n");
+        assert!(reply.ends_with("550 5.5.1 Protocol error\r\n"), "{reply}");
+        assert_eq!(r.fails(), [FailedTest::Pipelining]);
+        assert_eq!(r.handoff(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_smtp_commands_dropped() {
+        for line in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"CONNECT 192.0.2.1:25 HTTP/1.0\r\n",
+            b"Subject: hello\r\n",
+            b"\x16\x03\x01\x00\xa5\r\n",
+        ] {
+            let mut r = Run::start(params(deep), Todo::ALL);
+            r.wait(6).await;
+            assert_eq!(
+                r.say(line),
+                "521 5.7.0 Error: I can break rules, too. Goodbye.\r\n",
+                "{line:?}"
+            );
+            assert!(r.closed());
+            assert_eq!(r.fails(), [FailedTest::NonSmtpCommand]);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bare_newline_ignored_but_not_allowlisted() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        r.say(b"HELO c\n");
+        r.say(b"MAIL FROM:<>\r\n");
+        r.say(b"RCPT TO:<b@example.net>\r\n");
+        assert_eq!(r.fails(), [FailedTest::BareNewline]);
+        assert_eq!(r.pass(), None);
+        assert!(matches!(r.handoff(), Some(Plan::Replay { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn command_time_limit_counts_the_whole_line() {
+        let mut r = Run::start(
+            params(|p| {
+                deep(p);
+                p.command_time_limit = Duration::from_secs(10);
+            }),
+            Todo::ALL,
+        );
+        r.wait(6).await;
+        for b in b"HELO trickle.example" {
+            r.say(&[*b]);
+            r.wait(1).await;
+            if r.closed() {
+                break;
+            }
+        }
+        assert!(r.closed(), "ten seconds for one line");
+        assert!(r
+            .text()
+            .ends_with("421 4.4.2 mx.example Error: timeout exceeded\r\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_client_times_out() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        r.wait(299).await;
+        assert!(!r.closed());
+        r.wait(1).await;
+        assert!(r.closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn command_count_and_length_limits() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        for _ in 0..20 {
+            assert_eq!(r.say(b"NOOP\r\n"), "250 2.0.0 Ok\r\n");
+        }
+        assert_eq!(
+            r.say(b"NOOP\r\n"),
+            "421 4.7.0 mx.example Error: too many commands\r\n"
+        );
+        assert!(r.closed());
+
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        assert_eq!(r.say(&[b'A'; 2048]), "");
+        assert_eq!(
+            r.say(b"A"),
+            "421 4.5.0 mx.example Error: command too long\r\n"
+        );
+        assert!(r.closed());
+    }
+
+    fn score(score: i32) -> DnsblScore {
+        DnsblScore {
+            score,
+            ttl: Duration::from_secs(5),
+            top_site: Some("zen.example".into()),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dnsbl_drop_names_the_site() {
+        let mut r = Run::start(
+            params(|p| {
+                p.dnsbl_enable = true;
+                p.dnsbl_action = Action::Drop;
+            }),
+            Todo::ALL,
+        );
+        assert!(r.s.dnsbl_deadline().is_some());
+        r.wait(1).await;
+        let o = r.s.dnsbl(score(3), Instant::now());
+        assert!(o.is_empty(), "the pregreet wait goes on");
+        r.wait(5).await;
+        assert!(r.text().ends_with(
+            "521 5.7.1 Service unavailable; client [192.0.2.10] blocked using zen.example\r\n"
+        ));
+        assert_eq!(r.fails(), [FailedTest::Dnsbl]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dnsbl_pass_ttl_is_clamped_and_late_answers_do_not_count() {
+        let p = params(|p| p.dnsbl_enable = true);
+        let mut r = Run::start(Arc::clone(&p), Todo::ALL);
+        r.out.extend(r.s.dnsbl(score(0), Instant::now()));
+        r.wait(6).await;
+        assert_eq!(
+            r.pass().unwrap()[Test::Dnsbl.index()],
+            Some(Duration::from_secs(60))
+        );
+
+        let mut r = Run::start(p, Todo::ALL);
+        r.wait(6).await;
+        r.out.extend(r.s.dnsbl(score(5), Instant::now()));
+        assert_eq!(r.fails(), []);
+        assert_eq!(r.pass().unwrap()[Test::Dnsbl.index()], None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dnswl_skips_the_wait_and_deep_tests() {
+        let mut r = Run::start(
+            params(|p| {
+                deep(p);
+                p.dnsbl_enable = true;
+                p.dnsbl_allowlist_threshold = -1;
+            }),
+            Todo::ALL,
+        );
+        r.wait(1).await;
+        r.out.extend(r.s.dnsbl(score(-2), Instant::now()));
+        assert_eq!(r.handoff(), Some(Plan::Greeting));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cached_passes_skip_tests() {
+        // Only the deep tests are due: no teaser, straight to the 220.
+        let mut r = Run::start(params(deep), Todo([false, false, true, true, true]));
+        assert_eq!(r.text(), "220 mx.example ESMTP\r\n");
+        r.say(b"HELO c\r\nMAIL FROM:<>\r\n");
+        assert_eq!(r.fails(), [FailedTest::Pipelining]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starttls_hands_off_only_when_the_backend_has_it() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        r.say(b"EHLO c\r\n");
+        assert_eq!(
+            r.say(b"STARTTLS\r\n"),
+            "502 5.5.1 Error: command not implemented\r\n"
+        );
+
+        let mut r = Run::start(
+            params(|p| {
+                deep(p);
+                p.ehlo_keywords = Arc::new(vec!["STARTTLS".into()]);
+            }),
+            Todo::ALL,
+        );
+        r.wait(6).await;
+        assert_eq!(r.say(b"EHLO c\r\n"), "250-mx.example\r\n250 STARTTLS\r\n");
+        assert_eq!(r.say(b"STARTTLS\r\n"), "");
+        assert_eq!(
+            r.handoff(),
+            Some(Plan::StartTls {
+                ehlo: b"EHLO c".to_vec(),
+                starttls: b"STARTTLS".to_vec()
+            })
+        );
+        assert_eq!(r.pass(), None, "the deep tests did not finish");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dummy_engine_sequence_errors() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        assert!(r.say(b"MAIL FROM:<a@b>\r\n").starts_with("503 "));
+        assert!(r.say(b"RCPT TO:<a@b>\r\n").starts_with("503 "));
+        assert!(r.say(b"EHLO\r\n").starts_with("501 "));
+        r.say(b"HELO c\r\n");
+        assert!(r.say(b"MAIL TO:<a@b>\r\n").starts_with("501 "));
+        assert!(r.say(b"DATA\r\n").starts_with("503 "));
+        assert!(r.say(b"\r\n").starts_with("500 "));
+        assert!(r.say(b"XYZZY\r\n").starts_with("502 "));
+        assert!(r.say(b"RSET\r\n").starts_with("250 "));
+        assert!(r.say(b"VRFY x\r\n").starts_with("502 "));
+        assert_eq!(r.fails(), []);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hangup_in_tests() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(2).await;
+        let o = r.s.eof(Instant::now());
+        assert_eq!(o, [Output::Close]);
+        assert!(!r.s.is_screening());
     }
 }

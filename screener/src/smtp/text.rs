@@ -45,7 +45,10 @@ mod tests {
 
     #[test]
     fn peer_formats_both_families() {
-        assert_eq!(Peer("192.0.2.1:25".parse().unwrap()).to_string(), "[192.0.2.1]:25");
+        assert_eq!(
+            Peer("192.0.2.1:25".parse().unwrap()).to_string(),
+            "[192.0.2.1]:25"
+        );
         assert_eq!(
             Peer("[2001:db8::1]:2525".parse().unwrap()).to_string(),
             "[2001:db8::1]:2525"
