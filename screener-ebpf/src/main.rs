@@ -134,12 +134,6 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn u8_at(ctx: &XdpContext, offset: usize) -> Option<u8> {
-    // SAFETY: ptr_at checked the byte is inside the packet.
-    ptr_at::<u8>(ctx, offset).map(|p| unsafe { *p })
-}
-
-#[inline(always)]
 fn be16_at(ctx: &XdpContext, offset: usize) -> Option<u16> {
     // SAFETY: ptr_at checked both bytes are inside the packet.
     ptr_at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
@@ -173,13 +167,14 @@ fn parse(ctx: &XdpContext, cfg: &Config) -> Parsed {
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Parsed {
     // The fixed 20-byte header must be there even in "all" scope: the source
-    // address sits at its end.
-    let Some(vihl) = u8_at(ctx, off) else {
+    // address sits at its end. Every field is read through the one pointer
+    // that was bounds-checked, which is what the verifier can follow.
+    let Some(ip) = ptr_at::<[u8; 20]>(ctx, off) else {
         return Parsed::Unparseable;
     };
-    let Some(src) = ptr_at::<[u8; 4]>(ctx, off + 12) else {
-        return Parsed::Unparseable;
-    };
+    // SAFETY: ptr_at checked the 20 bytes are inside the packet.
+    let ip = unsafe { &*ip };
+    let vihl = ip[0];
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
         return Parsed::Unparseable;
@@ -188,15 +183,12 @@ fn parse_v4(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
     if ptr_at::<u8>(ctx, off + ihl - 1).is_none() {
         return Parsed::Unparseable;
     }
-    // SAFETY: checked by ptr_at above.
-    let src = unsafe { *src };
+    let src = [ip[12], ip[13], ip[14], ip[15]];
     if all_ports {
         return Parsed::V4(src);
     }
-    let (Some(frag), Some(protocol)) = (be16_at(ctx, off + 6), u8_at(ctx, off + 9)) else {
-        return Parsed::Unparseable;
-    };
-    if protocol != IPPROTO_TCP || frag & 0x1fff != 0 {
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if ip[9] != IPPROTO_TCP || frag & 0x1fff != 0 {
         // Not TCP, or a non-first fragment (no ports): see FRAGMENTS.
         return Parsed::OutOfScope;
     }
@@ -205,13 +197,12 @@ fn parse_v4(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
 
 #[inline(always)]
 fn tcp_in_scope(ctx: &XdpContext, cfg: &Config, l4: usize, src: Parsed) -> Parsed {
-    if ptr_at::<[u8; TCP_HLEN]>(ctx, l4).is_none() {
-        return Parsed::Unparseable;
-    }
-    let Some(dport) = be16_at(ctx, l4 + 2) else {
+    let Some(tcp) = ptr_at::<[u8; TCP_HLEN]>(ctx, l4) else {
         return Parsed::Unparseable;
     };
-    if cfg.port_enabled(dport) {
+    // SAFETY: ptr_at checked the fixed TCP header is inside the packet.
+    let tcp = unsafe { &*tcp };
+    if cfg.port_enabled(u16::from_be_bytes([tcp[2], tcp[3]])) {
         src
     } else {
         Parsed::OutOfScope
@@ -220,52 +211,48 @@ fn tcp_in_scope(ctx: &XdpContext, cfg: &Config, l4: usize, src: Parsed) -> Parse
 
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Parsed {
-    if ptr_at::<[u8; IPV6_HLEN]>(ctx, off).is_none() {
-        return Parsed::Unparseable;
-    }
-    let (Some(version), Some(src), Some(mut next)) = (
-        u8_at(ctx, off),
-        ptr_at::<[u8; 16]>(ctx, off + 8),
-        u8_at(ctx, off + 6),
-    ) else {
+    let Some(ip) = ptr_at::<[u8; IPV6_HLEN]>(ctx, off) else {
         return Parsed::Unparseable;
     };
-    if version >> 4 != 6 {
+    // SAFETY: ptr_at checked the fixed header is inside the packet.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 6 {
         return Parsed::Unparseable;
     }
-    // SAFETY: checked by ptr_at above.
-    let src = unsafe { *src };
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
     if all_ports {
         return Parsed::V6(src);
     }
+    let mut next = ip[6];
     let mut l4 = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
+        if next == IPPROTO_TCP {
+            return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src));
+        }
+        // Every extension header we follow is at least 8 bytes.
+        let Some(h) = ptr_at::<[u8; 8]>(ctx, l4) else {
+            return Parsed::Unparseable;
+        };
+        // SAFETY: ptr_at checked the 8 bytes are inside the packet.
+        let h = unsafe { &*h };
         let len = match next {
-            IPPROTO_TCP => return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src)),
             // Hop-by-hop, routing, destination options: length in 8-octet
             // units, not counting the first.
-            0 | 43 | 60 => match u8_at(ctx, l4 + 1) {
-                Some(n) => (usize::from(n) + 1) * 8,
-                None => return Parsed::Unparseable,
-            },
+            0 | 43 | 60 => (usize::from(h[1]) + 1) * 8,
             // Fragment header: a non-first fragment has no ports.
-            44 => match be16_at(ctx, l4 + 2) {
-                Some(fo) if fo >> 3 != 0 => return Parsed::OutOfScope,
-                Some(_) => 8,
-                None => return Parsed::Unparseable,
-            },
+            44 => {
+                if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
+                    return Parsed::OutOfScope;
+                }
+                8
+            }
             // Authentication header: length in 4-octet units, minus 2.
-            51 => match u8_at(ctx, l4 + 1) {
-                Some(n) => (usize::from(n) + 2) * 4,
-                None => return Parsed::Unparseable,
-            },
+            51 => (usize::from(h[1]) + 2) * 4,
             // No next header, ESP, ICMPv6, UDP, ...: not TCP.
             _ => return Parsed::OutOfScope,
         };
-        let Some(n) = u8_at(ctx, l4) else {
-            return Parsed::Unparseable;
-        };
-        next = n;
+        next = h[0];
         l4 += len;
     }
     if next == IPPROTO_TCP {

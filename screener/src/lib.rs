@@ -4,9 +4,16 @@
 //! hands good ones to the real MTA; verdicts on bad ones go into kernel maps
 //! that an XDP program reads, so a bot's next packets are dropped at the NIC.
 
+pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod duration;
+pub mod import;
+pub mod proxy;
 pub mod smtp;
+pub mod store;
+pub mod verdict;
+pub mod xdp;
 
 /// The compiled eBPF objects (built by `build.rs`).
 pub mod ebpf_objects {

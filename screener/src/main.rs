@@ -1,1 +1,466 @@
-fn main() {}
+//! `screener`: the daemon and its admin commands.
+#![expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are --help text, shown to operators verbatim"
+)]
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use screener::{
+    admin::{self, Request},
+    config::{self, Config, Show},
+    daemon, duration, xdp,
+};
+
+/// SMTP zombie blocker: screens new SMTP clients like postscreen and drops
+/// the bad ones' packets at the NIC with XDP.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Configuration file.
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: load and attach the XDP program, serve the admin socket.
+    Run {
+        /// Do not load the XDP program (screening only).
+        #[arg(long)]
+        no_xdp: bool,
+    },
+    /// Check, show or edit the configuration file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Block sources at the NIC.
+    #[command(subcommand)]
+    Block(BlockCmd),
+    /// Sources that are never dropped and skip every test.
+    #[command(subcommand)]
+    Allow(AllowCmd),
+    /// The temporary allowlist (clients that passed the tests).
+    #[command(subcommand)]
+    Cache(CacheCmd),
+    /// Kernel counters and daemon counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The XDP attachment.
+    #[command(subcommand)]
+    Xdp(XdpCmd),
+    /// Import a shared block list (Spamhaus DROP style or plain CIDRs).
+    Import {
+        file: PathBuf,
+        #[arg(long, default_value = "drop", value_parser = ["drop", "cidr"])]
+        format: String,
+        /// How long the entries live (30s, 10m, 1h, 7d); default: until re-imported.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// List name; importing the same name again replaces the list.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the file; non-zero exit and the offending key on error.
+    Check,
+    /// Print `name = value` lines.
+    Show {
+        /// Only values that differ from the defaults.
+        #[arg(short = 'n', conflicts_with = "defaults")]
+        non_default: bool,
+        /// The defaults instead of the file's values.
+        #[arg(short = 'd')]
+        defaults: bool,
+        /// Names such as screen.greet_wait (all when none).
+        names: Vec<String>,
+    },
+    /// Edit the file in place (comments kept): NAME=VALUE...
+    Set {
+        #[arg(required = true, value_name = "NAME=VALUE")]
+        assignments: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct Nets {
+    /// Addresses or CIDRs (192.0.2.1, 198.51.100.0/24, 2001:db8::/64).
+    #[arg(required = true, value_name = "CIDR")]
+    nets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum BlockCmd {
+    /// Drop packets from these sources.
+    Add {
+        #[command(flatten)]
+        nets: Nets,
+        /// How long (30s, 10m, 1h, 7d); default verdict.block_ttl.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Why (free text; pregreet, dnsbl, ... are counted under their own name).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove blocks.
+    Del {
+        #[command(flatten)]
+        nets: Nets,
+    },
+    /// List blocks.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AllowCmd {
+    /// Never drop these sources.
+    Add {
+        #[command(flatten)]
+        nets: Nets,
+    },
+    /// Remove allow entries.
+    Del {
+        #[command(flatten)]
+        nets: Nets,
+    },
+    /// List allow entries.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List cached clients.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one client's record.
+    Show { ip: String },
+    /// Forget one client, or every client.
+    Purge { ip: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum XdpCmd {
+    /// Show the pinned program, links and maps.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the program and remove its pinned maps.
+    Detach,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    // aya-log speaks `log`; carry its records into tracing.
+    let _ = tracing_log::LogTracer::init();
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("screener: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configuration file: `-c`, else the default path. Admin commands
+/// fall back to the defaults when the default file does not exist.
+fn load_config(path: Option<&PathBuf>, required: bool) -> anyhow::Result<(Config, PathBuf)> {
+    let p = path
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    if path.is_none() && !required && !p.exists() {
+        return Ok((Config::default(), p));
+    }
+    let cfg = Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+    Ok((cfg, p))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let cpath = cli.config.as_ref();
+    match cli.command {
+        Command::Run { no_xdp } => {
+            let (cfg, path) = load_config(cpath, true)?;
+            daemon::run(cfg, path, no_xdp).await
+        }
+        Command::Config(c) => config_cmd(cpath, c),
+        Command::Block(b) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            let (req, json) = match b {
+                BlockCmd::Add { nets, ttl, reason } => {
+                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
+                    (
+                        Request::BlockAdd {
+                            nets: nets.nets,
+                            ttl: ttl.map(|d| d.as_secs()),
+                            reason,
+                        },
+                        false,
+                    )
+                }
+                BlockCmd::Del { nets } => {
+                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
+                    (Request::BlockDel { nets: nets.nets }, false)
+                }
+                BlockCmd::List { json } => (Request::BlockList, json),
+            };
+            let data = ask(&cfg, &req).await?;
+            print_entries(&req, &data, json);
+            Ok(())
+        }
+        Command::Allow(a) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            let (req, json) = match a {
+                AllowCmd::Add { nets } => {
+                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
+                    (Request::AllowAdd { nets: nets.nets }, false)
+                }
+                AllowCmd::Del { nets } => {
+                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
+                    (Request::AllowDel { nets: nets.nets }, false)
+                }
+                AllowCmd::List { json } => (Request::AllowList, json),
+            };
+            let data = ask(&cfg, &req).await?;
+            print_entries(&req, &data, json);
+            Ok(())
+        }
+        Command::Cache(c) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            let (req, json) = match c {
+                CacheCmd::List { json } => (Request::CacheList, json),
+                CacheCmd::Show { ip } => (Request::CacheShow { ip }, true),
+                CacheCmd::Purge { ip } => (Request::CachePurge { ip }, false),
+            };
+            let data = ask(&cfg, &req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                println!("{data}");
+            }
+            Ok(())
+        }
+        Command::Stats { json } => {
+            let (cfg, _) = load_config(cpath, false)?;
+            let data = ask(&cfg, &Request::Stats).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                print_flat("", &data);
+            }
+            Ok(())
+        }
+        Command::Xdp(x) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            xdp_cmd(&cfg, x).await
+        }
+        Command::Import {
+            file,
+            format,
+            ttl,
+            reason,
+        } => {
+            let (cfg, _) = load_config(cpath, false)?;
+            let file = std::fs::canonicalize(&file)
+                .with_context(|| format!("import file {}", file.display()))?;
+            let data = ask(
+                &cfg,
+                &Request::Import {
+                    file,
+                    format,
+                    ttl: ttl.map(|d| d.as_secs()),
+                    reason,
+                },
+            )
+            .await?;
+            print_flat("", &data);
+            Ok(())
+        }
+    }
+}
+
+/// Sends a request to the running daemon; a refusal becomes an error.
+async fn ask(cfg: &Config, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let resp = admin::call(&cfg.admin.socket, req).await?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "refused".into()));
+    }
+    Ok(resp.data)
+}
+
+fn print_entries(req: &Request, data: &serde_json::Value, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+        return;
+    }
+    let verb = match req {
+        Request::BlockAdd { .. } => "blocked",
+        Request::BlockDel { .. } => "unblocked",
+        Request::AllowAdd { .. } => "allowed",
+        Request::AllowDel { .. } => "no longer allowed",
+        _ => "",
+    };
+    let Some(items) = data.as_array() else {
+        return;
+    };
+    for item in items {
+        if let Some(net) = item.as_str() {
+            println!("{verb} {net}");
+            continue;
+        }
+        let get = |k: &str| item.get(k).cloned().unwrap_or_default();
+        let expires = match get("expires_in").as_u64() {
+            None => "never".to_owned(),
+            Some(0) => "expired".to_owned(),
+            Some(s) => format!("in {}", duration::Display(Duration::from_secs(s))),
+        };
+        println!(
+            "{:<43} {:<16} expires {:<12} hits {}",
+            get("net").as_str().unwrap_or(""),
+            get("reason").as_str().unwrap_or(""),
+            expires,
+            get("hits")
+        );
+    }
+}
+
+/// Prints nested JSON as `a.b = value` lines.
+fn print_flat(prefix: &str, v: &serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                print_flat(&p, v);
+            }
+        }
+        serde_json::Value::Null => {}
+        other => println!("{prefix} = {other}"),
+    }
+}
+
+fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
+    let p = path
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    match c {
+        ConfigCmd::Check => {
+            Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            println!("{}: ok", p.display());
+        }
+        ConfigCmd::Show {
+            non_default,
+            defaults,
+            names,
+        } => {
+            let cfg = if defaults && !p.exists() {
+                Config::default()
+            } else {
+                Config::load(&p).with_context(|| format!("configuration {}", p.display()))?
+            };
+            let which = match (non_default, defaults) {
+                (true, _) => Show::NonDefault,
+                (_, true) => Show::Defaults,
+                _ => Show::Effective,
+            };
+            for line in config::show(&cfg, which, &names)? {
+                println!("{line}");
+            }
+        }
+        ConfigCmd::Set { assignments } => {
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            let new = config::set(&text, &assignments)
+                .with_context(|| format!("configuration {}", p.display()))?;
+            // Write beside and rename: a crash never leaves half a file.
+            let tmp = p.with_extension("toml.new");
+            std::fs::write(&tmp, new).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &p).with_context(|| format!("replacing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+async fn xdp_cmd(cfg: &Config, x: XdpCmd) -> anyhow::Result<()> {
+    match x {
+        XdpCmd::Status { json } => {
+            // Works without the daemon: it only reads the pins.
+            let st = xdp::status(&cfg.xdp.pin_path);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            println!("pin path: {}", st.pin_path.display());
+            if !st.pinned {
+                println!("nothing pinned: the XDP gate is not loaded");
+                return Ok(());
+            }
+            if let Some(l) = &st.layout {
+                println!("layout: {l}");
+            }
+            if st.links.is_empty() {
+                println!("attached: nowhere");
+            }
+            for l in &st.links {
+                println!(
+                    "attached: {} (link {}, program {})",
+                    l.interface, l.link_id, l.program_id
+                );
+            }
+            for m in &st.maps {
+                let n = m.entries.map_or_else(|| "-".into(), |n| n.to_string());
+                println!(
+                    "map {:<14} id {:<6} entries {n}/{}",
+                    m.name, m.id, m.max_entries
+                );
+            }
+        }
+        XdpCmd::Detach => {
+            // Through the daemon when it runs (it holds the gate), else
+            // directly: a dead daemon must not leave the gate unremovable.
+            match admin::call(&cfg.admin.socket, &Request::XdpDetach).await {
+                Ok(resp) if resp.ok => println!("detached: {}", resp.data),
+                Ok(resp) => bail!("{}", resp.error.unwrap_or_default()),
+                Err(admin::AdminError::NotRunning { .. }) => {
+                    let removed = xdp::detach(&cfg.xdp.pin_path)?;
+                    if removed.is_empty() {
+                        println!("nothing pinned under {}", cfg.xdp.pin_path.display());
+                    } else {
+                        println!("detached: {}", removed.join(", "));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}

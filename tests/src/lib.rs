@@ -1,1 +1,4 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: network namespaces, child
+//! processes and pinned objects, each removed by a guard on drop.
+
+pub mod netns;

@@ -1,1 +1,303 @@
-fn main() {}
+//! `cargo xtask`: bootstrap the toolchain and test peers, build, run, test,
+//! benchmark.
+//!
+//! Every command first makes sure what it needs is installed, installing
+//! only what is missing (a second run installs nothing), and says what it
+//! is doing. A failure names the missing piece and the command that failed.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  bootstrap          install what building and testing need (Debian packages, bpf-linker)
+  build              bootstrap, then build the daemon (release)
+  run [ARGS...]      bootstrap, build, and run the daemon with ./screener.toml
+  test [ARGS...]     bootstrap, then fmt check, clippy and every unit and integration test
+  bench xdp|smtp|flood|all
+                     bootstrap, then run the benchmarks
+";
+
+/// Debian packages for building the eBPF side (TOOLCHAIN.md).
+const BUILD_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "bpftool",
+    "iproute2",
+];
+
+/// Debian packages the tests and benchmarks start as real peers.
+const TEST_PACKAGES: &[&str] = &[
+    "postfix",
+    "swaks",
+    "rbldnsd",
+    "nftables",
+    "util-linux",
+    "procps",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprint!("{USAGE}");
+        std::process::exit(2);
+    };
+    let rest = &args[1..];
+    env::set_current_dir(workspace_root())?;
+    match cmd.as_str() {
+        "bootstrap" => bootstrap(true),
+        "build" => {
+            bootstrap(false)?;
+            build_release()
+        }
+        "run" => {
+            bootstrap(false)?;
+            build_release()?;
+            std::fs::create_dir_all("var")?;
+            let mut c = Command::new("target/release/screener");
+            c.args(["-c", "screener.toml", "run"]).args(rest);
+            step("starting the daemon with ./screener.toml (Ctrl-C stops it; the XDP gate stays, `screener xdp detach` removes it)");
+            check(&mut c)
+        }
+        "test" => {
+            bootstrap(true)?;
+            test(rest)
+        }
+        "bench" => {
+            bootstrap(true)?;
+            bench(rest)
+        }
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+/// Runs a command to completion; a failure names it.
+fn check(c: &mut Command) -> Result<()> {
+    let shown = format!("{c:?}");
+    let status = c
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Packages of `wanted` that dpkg does not report as installed.
+fn missing_packages(wanted: &[&str]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .map(|p| (*p).to_owned())
+        .collect()
+}
+
+fn bootstrap(with_test_peers: bool) -> Result<()> {
+    step("checking prerequisites");
+    let mut wanted: Vec<&str> = BUILD_PACKAGES.to_vec();
+    if with_test_peers {
+        wanted.extend_from_slice(TEST_PACKAGES);
+    }
+    let missing = missing_packages(&wanted);
+    if missing.is_empty() {
+        eprintln!("    Debian packages: all present");
+    } else {
+        if !is_root() {
+            bail!(
+                "missing Debian packages {}; run as root or install them: apt-get install {}",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+        if missing.iter().any(|p| p == "postfix") {
+            // No system MTA: tests start their own Postfix instances.
+            step("preseeding postfix (no configuration, no system MTA)");
+            let mut c = Command::new("debconf-set-selections");
+            c.stdin(std::process::Stdio::piped());
+            let mut child = c.spawn().context("cannot start debconf-set-selections")?;
+            {
+                use std::io::Write as _;
+                let stdin = child.stdin.as_mut().expect("piped");
+                stdin.write_all(b"postfix postfix/main_mailer_type select No configuration\n")?;
+            }
+            let st = child.wait()?;
+            if !st.success() {
+                bail!("debconf-set-selections failed ({st})");
+            }
+        }
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
+        check(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("updating the package lists")?;
+        check(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .with_context(|| format!("installing {}", missing.join(" ")))?;
+        let still = missing_packages(&wanted);
+        if !still.is_empty() {
+            bail!("still missing after apt-get install: {}", still.join(" "));
+        }
+    }
+    bpf_linker()?;
+    if is_root() {
+        mount_bpffs()?;
+    }
+    Ok(())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn bpf_linker() -> Result<()> {
+    let bin = cargo_bin_dir().join("bpf-linker");
+    let have = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if let Some(v) = have {
+        if v.contains(BPF_LINKER_VERSION) {
+            eprintln!("    bpf-linker: {}", v.trim());
+            return Ok(());
+        }
+        eprintln!(
+            "    bpf-linker: found {}, want {BPF_LINKER_VERSION}",
+            v.trim()
+        );
+    }
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
+    check(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22", "--force"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+    .context("installing bpf-linker")
+}
+
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    step("mounting bpffs on /sys/fs/bpf");
+    check(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn build_release() -> Result<()> {
+    step("building screener (release)");
+    check(Command::new("cargo").args(["build", "--release", "-p", "screener"]))
+}
+
+fn test(rest: &[String]) -> Result<()> {
+    step("cargo fmt --check");
+    check(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy --all-targets -- -D warnings");
+    check(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("building the test binaries");
+    check(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    step("running every unit and integration test");
+    check(
+        Command::new("cargo")
+            .args(["test", "--workspace"])
+            .args(rest),
+    )
+}
+
+fn bench(rest: &[String]) -> Result<()> {
+    let which = rest.first().map_or("all", String::as_str);
+    let xdp = || -> Result<()> {
+        step("benchmark: XDP per-packet cost (test_run)");
+        check(Command::new("cargo").args([
+            "run",
+            "--release",
+            "-p",
+            "integration-tests",
+            "--bin",
+            "bench_xdp",
+        ]))
+    };
+    match which {
+        "xdp" => xdp(),
+        "smtp" | "flood" => {
+            bail!("the {which} benchmark is not in this version; `cargo xtask bench xdp` is")
+        }
+        "all" => xdp(),
+        other => bail!("unknown benchmark {other:?}: xdp, smtp, flood or all"),
+    }
+}

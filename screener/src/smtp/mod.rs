@@ -14,46 +14,13 @@ pub mod params;
 pub mod server;
 pub mod session;
 pub mod text;
-pub mod upstream;
 
 use std::net::SocketAddr;
 
 pub use params::{Action, Handoff, Params};
-pub use server::{Server, SmtpStats};
+pub use server::{DnsblLookup, ScoreFuture, Server, SmtpStats};
 
-/// The screening tests, in the order of the cache record's expiry array.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Test {
-    /// Talking before the greeting.
-    Pregreet,
-    /// DNSBL/DNSWL score.
-    Dnsbl,
-    /// Commands sent before the reply to the previous one.
-    Pipelining,
-    /// HTTP verbs, header lines, binary junk.
-    NonSmtpCommand,
-    /// LF without CR.
-    BareNewline,
-}
-
-impl Test {
-    /// How many tests there are.
-    pub const COUNT: usize = 5;
-    /// Every test, in index order.
-    pub const ALL: [Test; Test::COUNT] = [
-        Test::Pregreet,
-        Test::Dnsbl,
-        Test::Pipelining,
-        Test::NonSmtpCommand,
-        Test::BareNewline,
-    ];
-
-    /// Position in the cache record's expiry array.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
+pub use crate::store::Test;
 
 /// Why a client is reported for blocking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]

@@ -22,22 +22,10 @@ use super::gate::{self, Admission, GateParams, Load};
 use super::params::{Action, Params};
 use super::session::{DnsblScore, Output, Plan, Session, Todo};
 use super::text::{escape, Peer};
-use super::upstream;
 use super::{FailedTest, Failure, Test};
 use crate::config::{Config, Upstream};
-
-/// The per-client cache as the server uses it. Calls may block (disk), so
-/// the server makes them on the blocking pool only.
-pub trait ClientCache: Send + Sync + 'static {
-    /// Expiry times (unix seconds per [`Test`], 0 never passed) of `ip`.
-    fn expiries(&self, ip: IpAddr) -> Option<[u64; Test::COUNT]>;
-    /// Records passes: tests with `Some` get `now + ttl`, others keep theirs.
-    fn pass(&self, ip: IpAddr, ttl: [Option<Duration>; Test::COUNT], now_unix: u64);
-    /// Forgets `ip` after a failure.
-    fn fail(&self, ip: IpAddr);
-    /// Drops records expired longer than `retention`.
-    fn cleanup(&self, now_unix: u64, retention: Duration);
-}
+use crate::proxy;
+use crate::store::{ClientRecord, Store};
 
 /// A future DNSBL score.
 pub type ScoreFuture = Pin<Box<dyn Future<Output = Option<DnsblScore>> + Send>>;
@@ -150,7 +138,7 @@ struct Shared {
     load: Mutex<Load_>,
     counters: Counters,
     stress: AtomicBool,
-    cache: Option<Arc<dyn ClientCache>>,
+    cache: Option<Store>,
     dnsbl: Option<Arc<dyn DnsblLookup>>,
     verdicts: Option<mpsc::UnboundedSender<Failure>>,
     /// Tasks alive, for the drain at shutdown.
@@ -170,10 +158,11 @@ fn unix_now() -> u64 {
 }
 
 impl Server {
-    /// A server with the given cache, DNSBL scorer and verdict channel.
-    pub fn with_parts(
+    /// A server with the given cache (`store.path`), DNSBL scorer and
+    /// verdict channel; each may be absent.
+    pub fn new(
         cfg: Arc<Config>,
-        cache: Option<Arc<dyn ClientCache>>,
+        cache: Option<Store>,
         dnsbl: Option<Arc<dyn DnsblLookup>>,
         verdicts: Option<mpsc::UnboundedSender<Failure>>,
     ) -> Server {
@@ -394,9 +383,14 @@ async fn cleanup_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             () = stopped(&mut stop) => return,
             () = tokio::time::sleep(cfg.screen.cache_cleanup_interval) => {}
         }
-        if let Some(cache) = shared.cache.clone() {
-            let retention = cfg.screen.cache_retention_time;
-            let _ = tokio::task::spawn_blocking(move || cache.cleanup(unix_now(), retention)).await;
+        if let Some(cache) = &shared.cache {
+            match cache
+                .cleanup(unix_now(), cfg.screen.cache_retention_time)
+                .await
+            {
+                Ok(n) => tracing::info!("cache cleanup: {n} expired client records removed"),
+                Err(e) => tracing::warn!("cache cleanup: {e}"),
+            }
         }
     }
 }
@@ -472,6 +466,31 @@ impl Drop for Slot {
     }
 }
 
+/// Records passes: tests with a lifetime get `now + ttl`, the others keep
+/// their cached expiry.
+async fn store_pass(cache: Store, ip: IpAddr, ttl: [Option<Duration>; Test::COUNT]) {
+    let now = unix_now();
+    let mut rec = match cache.client(ip).await {
+        Ok(r) => r.unwrap_or(ClientRecord {
+            first_seen: now,
+            ..ClientRecord::default()
+        }),
+        Err(e) => {
+            tracing::warn!("cache: {e}");
+            return;
+        }
+    };
+    for (exp, ttl) in rec.expires.iter_mut().zip(ttl) {
+        if let Some(ttl) = ttl {
+            *exp = now + ttl.as_secs();
+        }
+    }
+    rec.last_seen = now;
+    if let Err(e) = cache.put_client(ip, rec).await {
+        tracing::warn!("cache: {e}");
+    }
+}
+
 /// Resolves once shutdown is signalled (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -492,8 +511,13 @@ fn record_failure(shared: &Shared, client: SocketAddr, test: FailedTest, action:
     };
     shared.counters.fails[i].fetch_add(1, Ordering::Relaxed);
     if let Some(cache) = shared.cache.clone() {
-        let ip = client.ip();
-        tokio::task::spawn_blocking(move || cache.fail(ip));
+        // A failure clears the record: a failed client is never allowlisted.
+        let ip = client.ip().to_canonical();
+        tokio::spawn(async move {
+            if let Err(e) = cache.delete_client(ip).await {
+                tracing::warn!("cache: {e}");
+            }
+        });
     }
     if action != Action::Ignore {
         if let Some(v) = &shared.verdicts {
@@ -511,28 +535,30 @@ async fn connection(
 ) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
-    let (client, server, early) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy
-    {
-        match upstream::read(&mut stream, settings.cfg.smtp.upstream_proxy_timeout).await {
-            Ok(h) => (h.client.unwrap_or(peer), h.server.unwrap_or(local), h.rest),
+    let (client, server) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy {
+        // The reader stops exactly at the header's end, so a bot that
+        // pregreets right behind it is still caught by the pregreet test.
+        match proxy::read_header(&mut stream, settings.cfg.smtp.upstream_proxy_timeout).await {
+            Ok(h) => h.source.unwrap_or((peer, local)),
             Err(e) => {
                 tracing::info!("PROXY header from {}: {e}", Peer(peer));
                 return;
             }
         }
     } else {
-        (peer, local, Vec::new())
+        (peer, local)
     };
     tracing::info!(client = %Peer(client), "CONNECT from {} to {}", Peer(client), Peer(server));
     let ip = client.ip().to_canonical();
     let expiries = match &shared.cache {
-        Some(cache) => {
-            let cache = Arc::clone(cache);
-            tokio::task::spawn_blocking(move || cache.expiries(ip))
-                .await
-                .ok()
-                .flatten()
-        }
+        Some(cache) => match cache.client(ip).await {
+            Ok(rec) => rec.map(|r| r.expires),
+            Err(e) => {
+                // A broken cache screens everyone afresh rather than failing.
+                tracing::warn!("cache: {e}");
+                None
+            }
+        },
         None => None,
     };
     let (admission, mut slot, stress) = admit(shared, &settings, ip, expiries);
@@ -568,7 +594,7 @@ async fn connection(
                 client,
                 server,
                 Plan::Greeting,
-                early,
+                Vec::new(),
                 stop,
             )
             .await;
@@ -585,7 +611,7 @@ async fn connection(
                 client,
                 server,
                 Plan::Greeting,
-                early,
+                Vec::new(),
                 stop,
             )
             .await;
@@ -600,7 +626,7 @@ async fn connection(
         &settings.normal
     });
     screen(
-        shared, &settings, slot, stream, client, server, params, todo, early, &mut stop,
+        shared, &settings, slot, stream, client, server, params, todo, &mut stop,
     )
     .await;
 }
@@ -644,16 +670,12 @@ async fn screen(
     server: SocketAddr,
     params: Arc<Params>,
     todo: Todo,
-    early: Vec<u8>,
     stop: &mut watch::Receiver<bool>,
 ) {
     let mut stop = stop.clone();
     let write_limit = params.command_time_limit;
     let mut session = Session::new(params, client, todo, Instant::now());
     let mut outputs = session.start(Instant::now());
-    if !early.is_empty() {
-        outputs.extend(session.input(&early, Instant::now()));
-    }
     let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), &shared.dnsbl) {
         (Some(deadline), Some(d)) => Some(d.score(client.ip().to_canonical(), deadline)),
         _ => None,
@@ -680,8 +702,7 @@ async fn screen(
                 Output::Pass(ttl) => {
                     shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
                     if let Some(cache) = shared.cache.clone() {
-                        let ip = client.ip().to_canonical();
-                        tokio::task::spawn_blocking(move || cache.pass(ip, ttl, unix_now()));
+                        tokio::spawn(store_pass(cache, client.ip().to_canonical(), ttl));
                     }
                 }
                 Output::Handoff(plan) => {

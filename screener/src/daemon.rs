@@ -1,0 +1,361 @@
+//! `screener run`: owns the XDP gate and serves the admin socket.
+//!
+//! The daemon is the only writer of the kernel maps: every `block` and
+//! `allow` change arrives over the admin socket and is applied here, with
+//! its `BLOCK` / `UNBLOCK` log line.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures::FutureExt as _;
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    admin::{self, Request, Response},
+    config::{self, Config},
+    import,
+    store::Store,
+    verdict::{self, VerdictError, Verdicts},
+    xdp::{self, Gate},
+};
+
+/// How often expired kernel entries are swept out.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// State shared by the admin handler and the background tasks.
+pub struct Daemon {
+    /// Blocks and allows, kernel and store; also holds the configuration.
+    verdicts: Arc<Verdicts>,
+    /// Where the configuration came from, for SIGHUP.
+    cfg_path: PathBuf,
+    started: Instant,
+}
+
+/// Parses every CIDR first, so one bad value changes nothing.
+pub fn parse_nets(nets: &[String]) -> Result<Vec<IpNet>, String> {
+    if nets.is_empty() {
+        return Err("no CIDR given".into());
+    }
+    nets.iter()
+        .map(|n| config::parse_net(n).map_err(|e| format!("bad CIDR: {e}")))
+        .collect()
+}
+
+#[derive(Serialize)]
+struct DaemonStats {
+    uptime_secs: u64,
+    xdp_attached: bool,
+    #[serde(flatten)]
+    verdicts: verdict::CountersSnapshot,
+}
+
+#[derive(Serialize)]
+struct Stats {
+    kernel: Option<xdp::maps::KernelStats>,
+    daemon: DaemonStats,
+}
+
+#[derive(Serialize)]
+struct ImportReport {
+    list: String,
+    lines_ok: usize,
+    lines_bad: usize,
+    errors: Vec<String>,
+    added: usize,
+    removed: usize,
+    kept: usize,
+    shadowed: usize,
+}
+
+impl Daemon {
+    fn cfg(&self) -> Arc<Config> {
+        self.verdicts.cfg()
+    }
+
+    /// Handles one admin request.
+    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
+        match self.dispatch(req).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e),
+        }
+    }
+
+    async fn dispatch(&self, req: Request) -> Result<serde_json::Value, String> {
+        let v = &self.verdicts;
+        let err = |e: VerdictError| e.to_string();
+        match req {
+            Request::BlockAdd { nets, ttl, reason } => {
+                let parsed = parse_nets(&nets)?;
+                v.block_manual(&parsed, ttl.map(Duration::from_secs), reason.as_deref())
+                    .await
+                    .map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::BlockDel { nets } => {
+                let parsed = parse_nets(&nets)?;
+                v.unblock(&parsed, "operator").await.map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::BlockList => self.list(true).await,
+            Request::AllowAdd { nets } => {
+                let parsed = parse_nets(&nets)?;
+                v.allow(&parsed).await.map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::AllowDel { nets } => {
+                let parsed = parse_nets(&nets)?;
+                v.unallow(&parsed).await.map_err(err)?;
+                Ok(json(names(&parsed)))
+            }
+            Request::AllowList => self.list(false).await,
+            Request::Stats => Ok(json(self.stats())),
+            Request::XdpStatus => Ok(json(xdp::status(&self.cfg().xdp.pin_path))),
+            Request::XdpDetach => {
+                drop(v.take_gate());
+                let removed = xdp::detach(&self.cfg().xdp.pin_path).map_err(|e| e.to_string())?;
+                tracing::info!("XDP detached on request: {}", removed.join(", "));
+                Ok(json(removed))
+            }
+            Request::CacheList => {
+                let clients = v.store().clients().await.map_err(|e| e.to_string())?;
+                Ok(json(
+                    clients
+                        .into_iter()
+                        .map(|(ip, rec)| serde_json::json!({ "ip": ip, "record": rec }))
+                        .collect::<Vec<_>>(),
+                ))
+            }
+            Request::CacheShow { ip } => {
+                let ip: IpAddr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
+                let rec = v.store().client(ip).await.map_err(|e| e.to_string())?;
+                rec.map(json)
+                    .ok_or_else(|| format!("{ip} is not in the cache"))
+            }
+            Request::CachePurge { ip } => {
+                let n = match ip {
+                    Some(ip) => {
+                        let ip: IpAddr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
+                        usize::from(
+                            v.store()
+                                .delete_client(ip)
+                                .await
+                                .map_err(|e| e.to_string())?,
+                        )
+                    }
+                    None => v.store().purge_clients().await.map_err(|e| e.to_string())?,
+                };
+                Ok(json(serde_json::json!({ "purged": n })))
+            }
+            Request::Import {
+                file,
+                format,
+                ttl,
+                reason,
+            } => self.import(&file, &format, ttl, reason).await,
+        }
+    }
+
+    async fn list(&self, blocks: bool) -> Result<serde_json::Value, String> {
+        let v = self.verdicts.clone();
+        // A large listing walks whole maps: off the runtime's workers.
+        let listed = tokio::task::spawn_blocking(move || {
+            v.with_gate(|g| {
+                if blocks {
+                    g.maps.blocks()
+                } else {
+                    g.maps.allows()
+                }
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match listed {
+            Some(r) => r.map(json).map_err(|e| e.to_string()),
+            None => Err("XDP is not loaded (started with --no-xdp, or detached)".into()),
+        }
+    }
+
+    async fn import(
+        &self,
+        file: &std::path::Path,
+        format: &str,
+        ttl: Option<u64>,
+        reason: Option<String>,
+    ) -> Result<serde_json::Value, String> {
+        let format: import::Format = format.parse()?;
+        let text = tokio::fs::read_to_string(file)
+            .await
+            .map_err(|e| format!("reading {}: {e}", file.display()))?;
+        let parsed = tokio::task::spawn_blocking(move || import::parse(&text, format))
+            .await
+            .map_err(|e| e.to_string())?;
+        let list = reason.unwrap_or_else(|| {
+            file.file_name()
+                .map_or_else(|| "import".into(), |n| n.to_string_lossy().into_owned())
+        });
+        for (line, e) in parsed.errors.iter().take(20) {
+            tracing::warn!(list = %list, "{}:{line}: {e}; line skipped", file.display());
+        }
+        let lines_ok = parsed.nets.len();
+        let change = self
+            .verdicts
+            .import(&list, parsed.nets, ttl.map(Duration::from_secs))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(json(ImportReport {
+            list,
+            lines_ok,
+            lines_bad: parsed.errors.len(),
+            errors: parsed
+                .errors
+                .iter()
+                .take(20)
+                .map(|(l, e)| format!("line {l}: {e}"))
+                .collect(),
+            added: change.added,
+            removed: change.removed,
+            kept: change.kept,
+            shadowed: change.shadowed,
+        }))
+    }
+
+    fn stats(&self) -> Stats {
+        let kernel = self.verdicts.with_gate(|g| g.maps.stats()).and_then(|r| {
+            r.map_err(|e| tracing::warn!("reading kernel counters: {e}"))
+                .ok()
+        });
+        Stats {
+            daemon: DaemonStats {
+                uptime_secs: self.started.elapsed().as_secs(),
+                xdp_attached: self.verdicts.with_gate(|_| ()).is_some(),
+                verdicts: self.verdicts.counters(),
+            },
+            kernel,
+        }
+    }
+
+    /// SIGHUP: a new configuration for what can change while running. A bad
+    /// file is refused and logged; the old configuration stays.
+    fn reload(&self) -> Option<Arc<Config>> {
+        let new = match Config::load(&self.cfg_path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("reload refused, keeping the running configuration: {e}");
+                return None;
+            }
+        };
+        let old = self.cfg();
+        if new.verdict.ipv6_prefix != old.verdict.ipv6_prefix
+            || new.xdp.pin_path != old.xdp.pin_path
+            || new.admin.socket != old.admin.socket
+            || new.store.path != old.store.path
+        {
+            tracing::warn!(
+                "verdict.ipv6_prefix, xdp.pin_path, store.path and admin.socket change only on restart"
+            );
+        }
+        let ports = match &new.xdp.ports {
+            config::Ports::All => None,
+            config::Ports::List(p) => Some(p.clone()),
+        };
+        if let Some(Err(e)) = self
+            .verdicts
+            .with_gate(|g| g.maps.configure(g.maps.ipv6_prefix(), ports.as_deref()))
+        {
+            tracing::error!("applying xdp.ports: {e}");
+        }
+        let new = Arc::new(new);
+        self.verdicts.set_cfg(new.clone());
+        tracing::info!(config = %self.cfg_path.display(), "configuration reloaded");
+        Some(new)
+    }
+}
+
+fn names(nets: &[IpNet]) -> Vec<String> {
+    nets.iter().map(ToString::to_string).collect()
+}
+
+fn json(v: impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. The XDP gate stays attached
+/// when it exits: only `screener xdp detach` opens it.
+pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<()> {
+    let store_path = cfg.store.path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+        .await?
+        .context("opening the store")?;
+    let gate = if no_xdp {
+        tracing::info!("running without XDP (--no-xdp)");
+        None
+    } else {
+        let mut gate = Gate::open(&cfg).context("starting the XDP gate")?;
+        gate.spawn_logger();
+        for (iface, mode) in &gate.attached {
+            tracing::info!(interface = %iface, mode = %mode, pin_path = %gate.pin_dir().display(), "XDP gate up");
+        }
+        Some(gate)
+    };
+    let listener = admin::bind(&cfg.admin.socket)
+        .await
+        .context("opening the admin socket")?;
+    let socket = cfg.admin.socket.clone();
+    let verdicts = Arc::new(Verdicts::new(Arc::new(cfg), store, gate));
+    match verdicts.reconcile().await {
+        Ok((added, removed, expired)) => tracing::info!(
+            added,
+            removed,
+            expired,
+            "kernel maps reconciled with the store"
+        ),
+        Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
+    }
+    let daemon = Arc::new(Daemon {
+        verdicts: verdicts.clone(),
+        cfg_path,
+        started: Instant::now(),
+    });
+
+    let d = daemon.clone();
+    let handler: admin::Handler = Arc::new(move |req| d.clone().handle(req).boxed());
+    let admin_task = tokio::spawn(admin::serve(listener, handler));
+    tracing::info!(socket = %socket.display(), "admin socket ready");
+
+    let v = verdicts.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Err(e) = v.sweep().await {
+                tracing::warn!("sweeping expired blocks: {e}");
+            }
+        }
+    });
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let d = daemon.clone();
+                let _ = tokio::task::spawn_blocking(move || d.reload()).await;
+            }
+        }
+    }
+    tracing::info!("shutting down; the XDP gate stays attached");
+    admin_task.abort();
+    sweeper.abort();
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

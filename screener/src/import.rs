@@ -1,0 +1,97 @@
+//! Shared block lists: Spamhaus DROP-style files (`CIDR ; SBLnnn`) and
+//! plain CIDR lists.
+//!
+//! Comments (`;` and `#`) and blank lines are ignored. A line that is not a
+//! CIDR is reported with its number and skipped; the rest still imports.
+
+use ipnet::IpNet;
+
+/// The file's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `192.0.2.0/24 ; SBL123456`, `;` comments.
+    Drop,
+    /// One CIDR or address per line, `#` or `;` comments.
+    Cidr,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "drop" => Ok(Format::Drop),
+            "cidr" => Ok(Format::Cidr),
+            other => Err(format!("unknown format {other:?}: drop or cidr")),
+        }
+    }
+}
+
+/// What a file held.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub nets: Vec<IpNet>,
+    /// `(line number, message)` of every skipped line.
+    pub errors: Vec<(usize, String)>,
+}
+
+/// Parses a list. Lines are numbered from 1.
+pub fn parse(text: &str, format: Format) -> Parsed {
+    let mut out = Parsed::default();
+    for (i, line) in text.lines().enumerate() {
+        let body = match format {
+            Format::Drop => line.split(';').next().unwrap_or(""),
+            Format::Cidr => line.split(['#', ';']).next().unwrap_or(""),
+        }
+        .trim();
+        if body.is_empty() {
+            continue;
+        }
+        let word = body.split_whitespace().next().unwrap_or(body);
+        match crate::config::parse_net(word) {
+            Ok(net) if body.split_whitespace().count() == 1 => out.nets.push(net),
+            Ok(_) => out
+                .errors
+                .push((i + 1, format!("unexpected text after the CIDR: {body:?}"))),
+            Err(e) => out.errors.push((i + 1, e)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_lines_with_comments_and_bad_lines() {
+        let text = "; Spamhaus DROP List 2026/11/21\n; Expires: ...\n\n\
+                    192.0.2.0/24 ; SBL000001\n198.51.100.0/25 ; SBL000002\n\
+                    not-a-cidr ; SBL3\n2001:db8::/32 ; SBL4\n";
+        let p = parse(text, Format::Drop);
+        assert_eq!(
+            p.nets,
+            vec![
+                "192.0.2.0/24".parse::<IpNet>().unwrap(),
+                "198.51.100.0/25".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(p.errors.len(), 1);
+        assert_eq!(p.errors[0].0, 6);
+        assert!(p.errors[0].1.contains("not-a-cidr"));
+    }
+
+    #[test]
+    fn cidr_lists_take_hosts_and_hash_comments() {
+        let p = parse(
+            "# list\n203.0.113.5\n203.0.113.0/28 # tail\n10.0.0.0/33\n",
+            Format::Cidr,
+        );
+        assert_eq!(p.nets.len(), 2);
+        assert_eq!(p.nets[0].to_string(), "203.0.113.5/32");
+        assert_eq!(
+            p.errors,
+            vec![(4, "\"10.0.0.0/33\" is not an address or CIDR".into())]
+        );
+    }
+}

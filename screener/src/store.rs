@@ -1,0 +1,745 @@
+//! The embedded database: the screening cache and the kernel verdicts.
+//!
+//! One redb file (config `store.path`) holds
+//! - `clients`: the postscreen-style temporary allowlist, one pass expiry
+//!   per [`Test`] for each client address;
+//! - `blocks` and `allows`: every verdict entry pushed into the kernel maps,
+//!   so a restarted daemon (or a rebooted host, which loses pinned maps) can
+//!   put them back;
+//! - `meta`: the layout number of the whole file.
+//!
+//! # Versioning
+//!
+//! The file carries a layout number in `meta`, checked on open: a file
+//! written by another layout is refused with [`StoreError::Layout`] rather
+//! than half-read. Each value also starts with a record format byte, so a
+//! record that slipped past the layout check is reported as
+//! [`StoreError::Corrupt`] instead of being misread.
+//!
+//! # Blocking
+//!
+//! redb transactions do disk I/O and may wait for the single writer lock;
+//! every async method therefore runs its transaction on tokio's blocking
+//! pool and never on a runtime worker.
+//!
+//! # Durability
+//!
+//! Verdict changes are committed with fsync: losing one would reopen the
+//! gate for a bot after a crash. Cache writes happen once per connection and
+//! are only a convenience (a lost pass means one more test), so they are
+//! committed without waiting for the disk.
+
+mod codec;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use redb::{
+    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
+
+use codec::DecodeError;
+
+/// The layout this build reads and writes. Bump it when a table's meaning
+/// or key/value encoding changes.
+pub const LAYOUT_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const LAYOUT_KEY: &str = "layout";
+const CLIENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clients");
+const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
+const ALLOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("allows");
+
+/// The current time in unix seconds (0 if the clock is before 1970).
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A screening test with a cached pass expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Test {
+    /// The client spoke before the greeting.
+    Pregreet,
+    /// DNSBL/DNSWL score.
+    Dnsbl,
+    /// The client sent commands without waiting for replies.
+    Pipelining,
+    /// The client sent a forbidden or non-SMTP command.
+    NonSmtpCommand,
+    /// The client ended a line with a bare LF.
+    BareNewline,
+}
+
+impl Test {
+    /// Every test, in index order.
+    pub const ALL: [Test; 5] = [
+        Test::Pregreet,
+        Test::Dnsbl,
+        Test::Pipelining,
+        Test::NonSmtpCommand,
+        Test::BareNewline,
+    ];
+    /// How many tests there are (the length of [`ClientRecord::expires`]).
+    pub const COUNT: usize = 5;
+
+    /// Position of this test in [`ClientRecord::expires`] and [`Test::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Test::Pregreet => 0,
+            Test::Dnsbl => 1,
+            Test::Pipelining => 2,
+            Test::NonSmtpCommand => 3,
+            Test::BareNewline => 4,
+        }
+    }
+
+    /// Stable lower-case name, as used in config (`verdict.block_on`) and
+    /// JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Test::Pregreet => "pregreet",
+            Test::Dnsbl => "dnsbl",
+            Test::Pipelining => "pipelining",
+            Test::NonSmtpCommand => "non_smtp_command",
+            Test::BareNewline => "bare_newline",
+        }
+    }
+
+    /// The test called `name` (see [`Test::name`]).
+    pub fn from_name(name: &str) -> Option<Test> {
+        Test::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+impl fmt::Display for Test {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One client's record: one pass expiry per test (unix seconds, 0 = never
+/// passed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClientRecord {
+    /// Pass expiry per test, indexed by [`Test::index`].
+    pub expires: [u64; Test::COUNT],
+    /// When the client was first screened (unix seconds).
+    pub first_seen: u64,
+    /// When the client last connected (unix seconds).
+    pub last_seen: u64,
+}
+
+impl ClientRecord {
+    /// Whether `t` has an unexpired pass at `now`.
+    pub fn passed(&self, t: Test, now: u64) -> bool {
+        self.expires[t.index()] > now
+    }
+
+    /// Latest pass expiry over all tests (0 if none ever passed); cleanup
+    /// measures retention from this.
+    pub fn newest_expiry(&self) -> u64 {
+        self.expires.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// A block verdict as stored; one per (normalised) network.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BlockRecord {
+    /// The blocked network; host bits are cleared when stored.
+    pub net: IpNet,
+    /// Why (test name, "manual", import reason...).
+    pub reason: String,
+    /// Unix seconds when the block lapses; 0 = never.
+    pub expires: u64,
+    /// Unix seconds when the block was first added.
+    pub added: u64,
+    /// The import list that owns this entry, if any (see
+    /// [`Store::replace_list`]).
+    pub list: Option<String>,
+    /// How many times this source has been blocked.
+    pub offences: u32,
+}
+
+/// An allow entry: never dropped, skips all tests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AllowRecord {
+    /// The allowed network; host bits are cleared when stored.
+    pub net: IpNet,
+    /// Unix seconds when the entry was added.
+    pub added: u64,
+    /// Operator's note.
+    pub comment: Option<String>,
+}
+
+/// What [`Store::replace_list`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListChange {
+    /// Entries new to the list.
+    pub added: usize,
+    /// Former list entries no longer in it (now deleted from the store).
+    pub removed: usize,
+    /// Entries already in the list; their reason and expiry are refreshed,
+    /// their `added` time and offence count kept.
+    pub kept: usize,
+    /// Entries whose network is already held by a manual block or by another
+    /// list: that record is left as it is and stays with its owner.
+    pub shadowed: usize,
+    /// The deleted records, for removing their kernel entries.
+    pub removed_records: Vec<BlockRecord>,
+    /// The list's records as stored now (added and kept), for pushing into
+    /// the kernel.
+    pub current: Vec<BlockRecord>,
+}
+
+/// A store failure; every variant names the file, most the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory for the database could not be created.
+    #[error("cannot create directory {} for the store: {source}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// redb refused to open or create the file (not a redb file, damaged,
+    /// already open, unreadable).
+    #[error("cannot open store {}: {source}", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What redb said.
+        source: Box<redb::DatabaseError>,
+    },
+    /// The file was written with another layout.
+    #[error(
+        "store {} has layout version {found}, this build reads version {expected}",
+        path.display()
+    )]
+    Layout {
+        /// The database file.
+        path: PathBuf,
+        /// The layout number found in the file.
+        found: u64,
+        /// [`LAYOUT_VERSION`].
+        expected: u64,
+    },
+    /// The file holds tables but no layout number: it is not a screener
+    /// store.
+    #[error("store {} is a redb file without a screener layout version", path.display())]
+    Foreign {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A transaction failed.
+    #[error("store {}: {op} failed: {source}", path.display())]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The operation, e.g. `put_block`.
+        op: &'static str,
+        /// What redb said (boxed: redb's error is large and this travels
+        /// through every `Result`).
+        source: Box<redb::Error>,
+    },
+    /// A stored key or value could not be decoded.
+    #[error("store {}: {op}: bad entry in table {table}: {detail}", path.display())]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// The operation, e.g. `blocks`.
+        op: &'static str,
+        /// The table holding the entry.
+        table: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The blocking task running the transaction panicked or was cancelled.
+    #[error("store {}: {op} did not complete: {detail}", path.display())]
+    Task {
+        /// The database file.
+        path: PathBuf,
+        /// The operation.
+        op: &'static str,
+        /// What tokio said.
+        detail: String,
+    },
+}
+
+/// Handle to the database; cheap to clone, shared by every task.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The open redb file; redb serialises writers itself.
+    db: Database,
+    /// Kept to name the file in every error.
+    path: PathBuf,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// Maps any redb error of operation `op` to [`StoreError::Db`].
+    fn db<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
+        move |e| StoreError::Db {
+            path: self.path.clone(),
+            op,
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn corrupt(&self, op: &'static str, table: &'static str, e: DecodeError) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            op,
+            table,
+            detail: e.0,
+        }
+    }
+
+    /// Runs `f` in one write transaction and commits it.
+    fn write<T>(
+        &self,
+        op: &'static str,
+        durability: Durability,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut txn = self.db.begin_write().map_err(self.db(op))?;
+        txn.set_durability(durability);
+        let out = f(&txn)?;
+        txn.commit().map_err(self.db(op))?;
+        Ok(out)
+    }
+
+    fn read_txn(&self, op: &'static str) -> Result<redb::ReadTransaction, StoreError> {
+        self.db.begin_read().map_err(self.db(op))
+    }
+
+    /// Checks the layout number, writing it into a new file.
+    fn check_layout(&self) -> Result<(), StoreError> {
+        let op = "open";
+        self.write(op, Durability::Immediate, |txn| {
+            let other_tables = txn
+                .list_tables()
+                .map_err(self.db(op))?
+                .any(|t| t.name() != META.name());
+            let mut meta = txn.open_table(META).map_err(self.db(op))?;
+            let found = meta
+                .get(LAYOUT_KEY)
+                .map_err(self.db(op))?
+                .map(|v| v.value());
+            match found {
+                Some(LAYOUT_VERSION) => {}
+                Some(found) => {
+                    return Err(StoreError::Layout {
+                        path: self.path.clone(),
+                        found,
+                        expected: LAYOUT_VERSION,
+                    })
+                }
+                None if other_tables => {
+                    return Err(StoreError::Foreign {
+                        path: self.path.clone(),
+                    })
+                }
+                None => {
+                    meta.insert(LAYOUT_KEY, LAYOUT_VERSION)
+                        .map_err(self.db(op))?;
+                }
+            }
+            drop(meta);
+            // Created up front so read transactions never meet a missing table.
+            for def in [CLIENTS, BLOCKS, ALLOWS] {
+                txn.open_table(def).map_err(self.db(op))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Store {
+    /// Opens the database at `path`, creating it and its missing parent
+    /// directories, and checks its layout version.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let inner = Inner {
+            db,
+            path: path.to_path_buf(),
+        };
+        inner.check_layout()?;
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Task {
+                path: self.inner.path.clone(),
+                op,
+                detail: e.to_string(),
+            })?
+    }
+
+    /// The cache record of `ip` (v4-mapped IPv6 is looked up as IPv4).
+    pub async fn client(&self, ip: IpAddr) -> Result<Option<ClientRecord>, StoreError> {
+        const OP: &str = "client";
+        self.blocking(OP, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+            let Some(v) = t.get(codec::ip_key(ip).as_slice()).map_err(s.db(OP))? else {
+                return Ok(None);
+            };
+            codec::decode_client(v.value())
+                .map(Some)
+                .map_err(|e| s.corrupt(OP, "clients", e))
+        })
+        .await
+    }
+
+    /// Stores (replaces) the cache record of `ip`.
+    pub async fn put_client(&self, ip: IpAddr, rec: ClientRecord) -> Result<(), StoreError> {
+        const OP: &str = "put_client";
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Eventual, |txn| {
+                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+                t.insert(
+                    codec::ip_key(ip).as_slice(),
+                    codec::encode_client(&rec).as_slice(),
+                )
+                .map_err(s.db(OP))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Deletes the cache record of `ip`; whether there was one.
+    pub async fn delete_client(&self, ip: IpAddr) -> Result<bool, StoreError> {
+        const OP: &str = "delete_client";
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Eventual, |txn| {
+                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+                let old = t.remove(codec::ip_key(ip).as_slice()).map_err(s.db(OP))?;
+                Ok(old.is_some())
+            })
+        })
+        .await
+    }
+
+    /// Every cache record, IPv4 first, in address order.
+    pub async fn clients(&self) -> Result<Vec<(IpAddr, ClientRecord)>, StoreError> {
+        const OP: &str = "clients";
+        self.blocking(OP, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(s.db(OP))? {
+                let (k, v) = entry.map_err(s.db(OP))?;
+                let ip =
+                    codec::decode_ip_key(k.value()).map_err(|e| s.corrupt(OP, "clients", e))?;
+                let rec =
+                    codec::decode_client(v.value()).map_err(|e| s.corrupt(OP, "clients", e))?;
+                out.push((ip, rec));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Deletes every cache record; how many there were.
+    pub async fn purge_clients(&self) -> Result<usize, StoreError> {
+        const OP: &str = "purge_clients";
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+                let n = t.len().map_err(s.db(OP))?;
+                t.retain(|_, _| false).map_err(s.db(OP))?;
+                Ok(usize::try_from(n).unwrap_or(usize::MAX))
+            })
+        })
+        .await
+    }
+
+    /// Removes records whose newest expiry is older than now - retention.
+    /// Returns how many.
+    ///
+    /// Covers cache records (newest pass expiry over all tests; postscreen's
+    /// `cache_retention_time`, so a returning client is not seen as new) and
+    /// block records that lapsed (so offence counts survive the retention
+    /// time). Blocks that never expire and allow entries are kept.
+    pub async fn cleanup(&self, now: u64, retention: Duration) -> Result<usize, StoreError> {
+        const OP: &str = "cleanup";
+        let cutoff = now.saturating_sub(retention.as_secs());
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut removed = 0;
+
+                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+                let mut stale = Vec::new();
+                for entry in t.iter().map_err(s.db(OP))? {
+                    let (k, v) = entry.map_err(s.db(OP))?;
+                    let rec =
+                        codec::decode_client(v.value()).map_err(|e| s.corrupt(OP, "clients", e))?;
+                    if rec.newest_expiry() < cutoff {
+                        stale.push(k.value().to_vec());
+                    }
+                }
+                for k in &stale {
+                    t.remove(k.as_slice()).map_err(s.db(OP))?;
+                }
+                removed += stale.len();
+                drop(t);
+
+                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+                stale.clear();
+                for entry in t.iter().map_err(s.db(OP))? {
+                    let (k, v) = entry.map_err(s.db(OP))?;
+                    let net =
+                        codec::decode_net_key(k.value()).map_err(|e| s.corrupt(OP, "blocks", e))?;
+                    let rec = codec::decode_block(net, v.value())
+                        .map_err(|e| s.corrupt(OP, "blocks", e))?;
+                    if rec.expires != 0 && rec.expires < cutoff {
+                        stale.push(k.value().to_vec());
+                    }
+                }
+                for k in &stale {
+                    t.remove(k.as_slice()).map_err(s.db(OP))?;
+                }
+                removed += stale.len();
+                Ok(removed)
+            })
+        })
+        .await
+    }
+
+    /// Stores (replaces) a block, keyed by its normalised network.
+    pub async fn put_block(&self, rec: BlockRecord) -> Result<(), StoreError> {
+        const OP: &str = "put_block";
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+                t.insert(
+                    codec::net_key(rec.net).as_slice(),
+                    codec::encode_block(&rec).as_slice(),
+                )
+                .map_err(s.db(OP))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Deletes the block on `net` (host bits ignored); the deleted record.
+    pub async fn del_block(&self, net: IpNet) -> Result<Option<BlockRecord>, StoreError> {
+        const OP: &str = "del_block";
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+                let Some(v) = t.remove(codec::net_key(net).as_slice()).map_err(s.db(OP))? else {
+                    return Ok(None);
+                };
+                codec::decode_block(net.trunc(), v.value())
+                    .map(Some)
+                    .map_err(|e| s.corrupt(OP, "blocks", e))
+            })
+        })
+        .await
+    }
+
+    /// The block on exactly `net` (host bits ignored; no covering lookup).
+    pub async fn block(&self, net: IpNet) -> Result<Option<BlockRecord>, StoreError> {
+        const OP: &str = "block";
+        self.blocking(OP, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+            let Some(v) = t.get(codec::net_key(net).as_slice()).map_err(s.db(OP))? else {
+                return Ok(None);
+            };
+            codec::decode_block(net.trunc(), v.value())
+                .map(Some)
+                .map_err(|e| s.corrupt(OP, "blocks", e))
+        })
+        .await
+    }
+
+    /// Every block, IPv4 first, in network order (expired ones included
+    /// until [`Store::cleanup`] removes them).
+    pub async fn blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {
+        const OP: &str = "blocks";
+        self.blocking(OP, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+            read_blocks(s, OP, &t)
+        })
+        .await
+    }
+
+    /// Atomically replaces every block whose `list == Some(name)` with
+    /// `entries` (one write transaction).
+    ///
+    /// Each entry's `list` is set to `name`; duplicates (same normalised
+    /// network) collapse to the last one. See [`ListChange`] for what
+    /// happens to entries already present and to networks another owner
+    /// holds.
+    pub async fn replace_list(
+        &self,
+        name: &str,
+        entries: Vec<BlockRecord>,
+    ) -> Result<ListChange, StoreError> {
+        const OP: &str = "replace_list";
+        let name = name.to_owned();
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+                let mut old: HashMap<Vec<u8>, BlockRecord> = read_blocks(s, OP, &t)?
+                    .into_iter()
+                    .filter(|r| r.list.as_deref() == Some(name.as_str()))
+                    .map(|r| (codec::net_key(r.net), r))
+                    .collect();
+
+                let mut wanted: HashMap<Vec<u8>, BlockRecord> =
+                    HashMap::with_capacity(entries.len());
+                for mut rec in entries {
+                    rec.net = rec.net.trunc();
+                    rec.list = Some(name.clone());
+                    wanted.insert(codec::net_key(rec.net), rec);
+                }
+                let mut wanted: Vec<(Vec<u8>, BlockRecord)> = wanted.into_iter().collect();
+                // Sorted inserts keep the B-tree writes local.
+                wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+                let mut change = ListChange::default();
+                for (key, mut rec) in wanted {
+                    if let Some(prev) = old.remove(&key) {
+                        rec.added = prev.added;
+                        rec.offences = prev.offences;
+                        change.kept += 1;
+                    } else if t.get(key.as_slice()).map_err(s.db(OP))?.is_some() {
+                        change.shadowed += 1;
+                        continue;
+                    } else {
+                        change.added += 1;
+                    }
+                    t.insert(key.as_slice(), codec::encode_block(&rec).as_slice())
+                        .map_err(s.db(OP))?;
+                    change.current.push(rec);
+                }
+                for (key, rec) in old {
+                    t.remove(key.as_slice()).map_err(s.db(OP))?;
+                    change.removed_records.push(rec);
+                }
+                change.removed = change.removed_records.len();
+                change.removed_records.sort_unstable_by_key(|r| r.net);
+                Ok(change)
+            })
+        })
+        .await
+    }
+
+    /// Stores (replaces) an allow entry, keyed by its normalised network.
+    pub async fn put_allow(&self, rec: AllowRecord) -> Result<(), StoreError> {
+        const OP: &str = "put_allow";
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut t = txn.open_table(ALLOWS).map_err(s.db(OP))?;
+                t.insert(
+                    codec::net_key(rec.net).as_slice(),
+                    codec::encode_allow(&rec).as_slice(),
+                )
+                .map_err(s.db(OP))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Deletes the allow entry on `net` (host bits ignored); whether there
+    /// was one.
+    pub async fn del_allow(&self, net: IpNet) -> Result<bool, StoreError> {
+        const OP: &str = "del_allow";
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut t = txn.open_table(ALLOWS).map_err(s.db(OP))?;
+                let old = t.remove(codec::net_key(net).as_slice()).map_err(s.db(OP))?;
+                Ok(old.is_some())
+            })
+        })
+        .await
+    }
+
+    /// Every allow entry, IPv4 first, in network order.
+    pub async fn allows(&self) -> Result<Vec<AllowRecord>, StoreError> {
+        const OP: &str = "allows";
+        self.blocking(OP, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(ALLOWS).map_err(s.db(OP))?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(s.db(OP))? {
+                let (k, v) = entry.map_err(s.db(OP))?;
+                let net =
+                    codec::decode_net_key(k.value()).map_err(|e| s.corrupt(OP, "allows", e))?;
+                out.push(
+                    codec::decode_allow(net, v.value()).map_err(|e| s.corrupt(OP, "allows", e))?,
+                );
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Decodes the whole `blocks` table.
+fn read_blocks(
+    s: &Inner,
+    op: &'static str,
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<BlockRecord>, StoreError> {
+    let mut out = Vec::new();
+    for entry in t.iter().map_err(s.db(op))? {
+        let (k, v) = entry.map_err(s.db(op))?;
+        let net = codec::decode_net_key(k.value()).map_err(|e| s.corrupt(op, "blocks", e))?;
+        out.push(codec::decode_block(net, v.value()).map_err(|e| s.corrupt(op, "blocks", e))?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

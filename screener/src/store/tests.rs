@@ -1,0 +1,454 @@
+use std::time::Instant;
+
+use super::*;
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn block(n: &str, list: Option<&str>) -> BlockRecord {
+    BlockRecord {
+        net: net(n),
+        reason: "test".into(),
+        expires: 0,
+        added: 100,
+        list: list.map(str::to_owned),
+        offences: 1,
+    }
+}
+
+/// A store in a fresh temp dir; the dir lives as long as the returned guard.
+fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb")).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn test_names_and_indexes_agree() {
+    for (i, t) in Test::ALL.into_iter().enumerate() {
+        assert_eq!(t.index(), i);
+        assert_eq!(Test::from_name(t.name()), Some(t));
+    }
+    assert_eq!(Test::ALL.len(), Test::COUNT);
+    assert_eq!(Test::NonSmtpCommand.name(), "non_smtp_command");
+    assert_eq!(Test::from_name("greylist"), None);
+}
+
+#[test]
+fn passed_compares_expiry_with_now() {
+    let mut r = ClientRecord::default();
+    assert!(!r.passed(Test::Dnsbl, 0));
+    r.expires[Test::Dnsbl.index()] = 50;
+    assert!(r.passed(Test::Dnsbl, 49));
+    assert!(!r.passed(Test::Dnsbl, 50));
+    assert!(!r.passed(Test::Pregreet, 10));
+    assert_eq!(r.newest_expiry(), 50);
+}
+
+#[tokio::test]
+async fn client_round_trip_and_delete() {
+    let (_dir, s) = temp_store();
+    let a = ip("192.0.2.1");
+    assert_eq!(s.client(a).await.unwrap(), None);
+    let rec = ClientRecord {
+        expires: [10, 20, 0, 0, 30],
+        first_seen: 5,
+        last_seen: 6,
+    };
+    s.put_client(a, rec.clone()).await.unwrap();
+    assert_eq!(s.client(a).await.unwrap(), Some(rec.clone()));
+    let newer = ClientRecord {
+        last_seen: 9,
+        ..rec
+    };
+    s.put_client(a, newer.clone()).await.unwrap();
+    assert_eq!(s.clients().await.unwrap(), vec![(a, newer)]);
+    assert!(s.delete_client(a).await.unwrap());
+    assert!(!s.delete_client(a).await.unwrap());
+    assert_eq!(s.client(a).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn ipv4_and_ipv6_keys_are_distinct_and_mapped_folds() {
+    let (_dir, s) = temp_store();
+    let v4 = ip("192.0.2.1");
+    // Same low 32 bits as the IPv4 address, to catch a key that drops the family.
+    let v6 = ip("2001:db8::c000:201");
+    let compat = ip("::c000:201");
+    let rec = |n| ClientRecord {
+        first_seen: n,
+        ..ClientRecord::default()
+    };
+    s.put_client(v4, rec(4)).await.unwrap();
+    s.put_client(v6, rec(6)).await.unwrap();
+    s.put_client(compat, rec(7)).await.unwrap();
+    assert_eq!(s.client(v4).await.unwrap(), Some(rec(4)));
+    assert_eq!(s.client(v6).await.unwrap(), Some(rec(6)));
+    assert_eq!(s.client(compat).await.unwrap(), Some(rec(7)));
+    // A dual-stack socket's view of the IPv4 client is the same client.
+    assert_eq!(
+        s.client(ip("::ffff:192.0.2.1")).await.unwrap(),
+        Some(rec(4))
+    );
+    let all = s.clients().await.unwrap();
+    assert_eq!(
+        all.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        vec![v4, compat, v6],
+        "IPv4 first, then IPv6 in address order"
+    );
+
+    s.put_block(block("192.0.2.0/24", None)).await.unwrap();
+    s.put_block(block("::c000:200/120", None)).await.unwrap();
+    assert_eq!(s.blocks().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn purge_clients_counts() {
+    let (_dir, s) = temp_store();
+    for i in 1..=3 {
+        s.put_client(IpAddr::from([192, 0, 2, i]), ClientRecord::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.purge_clients().await.unwrap(), 3);
+    assert!(s.clients().await.unwrap().is_empty());
+    assert_eq!(s.purge_clients().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn cleanup_keeps_records_within_retention() {
+    let (_dir, s) = temp_store();
+    let now = 1_000_000;
+    let day = 86_400;
+    let retention = Duration::from_secs(7 * day);
+    let with = |newest| ClientRecord {
+        expires: [1, newest, 0, 0, 2],
+        first_seen: 1,
+        last_seen: 1,
+    };
+    let live = ip("192.0.2.1"); // pass still valid
+    let recent = ip("192.0.2.2"); // expired a day ago: kept
+    let edge = ip("192.0.2.3"); // expired exactly at the cutoff: kept
+    let old = ip("192.0.2.4"); // expired 8 days ago: removed
+    let never = ip("2001:db8::1"); // never passed anything: removed
+    s.put_client(live, with(now + 10)).await.unwrap();
+    s.put_client(recent, with(now - day)).await.unwrap();
+    s.put_client(edge, with(now - 7 * day)).await.unwrap();
+    s.put_client(old, with(now - 8 * day)).await.unwrap();
+    s.put_client(never, ClientRecord::default()).await.unwrap();
+
+    let lapsed = BlockRecord {
+        expires: now - 8 * day,
+        ..block("198.51.100.0/24", None)
+    };
+    let fresh_lapse = BlockRecord {
+        expires: now - day,
+        ..block("198.51.100.1/32", None)
+    };
+    let permanent = block("203.0.113.0/24", None);
+    for b in [&lapsed, &fresh_lapse, &permanent] {
+        s.put_block(b.clone()).await.unwrap();
+    }
+
+    assert_eq!(s.cleanup(now, retention).await.unwrap(), 3);
+    let left: Vec<IpAddr> = s
+        .clients()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(left, vec![live, recent, edge]);
+    assert_eq!(s.blocks().await.unwrap(), vec![fresh_lapse, permanent]);
+    assert_eq!(s.cleanup(now, retention).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn blocks_are_keyed_by_normalised_net() {
+    let (_dir, s) = temp_store();
+    s.put_block(block("198.51.100.77/24", None)).await.unwrap();
+    let got = s.block(net("198.51.100.0/24")).await.unwrap().unwrap();
+    assert_eq!(got.net, net("198.51.100.0/24"));
+    assert_eq!(
+        s.block(net("198.51.100.1/24")).await.unwrap(),
+        Some(got.clone())
+    );
+    // Prefix length is part of the key; no covering match.
+    assert_eq!(s.block(net("198.51.100.0/25")).await.unwrap(), None);
+    assert_eq!(s.block(net("198.51.100.5/32")).await.unwrap(), None);
+
+    let replaced = BlockRecord {
+        reason: "again".into(),
+        offences: 2,
+        ..got.clone()
+    };
+    s.put_block(replaced.clone()).await.unwrap();
+    assert_eq!(s.blocks().await.unwrap(), vec![replaced.clone()]);
+    assert_eq!(
+        s.del_block(net("198.51.100.9/24")).await.unwrap(),
+        Some(replaced)
+    );
+    assert_eq!(s.del_block(net("198.51.100.0/24")).await.unwrap(), None);
+    assert!(s.blocks().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn allow_round_trip() {
+    let (_dir, s) = temp_store();
+    let a = AllowRecord {
+        net: net("2001:db8:1::/48"),
+        added: 5,
+        comment: Some("partner".into()),
+    };
+    let b = AllowRecord {
+        net: net("192.0.2.0/24"),
+        added: 6,
+        comment: None,
+    };
+    s.put_allow(a.clone()).await.unwrap();
+    s.put_allow(b.clone()).await.unwrap();
+    assert_eq!(s.allows().await.unwrap(), vec![b, a]);
+    assert!(s.del_allow(net("2001:db8:1::1/48")).await.unwrap());
+    assert!(!s.del_allow(net("2001:db8:1::/48")).await.unwrap());
+    assert_eq!(s.allows().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn replace_list_adds_removes_keeps_and_leaves_other_owners() {
+    let (_dir, s) = temp_store();
+    let manual = block("203.0.113.0/24", None);
+    let other = block("198.51.100.0/24", Some("other"));
+    s.put_block(manual.clone()).await.unwrap();
+    s.put_block(other.clone()).await.unwrap();
+
+    let first = vec![
+        block("192.0.2.0/28", Some("ignored name")),
+        block("192.0.2.16/28", None),
+        block("2001:db8::/32", None),
+    ];
+    let c = s.replace_list("drop", first).await.unwrap();
+    assert_eq!((c.added, c.removed, c.kept, c.shadowed), (3, 0, 0, 0));
+    assert!(c.current.iter().all(|r| r.list.as_deref() == Some("drop")));
+
+    let kept_old = BlockRecord {
+        reason: "new reason".into(),
+        expires: 999,
+        added: 500,
+        offences: 0,
+        ..block("192.0.2.5/28", None) // host bits: same net as 192.0.2.0/28
+    };
+    let second = vec![
+        kept_old,
+        block("192.0.2.32/28", None),
+        block("192.0.2.32/28", None),   // duplicate collapses
+        block("203.0.113.0/24", None),  // held by the manual block
+        block("198.51.100.0/24", None), // held by list "other"
+    ];
+    let c = s.replace_list("drop", second).await.unwrap();
+    assert_eq!((c.added, c.removed, c.kept, c.shadowed), (1, 2, 1, 2));
+    assert_eq!(
+        c.removed_records.iter().map(|r| r.net).collect::<Vec<_>>(),
+        vec![net("192.0.2.16/28"), net("2001:db8::/32")]
+    );
+    let kept = s.block(net("192.0.2.0/28")).await.unwrap().unwrap();
+    assert_eq!(kept.reason, "new reason");
+    assert_eq!(kept.expires, 999);
+    assert_eq!(kept.added, 100, "first-added time survives a refresh");
+    assert_eq!(kept.offences, 1);
+    assert!(c.current.contains(&kept));
+    assert_eq!(c.current.len(), 2);
+
+    assert_eq!(s.block(manual.net).await.unwrap(), Some(manual.clone()));
+    assert_eq!(s.block(other.net).await.unwrap(), Some(other.clone()));
+
+    let c = s.replace_list("drop", Vec::new()).await.unwrap();
+    assert_eq!((c.added, c.removed, c.kept, c.shadowed), (0, 2, 0, 0));
+    assert_eq!(s.blocks().await.unwrap(), vec![other, manual]);
+}
+
+#[tokio::test]
+async fn replace_list_with_100k_entries() {
+    let (_dir, s) = temp_store();
+    let entries = |offset: u32| -> Vec<BlockRecord> {
+        (0..100_000u32)
+            .map(|i| {
+                let a = std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | u128::from(i + offset));
+                BlockRecord {
+                    net: IpNet::from(IpAddr::V6(a)),
+                    reason: "import".into(),
+                    expires: 0,
+                    added: 1,
+                    list: None,
+                    offences: 0,
+                }
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let c = s.replace_list("big", entries(0)).await.unwrap();
+    let first = t.elapsed();
+    assert_eq!((c.added, c.removed, c.kept), (100_000, 0, 0));
+
+    let t = Instant::now();
+    let c = s.replace_list("big", entries(50_000)).await.unwrap();
+    let second = t.elapsed();
+    assert_eq!((c.added, c.removed, c.kept), (50_000, 50_000, 50_000));
+    assert_eq!(s.blocks().await.unwrap().len(), 100_000);
+    eprintln!("replace_list 100k: first {first:?}, second {second:?}");
+}
+
+#[tokio::test]
+async fn data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/deeper/s.redb");
+    let rec = ClientRecord {
+        expires: [1, 2, 3, 4, 5],
+        first_seen: 1,
+        last_seen: 2,
+    };
+    {
+        let s = Store::open(&path).unwrap();
+        s.put_client(ip("2001:db8::5"), rec.clone()).await.unwrap();
+        s.put_block(block("192.0.2.0/24", Some("l"))).await.unwrap();
+        s.put_allow(AllowRecord {
+            net: net("198.51.100.0/24"),
+            added: 1,
+            comment: None,
+        })
+        .await
+        .unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.client(ip("2001:db8::5")).await.unwrap(), Some(rec));
+    assert_eq!(
+        s.blocks().await.unwrap(),
+        vec![block("192.0.2.0/24", Some("l"))]
+    );
+    assert_eq!(s.allows().await.unwrap().len(), 1);
+}
+
+#[test]
+fn garbage_file_is_an_open_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.redb");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+    assert!(err.to_string().contains("junk.redb"), "{err}");
+}
+
+#[test]
+fn unusable_parent_is_a_create_dir_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = Store::open(&file.join("s.redb")).unwrap_err();
+    assert!(matches!(err, StoreError::CreateDir { .. }), "{err:?}");
+    assert!(err.to_string().contains("plain-file"), "{err}");
+}
+
+#[test]
+fn other_layout_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(Store::open(&path).unwrap());
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(LAYOUT_KEY, LAYOUT_VERSION + 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = Store::open(&path).unwrap_err();
+    match &err {
+        StoreError::Layout {
+            found, expected, ..
+        } => {
+            assert_eq!((*found, *expected), (LAYOUT_VERSION + 1, LAYOUT_VERSION));
+        }
+        other => panic!("expected a layout error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("s.redb"), "{err}");
+}
+
+#[test]
+fn redb_file_of_another_program_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.redb");
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let def: TableDefinition<u64, u64> = TableDefinition::new("something");
+        txn.open_table(def).unwrap().insert(1, 2).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Foreign { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn damaged_record_is_reported_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(Store::open(&path).unwrap());
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let key = codec::net_key(net("192.0.2.0/24"));
+        // A record claiming a future format.
+        txn.open_table(BLOCKS)
+            .unwrap()
+            .insert(key.as_slice(), [codec::RECORD_FORMAT + 1, 0, 0].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    let err = s.blocks().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                table: "blocks",
+                op: "blocks",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("record format 2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_share_one_store() {
+    let (_dir, s) = temp_store();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..32u8 {
+        let s = s.clone();
+        tasks.spawn(async move {
+            for i in 0..16u8 {
+                let a = IpAddr::from([192, 0, 2, t * 8 + i % 8]);
+                let mut rec = s.client(a).await.unwrap().unwrap_or_default();
+                rec.last_seen += 1;
+                s.put_client(a, rec).await.unwrap();
+                s.put_block(block(&format!("198.51.100.{t}/32"), None))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let clients = s.clients().await.unwrap();
+    assert_eq!(clients.len(), 256);
+    // Each address belongs to one task and was updated twice by it.
+    assert!(clients.iter().all(|(_, r)| r.last_seen == 2), "{clients:?}");
+    assert_eq!(s.blocks().await.unwrap().len(), 32);
+}

@@ -1,0 +1,633 @@
+//! Verdicts: the one place that writes blocks and allows, keeping the store
+//! and the kernel maps in step.
+//!
+//! Every change goes kernel first, then store; if the store write fails the
+//! kernel change is undone, so the two never disagree for long and a
+//! restart (which trusts the store) never loses a block the kernel had.
+//!
+//! POLICY for screening failures:
+//! - Only outcomes in `verdict.block_on` block.
+//! - An IPv6 client is blocked by its `verdict.ipv6_prefix` prefix: hosts
+//!   with privacy addresses rotate inside it.
+//! - A repeat offender's TTL doubles per offence, up to
+//!   `verdict.block_ttl_max`.
+//! - When `escalate_v4_hosts` hosts of one IPv4 /24 (or
+//!   `escalate_v6_hosts` prefixes of one IPv6 /48) are blocked, the /24
+//!   (/48) is blocked instead.
+//! - Nothing the access list permits, an allow entry covers, or a DNSWL
+//!   allowlisted is ever blocked, nor any prefix containing one of them.
+//!
+//! MAP FULL. A full map refuses the new entry: the refusal is logged,
+//! counted (`blocks_refused_full`), and the client is still rejected at the
+//! SMTP level. Entries already in the kernel are never evicted to make
+//! room: they are an operator's, a list's, or a verdict still in force,
+//! and silently dropping one would reopen the gate for it. Raise
+//! `xdp.max_hosts` / `xdp.max_prefixes` instead.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use screener_common::Reason;
+use serde::Serialize;
+
+use crate::{
+    config::{AccessAction, BlockOn, Config},
+    duration,
+    store::{now_unix, AllowRecord, BlockRecord, Store},
+    xdp::{maps::boot_now, Gate, XdpError},
+};
+
+/// Daemon-side counters of verdicts.
+#[derive(Default)]
+pub struct Counters {
+    pub blocks: AtomicU64,
+    pub unblocks: AtomicU64,
+    pub blocks_refused_full: AtomicU64,
+    pub blocks_skipped_protected: AtomicU64,
+    pub escalations: AtomicU64,
+}
+
+#[derive(Serialize)]
+pub struct CountersSnapshot {
+    pub blocks: u64,
+    pub unblocks: u64,
+    pub blocks_refused_full: u64,
+    pub blocks_skipped_protected: u64,
+    pub escalations: u64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> CountersSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CountersSnapshot {
+            blocks: g(&self.blocks),
+            unblocks: g(&self.unblocks),
+            blocks_refused_full: g(&self.blocks_refused_full),
+            blocks_skipped_protected: g(&self.blocks_skipped_protected),
+            escalations: g(&self.escalations),
+        }
+    }
+}
+
+/// A verdict change that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerdictError {
+    #[error(transparent)]
+    Kernel(#[from] XdpError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The verdict keeper shared by the admin socket and the SMTP server.
+pub struct Verdicts {
+    cfg: RwLock<Arc<Config>>,
+    store: Store,
+    /// `None` with `--no-xdp` or after `xdp detach`: the store still
+    /// records verdicts, and they reach the kernel at the next start.
+    gate: Mutex<Option<Gate>>,
+    /// Blocked hosts per escalation prefix (/24, /48).
+    groups: Mutex<HashMap<IpNet, HashSet<IpNet>>>,
+    /// Clients a DNSWL allowlisted since start.
+    dnswl: Mutex<HashSet<IpAddr>>,
+    pub counters: Counters,
+}
+
+/// The TTL of the `offence`-th block (1-based): doubling, capped.
+pub fn ttl_for(offence: u32, base: Duration, max: Duration) -> Duration {
+    let factor = 1u32 << offence.saturating_sub(1).min(20);
+    base.saturating_mul(factor).min(max)
+}
+
+/// The net a verdict on `ip` covers.
+pub fn verdict_net(ip: IpAddr, ipv6_prefix: u8) -> IpNet {
+    match ip {
+        IpAddr::V4(a) => IpNet::from(IpAddr::V4(a)),
+        IpAddr::V6(a) => ipnet::Ipv6Net::new(a, ipv6_prefix)
+            .expect("prefix checked at start-up")
+            .trunc()
+            .into(),
+    }
+}
+
+/// The escalation prefix a blocked net counts towards.
+pub fn group_of(net: IpNet) -> Option<IpNet> {
+    match net {
+        IpNet::V4(n) if n.prefix_len() > 24 => Some(
+            ipnet::Ipv4Net::new(n.addr(), 24)
+                .expect("24 is valid")
+                .trunc()
+                .into(),
+        ),
+        IpNet::V6(n) if n.prefix_len() > 48 => Some(
+            ipnet::Ipv6Net::new(n.addr(), 48)
+                .expect("48 is valid")
+                .trunc()
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Whether two nets overlap (one contains the other).
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+/// A kernel reason from a stored reason text.
+pub fn kernel_reason(text: &str) -> Reason {
+    Reason::ALL
+        .into_iter()
+        .find(|r| r.name() == text)
+        .unwrap_or(Reason::Manual)
+}
+
+fn block_on_reason(o: BlockOn) -> Reason {
+    match o {
+        BlockOn::Pregreet => Reason::Pregreet,
+        BlockOn::Dnsbl => Reason::Dnsbl,
+        BlockOn::Pipelining => Reason::Pipelining,
+        BlockOn::NonSmtpCommand => Reason::NonSmtpCommand,
+        BlockOn::BareNewline => Reason::BareNewline,
+        BlockOn::Denylist => Reason::Denylist,
+    }
+}
+
+/// The kernel `expires` for a store expiry in unix seconds.
+fn kernel_expiry(expires_unix: u64, now_unix: u64) -> u32 {
+    if expires_unix == 0 {
+        return 0;
+    }
+    let left = u32::try_from(expires_unix.saturating_sub(now_unix)).unwrap_or(u32::MAX);
+    boot_now().saturating_add(left.max(1))
+}
+
+impl Verdicts {
+    pub fn new(cfg: Arc<Config>, store: Store, gate: Option<Gate>) -> Verdicts {
+        Verdicts {
+            cfg: RwLock::new(cfg),
+            store,
+            gate: Mutex::new(gate),
+            groups: Mutex::new(HashMap::new()),
+            dnswl: Mutex::new(HashSet::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn cfg(&self) -> Arc<Config> {
+        self.cfg.read().expect("config lock").clone()
+    }
+
+    pub fn set_cfg(&self, cfg: Arc<Config>) {
+        *self.cfg.write().expect("config lock") = cfg;
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn counters(&self) -> CountersSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// Runs `f` on the gate, if loaded.
+    pub fn with_gate<T>(&self, f: impl FnOnce(&mut Gate) -> T) -> Option<T> {
+        self.gate.lock().expect("gate lock").as_mut().map(f)
+    }
+
+    /// Drops the gate handle (for `xdp detach`).
+    pub fn take_gate(&self) -> Option<Gate> {
+        self.gate.lock().expect("gate lock").take()
+    }
+
+    /// Records that a DNSWL allowlisted `ip`: it and any prefix holding it
+    /// are never blocked.
+    pub fn note_dnswl(&self, ip: IpAddr) {
+        self.dnswl.lock().expect("dnswl lock").insert(ip);
+    }
+
+    /// Why `net` must not be blocked, if it must not.
+    async fn protection(&self, net: &IpNet) -> Result<Option<String>, VerdictError> {
+        let cfg = self.cfg();
+        for rule in &cfg.screen.access_list {
+            if rule.action == AccessAction::Permit && overlaps(&rule.net, net) {
+                return Ok(Some(format!("access list permits {}", rule.net)));
+            }
+        }
+        for a in self.store.allows().await? {
+            if overlaps(&a.net, net) {
+                return Ok(Some(format!("allow entry {}", a.net)));
+            }
+        }
+        if let Some(ip) = self
+            .dnswl
+            .lock()
+            .expect("dnswl lock")
+            .iter()
+            .find(|ip| net.contains(*ip))
+        {
+            return Ok(Some(format!("DNSWL allowlisted {ip}")));
+        }
+        Ok(None)
+    }
+
+    /// Puts `rec` into the kernel (when loaded) and the store.
+    async fn apply_block(&self, rec: BlockRecord) -> Result<(), VerdictError> {
+        let reason = kernel_reason(&rec.reason);
+        let expires = kernel_expiry(rec.expires, now_unix());
+        let net = rec.net;
+        if let Some(Err(e)) = self.with_gate(|g| g.maps.block(net, reason, expires)) {
+            if matches!(e, XdpError::MapFull { .. }) {
+                self.counters
+                    .blocks_refused_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(e.into());
+        }
+        if let Err(e) = self.store.put_block(rec).await {
+            let _ = self.with_gate(|g| g.maps.unblock(net));
+            return Err(e.into());
+        }
+        if let Some(group) = group_of(net) {
+            self.groups
+                .lock()
+                .expect("groups lock")
+                .entry(group)
+                .or_default()
+                .insert(net);
+        }
+        Ok(())
+    }
+
+    /// Blocks `nets` as the operator asked: all or nothing.
+    pub async fn block_manual(
+        &self,
+        nets: &[IpNet],
+        ttl: Option<Duration>,
+        reason: Option<&str>,
+    ) -> Result<(), VerdictError> {
+        let ttl = ttl.unwrap_or(self.cfg().verdict.block_ttl);
+        let now = now_unix();
+        let label = reason.unwrap_or("manual").to_owned();
+        let mut done: Vec<IpNet> = Vec::new();
+        for net in nets {
+            let prev = self.store.block(*net).await?;
+            let rec = BlockRecord {
+                net: net.trunc(),
+                reason: label.clone(),
+                expires: now + ttl.as_secs().max(1),
+                added: prev.as_ref().map_or(now, |p| p.added),
+                list: None,
+                offences: prev.map_or(1, |p| p.offences + 1),
+            };
+            if let Err(e) = self.apply_block(rec).await {
+                for d in &done {
+                    let _ = self.remove_block(*d).await;
+                }
+                return Err(VerdictError::Refused(format!("{net}: {e}")));
+            }
+            done.push(*net);
+        }
+        for net in nets {
+            self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("BLOCK {net} reason={label} ttl={}", duration::Display(ttl));
+        }
+        Ok(())
+    }
+
+    async fn remove_block(&self, net: IpNet) -> Result<Option<BlockRecord>, VerdictError> {
+        let net = net.trunc();
+        if let Some(r) = self.with_gate(|g| g.maps.unblock(net)) {
+            r?;
+        }
+        let rec = self.store.del_block(net).await?;
+        if let Some(group) = group_of(net) {
+            let mut g = self.groups.lock().expect("groups lock");
+            if let Some(set) = g.get_mut(&group) {
+                set.remove(&net);
+                if set.is_empty() {
+                    g.remove(&group);
+                }
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Removes blocks; every net must be blocked, else nothing changes.
+    pub async fn unblock(&self, nets: &[IpNet], why: &str) -> Result<(), VerdictError> {
+        for net in nets {
+            if self.store.block(net.trunc()).await?.is_none() {
+                return Err(VerdictError::Refused(format!("{net} is not blocked")));
+            }
+        }
+        for net in nets {
+            self.remove_block(*net).await?;
+            self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("UNBLOCK {net} reason={why}");
+        }
+        Ok(())
+    }
+
+    /// Adds allow entries: all or nothing.
+    pub async fn allow(&self, nets: &[IpNet]) -> Result<(), VerdictError> {
+        let mut done = Vec::new();
+        for net in nets {
+            if let Some(Err(e)) = self.with_gate(|g| g.maps.allow(*net)) {
+                for d in &done {
+                    let _ = self.with_gate(|g| g.maps.unallow(*d));
+                }
+                return Err(VerdictError::Refused(format!("{net}: {e}")));
+            }
+            done.push(*net);
+        }
+        for net in nets {
+            self.store
+                .put_allow(AllowRecord {
+                    net: net.trunc(),
+                    added: now_unix(),
+                    comment: None,
+                })
+                .await?;
+            tracing::info!("ALLOW {net}");
+        }
+        Ok(())
+    }
+
+    pub async fn unallow(&self, nets: &[IpNet]) -> Result<(), VerdictError> {
+        let current = self.store.allows().await?;
+        for net in nets {
+            if !current.iter().any(|a| a.net == net.trunc()) {
+                return Err(VerdictError::Refused(format!("{net} is not allowed")));
+            }
+        }
+        for net in nets {
+            if let Some(r) = self.with_gate(|g| g.maps.unallow(*net)) {
+                r?;
+            }
+            self.store.del_allow(net.trunc()).await?;
+            tracing::info!("DISALLOW {net}");
+        }
+        Ok(())
+    }
+
+    /// A client failed `outcome`: block it if the policy says so.
+    pub async fn on_failure(&self, ip: IpAddr, outcome: BlockOn) {
+        let cfg = self.cfg();
+        if !cfg.verdict.block_on.contains(&outcome) {
+            return;
+        }
+        let net = verdict_net(ip, cfg.verdict.ipv6_prefix);
+        if let Err(e) = self.block_verdict(net, block_on_reason(outcome)).await {
+            tracing::warn!("BLOCK {net} failed: {e}");
+            return;
+        }
+        if let Err(e) = self.escalate(net).await {
+            tracing::warn!("escalating {net}: {e}");
+        }
+    }
+
+    async fn block_verdict(&self, net: IpNet, reason: Reason) -> Result<(), VerdictError> {
+        if let Some(why) = self.protection(&net).await? {
+            self.counters
+                .blocks_skipped_protected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!("not blocking {net}: {why}");
+            return Ok(());
+        }
+        let cfg = self.cfg();
+        let now = now_unix();
+        let prev = self.store.block(net).await?;
+        if prev.as_ref().is_some_and(|p| p.list.is_some()) {
+            // An imported list already holds it; leave it with its owner.
+            return Ok(());
+        }
+        let offences = prev.as_ref().map_or(1, |p| p.offences + 1);
+        let ttl = ttl_for(offences, cfg.verdict.block_ttl, cfg.verdict.block_ttl_max);
+        let rec = BlockRecord {
+            net,
+            reason: reason.name().to_owned(),
+            expires: now + ttl.as_secs(),
+            added: prev.as_ref().map_or(now, |p| p.added),
+            list: None,
+            offences,
+        };
+        self.apply_block(rec).await?;
+        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "BLOCK {net} reason={} ttl={} offences={offences}",
+            reason.name(),
+            duration::Display(ttl)
+        );
+        Ok(())
+    }
+
+    /// Blocks the /24 (/48) holding `net` once enough of its hosts are.
+    async fn escalate(&self, net: IpNet) -> Result<(), VerdictError> {
+        let cfg = self.cfg();
+        let Some(group) = group_of(net) else {
+            return Ok(());
+        };
+        let k = match group {
+            IpNet::V4(_) => cfg.verdict.escalate_v4_hosts,
+            IpNet::V6(_) => cfg.verdict.escalate_v6_hosts,
+        };
+        let count = self
+            .groups
+            .lock()
+            .expect("groups lock")
+            .get(&group)
+            .map_or(0, HashSet::len);
+        if k == 0 || count < k as usize || self.store.block(group).await?.is_some() {
+            return Ok(());
+        }
+        if let Some(why) = self.protection(&group).await? {
+            tracing::info!("not escalating to {group}: {why}");
+            return Ok(());
+        }
+        let now = now_unix();
+        let ttl = cfg.verdict.block_ttl_max;
+        self.apply_block(BlockRecord {
+            net: group,
+            reason: Reason::Escalation.name().to_owned(),
+            expires: now + ttl.as_secs(),
+            added: now,
+            list: None,
+            offences: 1,
+        })
+        .await?;
+        self.counters.escalations.fetch_add(1, Ordering::Relaxed);
+        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "BLOCK {group} reason=escalation ttl={} hosts={count}",
+            duration::Display(ttl)
+        );
+        Ok(())
+    }
+
+    /// Makes the kernel hold exactly what the store holds: adds what is
+    /// missing (after a reboot the maps are empty), removes what the store
+    /// no longer has, sweeps what expired. Returns (added, removed, expired).
+    pub async fn reconcile(&self) -> Result<(usize, usize, usize), VerdictError> {
+        let now = now_unix();
+        let expired = self.sweep().await?;
+        let blocks = self.store.blocks().await?;
+        let allows = self.store.allows().await?;
+        {
+            let mut groups = self.groups.lock().expect("groups lock");
+            groups.clear();
+            for b in &blocks {
+                if let Some(g) = group_of(b.net) {
+                    groups.entry(g).or_default().insert(b.net);
+                }
+            }
+        }
+        let result = self.with_gate(|g| -> Result<(usize, usize), XdpError> {
+            let mut added = 0;
+            let mut removed = 0;
+            let in_kernel: HashSet<IpNet> = g.maps.blocks()?.into_iter().map(|l| l.net).collect();
+            let wanted: HashSet<IpNet> = blocks.iter().map(|b| b.net).collect();
+            for b in &blocks {
+                if !in_kernel.contains(&b.net) {
+                    g.maps.block(
+                        b.net,
+                        kernel_reason(&b.reason),
+                        kernel_expiry(b.expires, now),
+                    )?;
+                    added += 1;
+                }
+            }
+            for net in in_kernel.difference(&wanted) {
+                g.maps.unblock(*net)?;
+                removed += 1;
+            }
+            let allowed: HashSet<IpNet> = g.maps.allows()?.into_iter().map(|l| l.net).collect();
+            let want_allow: HashSet<IpNet> = allows.iter().map(|a| a.net).collect();
+            for a in want_allow.difference(&allowed) {
+                g.maps.allow(*a)?;
+                added += 1;
+            }
+            for a in allowed.difference(&want_allow) {
+                g.maps.unallow(*a)?;
+                removed += 1;
+            }
+            Ok((added, removed))
+        });
+        let (added, removed) = match result {
+            Some(r) => r?,
+            None => (0, 0),
+        };
+        Ok((added, removed, expired))
+    }
+
+    /// Removes expired blocks from store and kernel, logging each.
+    pub async fn sweep(&self) -> Result<usize, VerdictError> {
+        let now = now_unix();
+        let mut n = 0;
+        for b in self.store.blocks().await? {
+            if b.expires != 0 && b.expires <= now {
+                self.remove_block(b.net).await?;
+                self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("UNBLOCK {} reason={} expired", b.net, b.reason);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Replaces the import list `name` with `nets`, kernel and store.
+    pub async fn import(
+        &self,
+        name: &str,
+        nets: Vec<IpNet>,
+        ttl: Option<Duration>,
+    ) -> Result<crate::store::ListChange, VerdictError> {
+        let now = now_unix();
+        let expires = ttl.map_or(0, |t| now + t.as_secs().max(1));
+        let records = nets
+            .into_iter()
+            .map(|net| BlockRecord {
+                net,
+                reason: Reason::Import.name().to_owned(),
+                expires,
+                added: now,
+                list: None,
+                offences: 1,
+            })
+            .collect();
+        let change = self.store.replace_list(name, records).await?;
+        let pushed = self.with_gate(|g| -> Result<(), XdpError> {
+            for r in &change.removed_records {
+                g.maps.unblock(r.net)?;
+            }
+            for r in &change.current {
+                g.maps
+                    .block(r.net, Reason::Import, kernel_expiry(r.expires, now))?;
+            }
+            Ok(())
+        });
+        if let Some(Err(e)) = pushed {
+            if matches!(e, XdpError::MapFull { .. }) {
+                self.counters
+                    .blocks_refused_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            // The store holds the list; the kernel gets the rest at the
+            // next reconcile once there is room.
+            return Err(e.into());
+        }
+        tracing::info!(
+            list = name,
+            added = change.added,
+            removed = change.removed,
+            kept = change.kept,
+            shadowed = change.shadowed,
+            "imported list"
+        );
+        Ok(change)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_doubles_up_to_the_cap() {
+        let h = Duration::from_secs(3600);
+        let d = Duration::from_secs(86_400);
+        assert_eq!(ttl_for(1, h, d), h);
+        assert_eq!(ttl_for(2, h, d), 2 * h);
+        assert_eq!(ttl_for(5, h, d), 16 * h);
+        assert_eq!(ttl_for(6, h, d), d);
+        assert_eq!(ttl_for(u32::MAX, h, d), d);
+    }
+
+    #[test]
+    fn ipv6_verdicts_cover_the_prefix() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::7".parse().unwrap();
+        assert_eq!(verdict_net(a, 64), verdict_net(b, 64));
+        assert_eq!(verdict_net(a, 64).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            verdict_net("192.0.2.7".parse().unwrap(), 64).to_string(),
+            "192.0.2.7/32"
+        );
+    }
+
+    #[test]
+    fn groups_are_slash_24_and_slash_48() {
+        let g = |s: &str| group_of(s.parse().unwrap()).map(|n| n.to_string());
+        assert_eq!(g("192.0.2.7/32").as_deref(), Some("192.0.2.0/24"));
+        assert_eq!(g("2001:db8:1:2::/64").as_deref(), Some("2001:db8:1::/48"));
+        assert_eq!(g("192.0.2.0/24"), None);
+    }
+}

@@ -1,0 +1,575 @@
+//! A typed layer over the pinned kernel maps: insert, remove, list and
+//! expire block and allow entries by CIDR.
+//!
+//! Where an entry goes: an IPv4 /32 into the `block_v4` hash, an IPv6 net of
+//! exactly `ipv6_prefix` bits into the `block_v6` hash (keyed by the masked
+//! prefix), every other prefix into the CIDR tries. Hash lookups cost the
+//! same at a million entries as at ten; the tries hold the (few) prefixes.
+//!
+//! This layer also keeps the `FLAG_HAS_*` bits of the `config` entry true,
+//! so the program skips the lookups of empty maps.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::maps::{
+    lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+};
+use ipnet::IpNet;
+use screener_common::{
+    map_names as names, stat, Config as KConfig, Entry, Reason, FLAG_HAS_V4_ALLOW,
+    FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS, FLAG_HAS_V6_ALLOW, FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS,
+    LAYOUT_VERSION, REASONS,
+};
+use serde::Serialize;
+
+use super::XdpError;
+
+/// The config key that sizes each map, for "map full" messages.
+fn size_key(map: &str) -> &'static str {
+    match map {
+        names::BLOCK_V4 | names::BLOCK_V6 => "xdp.max_hosts",
+        names::BLOCK_V4_CIDR | names::BLOCK_V6_CIDR => "xdp.max_prefixes",
+        _ => "xdp.max_allows",
+    }
+}
+
+/// Handles on every map of one program instance.
+pub struct Maps {
+    config: Array<MapData, KConfig>,
+    stats: PerCpuArray<MapData, u64>,
+    allow_v4: LpmTrie<MapData, [u8; 4], Entry>,
+    allow_v6: LpmTrie<MapData, [u8; 16], Entry>,
+    block_v4: HashMap<MapData, [u8; 4], Entry>,
+    block_v6: HashMap<MapData, [u8; 16], Entry>,
+    block_v4_cidr: LpmTrie<MapData, [u8; 4], Entry>,
+    block_v6_cidr: LpmTrie<MapData, [u8; 16], Entry>,
+    /// Copy of the `config` entry; this process is its only writer.
+    settings: KConfig,
+}
+
+/// One entry as `block list` / `allow list` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Listed {
+    pub net: IpNet,
+    pub reason: String,
+    /// Seconds until it expires; `None` = never; 0 = expired, not yet swept.
+    pub expires_in: Option<u64>,
+    pub hits: u32,
+    /// The kernel map holding it.
+    pub map: &'static str,
+}
+
+/// Kernel counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KernelStats {
+    pub seen: u64,
+    pub passed: u64,
+    pub dropped: u64,
+    pub passed_by_cause: std::collections::BTreeMap<&'static str, u64>,
+    pub dropped_by_reason: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// Current `CLOCK_BOOTTIME` second: the clock the program expires on.
+pub fn boot_now() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    assert_eq!(rc, 0, "CLOCK_BOOTTIME is always available on Linux");
+    u32::try_from(ts.tv_sec).unwrap_or(u32::MAX)
+}
+
+/// The `expires` field for an entry living `ttl` seconds (`None`: forever).
+pub fn expiry_after(ttl: Option<u64>) -> u32 {
+    match ttl {
+        None => 0,
+        Some(t) => {
+            let t = u32::try_from(t).unwrap_or(u32::MAX);
+            boot_now().saturating_add(t.max(1))
+        }
+    }
+}
+
+fn take<T>(map: Map, name: &str) -> Result<T, XdpError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(map).map_err(|source| XdpError::Map {
+        map: name.to_owned(),
+        source,
+    })
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> XdpError {
+    move |source| XdpError::Map {
+        map: map.to_owned(),
+        source,
+    }
+}
+
+/// Turns a failed insert into "map full" when that is what the kernel said.
+fn insert_err(map: &'static str, max: u32) -> impl Fn(MapError) -> XdpError {
+    move |source| {
+        if let MapError::SyscallError(ref e) = source {
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
+                return XdpError::MapFull {
+                    map,
+                    size: max,
+                    key: size_key(map),
+                };
+            }
+        }
+        XdpError::Map {
+            map: map.to_owned(),
+            source,
+        }
+    }
+}
+
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "map values are a few KiB at most"
+)]
+fn expected_sizes(name: &str) -> (u32, u32) {
+    let entry = size_of::<Entry>() as u32;
+    match name {
+        names::CONFIG => (4, size_of::<KConfig>() as u32),
+        names::STATS => (4, 8),
+        names::ALLOW_V4 | names::BLOCK_V4_CIDR => (8, entry),
+        names::ALLOW_V6 | names::BLOCK_V6_CIDR => (20, entry),
+        names::BLOCK_V4 => (4, entry),
+        names::BLOCK_V6 => (16, entry),
+        _ => (0, 0),
+    }
+}
+
+/// Checks that a pinned set of maps has this program's layout, so entries
+/// are never read with another meaning. Returns the pinned IPv6 prefix.
+pub fn check_pinned_layout(dir: &Path) -> Result<u32, XdpError> {
+    for name in names::ALL {
+        let path = dir.join(name);
+        let data = MapData::from_pin(&path).map_err(|source| XdpError::Pinned {
+            path: path.clone(),
+            reason: format!("cannot open: {source}"),
+        })?;
+        let info = data.info().map_err(map_err(name_static(name)))?;
+        let want = expected_sizes(name);
+        let got = (info.key_size(), info.value_size());
+        if got != want {
+            return Err(XdpError::Layout {
+                dir: dir.to_owned(),
+                detail: format!(
+                    "map {name} has key/value sizes {got:?}, this version uses {want:?}"
+                ),
+            });
+        }
+    }
+    let data = MapData::from_pin(dir.join(names::CONFIG)).map_err(map_err(names::CONFIG))?;
+    let config: Array<MapData, KConfig> = take(Map::Array(data), names::CONFIG)?;
+    let current = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+    if current.layout != LAYOUT_VERSION {
+        return Err(XdpError::Layout {
+            dir: dir.to_owned(),
+            detail: format!(
+                "pinned layout version {}, this version uses {LAYOUT_VERSION}",
+                current.layout
+            ),
+        });
+    }
+    Ok(current.ipv6_prefix)
+}
+
+fn name_static(name: &str) -> &'static str {
+    names::ALL
+        .iter()
+        .find(|n| **n == name)
+        .copied()
+        .unwrap_or("map")
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Maps, XdpError> {
+        let open = |name: &str| -> Result<MapData, XdpError> {
+            MapData::from_pin(dir.join(name)).map_err(|source| XdpError::Map {
+                map: name.to_owned(),
+                source,
+            })
+        };
+        let config: Array<MapData, KConfig> =
+            take(Map::Array(open(names::CONFIG)?), names::CONFIG)?;
+        let settings = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        Ok(Maps {
+            config,
+            stats: take(Map::PerCpuArray(open(names::STATS)?), names::STATS)?,
+            allow_v4: take(Map::LpmTrie(open(names::ALLOW_V4)?), names::ALLOW_V4)?,
+            allow_v6: take(Map::LpmTrie(open(names::ALLOW_V6)?), names::ALLOW_V6)?,
+            block_v4: take(Map::HashMap(open(names::BLOCK_V4)?), names::BLOCK_V4)?,
+            block_v6: take(Map::HashMap(open(names::BLOCK_V6)?), names::BLOCK_V6)?,
+            block_v4_cidr: take(
+                Map::LpmTrie(open(names::BLOCK_V4_CIDR)?),
+                names::BLOCK_V4_CIDR,
+            )?,
+            block_v6_cidr: take(
+                Map::LpmTrie(open(names::BLOCK_V6_CIDR)?),
+                names::BLOCK_V6_CIDR,
+            )?,
+            settings,
+        })
+    }
+
+    /// Writes the program's settings and marks it ready. Keeps the
+    /// `FLAG_HAS_*` bits as the maps' contents say.
+    pub fn configure(&mut self, ipv6_prefix: u32, ports: Option<&[u16]>) -> Result<(), XdpError> {
+        let mut s = KConfig {
+            layout: LAYOUT_VERSION,
+            ipv6_prefix,
+            flags: screener_common::FLAG_READY,
+            reserved: 0,
+            ports: [0; screener_common::PORT_WORDS],
+        };
+        match ports {
+            None => s.flags |= screener_common::FLAG_ALL_PORTS,
+            Some(list) => {
+                for p in list {
+                    s.ports[usize::from(*p >> 6)] |= 1u64 << (p & 63);
+                }
+            }
+        }
+        self.settings = s;
+        self.refresh_flags()
+    }
+
+    /// Recomputes which maps hold entries and writes the settings.
+    pub fn refresh_flags(&mut self) -> Result<(), XdpError> {
+        let mut flags = self.settings.flags
+            & !(FLAG_HAS_V4_HOSTS
+                | FLAG_HAS_V6_HOSTS
+                | FLAG_HAS_V4_CIDRS
+                | FLAG_HAS_V6_CIDRS
+                | FLAG_HAS_V4_ALLOW
+                | FLAG_HAS_V6_ALLOW);
+        let nonempty = |it: &mut dyn Iterator<Item = bool>| it.next().unwrap_or(false);
+        if nonempty(&mut self.block_v4.keys().map(|k| k.is_ok())) {
+            flags |= FLAG_HAS_V4_HOSTS;
+        }
+        if nonempty(&mut self.block_v6.keys().map(|k| k.is_ok())) {
+            flags |= FLAG_HAS_V6_HOSTS;
+        }
+        if nonempty(&mut self.block_v4_cidr.keys().map(|k| k.is_ok())) {
+            flags |= FLAG_HAS_V4_CIDRS;
+        }
+        if nonempty(&mut self.block_v6_cidr.keys().map(|k| k.is_ok())) {
+            flags |= FLAG_HAS_V6_CIDRS;
+        }
+        if nonempty(&mut self.allow_v4.keys().map(|k| k.is_ok())) {
+            flags |= FLAG_HAS_V4_ALLOW;
+        }
+        if nonempty(&mut self.allow_v6.keys().map(|k| k.is_ok())) {
+            flags |= FLAG_HAS_V6_ALLOW;
+        }
+        self.set_flags(flags)
+    }
+
+    fn set_flags(&mut self, flags: u32) -> Result<(), XdpError> {
+        self.settings.flags = flags;
+        self.config
+            .set(0, self.settings, 0)
+            .map_err(map_err(names::CONFIG))
+    }
+
+    fn add_flag(&mut self, flag: u32) -> Result<(), XdpError> {
+        if self.settings.flags & flag == flag {
+            return Ok(());
+        }
+        self.set_flags(self.settings.flags | flag)
+    }
+
+    /// The IPv6 prefix the `block_v6` keys are masked to.
+    pub fn ipv6_prefix(&self) -> u32 {
+        self.settings.ipv6_prefix
+    }
+
+    /// Whether `net` is stored in a host hash rather than a trie.
+    fn is_host_entry(&self, net: &IpNet) -> bool {
+        match net {
+            IpNet::V4(n) => n.prefix_len() == 32,
+            IpNet::V6(n) => u32::from(n.prefix_len()) == self.settings.ipv6_prefix,
+        }
+    }
+
+    /// Adds or replaces a block entry for `net` (host bits ignored).
+    pub fn block(&mut self, net: IpNet, reason: Reason, expires: u32) -> Result<(), XdpError> {
+        let net = net.trunc();
+        let value = Entry {
+            reason: reason as u32,
+            expires,
+            hits: 0,
+            flags: 0,
+        };
+        let host = self.is_host_entry(&net);
+        match (net, host) {
+            (IpNet::V4(n), true) => {
+                let size = max_of(&self.block_v4);
+                self.block_v4
+                    .insert(n.addr().octets(), value, 0)
+                    .map_err(insert_err(names::BLOCK_V4, size))?;
+                self.add_flag(FLAG_HAS_V4_HOSTS)
+            }
+            (IpNet::V6(n), true) => {
+                let size = max_of(&self.block_v6);
+                self.block_v6
+                    .insert(n.addr().octets(), value, 0)
+                    .map_err(insert_err(names::BLOCK_V6, size))?;
+                self.add_flag(FLAG_HAS_V6_HOSTS)
+            }
+            (IpNet::V4(n), false) => {
+                let size = max_of(&self.block_v4_cidr);
+                self.block_v4_cidr
+                    .insert(
+                        &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
+                        value,
+                        0,
+                    )
+                    .map_err(insert_err(names::BLOCK_V4_CIDR, size))?;
+                self.add_flag(FLAG_HAS_V4_CIDRS)
+            }
+            (IpNet::V6(n), false) => {
+                let size = max_of(&self.block_v6_cidr);
+                self.block_v6_cidr
+                    .insert(
+                        &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
+                        value,
+                        0,
+                    )
+                    .map_err(insert_err(names::BLOCK_V6_CIDR, size))?;
+                self.add_flag(FLAG_HAS_V6_CIDRS)
+            }
+        }
+    }
+
+    /// Removes the block entry for exactly `net`. Returns whether there was one.
+    pub fn unblock(&mut self, net: IpNet) -> Result<bool, XdpError> {
+        let net = net.trunc();
+        let host = self.is_host_entry(&net);
+        let removed = match (net, host) {
+            (IpNet::V4(n), true) => {
+                gone(self.block_v4.remove(&n.addr().octets()), names::BLOCK_V4)?
+            }
+            (IpNet::V6(n), true) => {
+                gone(self.block_v6.remove(&n.addr().octets()), names::BLOCK_V6)?
+            }
+            (IpNet::V4(n), false) => gone(
+                self.block_v4_cidr
+                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
+                names::BLOCK_V4_CIDR,
+            )?,
+            (IpNet::V6(n), false) => gone(
+                self.block_v6_cidr
+                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
+                names::BLOCK_V6_CIDR,
+            )?,
+        };
+        if removed {
+            self.refresh_flags()?;
+        }
+        Ok(removed)
+    }
+
+    /// Adds an allow entry: never dropped.
+    pub fn allow(&mut self, net: IpNet) -> Result<(), XdpError> {
+        let net = net.trunc();
+        let value = Entry::default();
+        match net {
+            IpNet::V4(n) => {
+                let size = max_of(&self.allow_v4);
+                self.allow_v4
+                    .insert(
+                        &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
+                        value,
+                        0,
+                    )
+                    .map_err(insert_err(names::ALLOW_V4, size))?;
+                self.add_flag(FLAG_HAS_V4_ALLOW)
+            }
+            IpNet::V6(n) => {
+                let size = max_of(&self.allow_v6);
+                self.allow_v6
+                    .insert(
+                        &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
+                        value,
+                        0,
+                    )
+                    .map_err(insert_err(names::ALLOW_V6, size))?;
+                self.add_flag(FLAG_HAS_V6_ALLOW)
+            }
+        }
+    }
+
+    pub fn unallow(&mut self, net: IpNet) -> Result<bool, XdpError> {
+        let net = net.trunc();
+        let removed = match net {
+            IpNet::V4(n) => gone(
+                self.allow_v4
+                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
+                names::ALLOW_V4,
+            )?,
+            IpNet::V6(n) => gone(
+                self.allow_v6
+                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
+                names::ALLOW_V6,
+            )?,
+        };
+        if removed {
+            self.refresh_flags()?;
+        }
+        Ok(removed)
+    }
+
+    /// Every block entry.
+    pub fn blocks(&self) -> Result<Vec<Listed>, XdpError> {
+        let now = boot_now();
+        let mut out = Vec::new();
+        let v6p = u8::try_from(self.settings.ipv6_prefix).unwrap_or(128);
+        for item in &self.block_v4 {
+            let (k, v) = item.map_err(map_err(names::BLOCK_V4))?;
+            out.push(listed(
+                IpNet::from(IpAddr::from(Ipv4Addr::from(k))),
+                v,
+                now,
+                names::BLOCK_V4,
+            ));
+        }
+        for item in &self.block_v6 {
+            let (k, v) = item.map_err(map_err(names::BLOCK_V6))?;
+            let net = ipnet::Ipv6Net::new(Ipv6Addr::from(k), v6p).expect("prefix checked");
+            out.push(listed(net.into(), v, now, names::BLOCK_V6));
+        }
+        for item in &self.block_v4_cidr {
+            let (k, v) = item.map_err(map_err(names::BLOCK_V4_CIDR))?;
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), prefix(k.prefix_len()))
+                .expect("kernel prefix");
+            out.push(listed(net.into(), v, now, names::BLOCK_V4_CIDR));
+        }
+        for item in &self.block_v6_cidr {
+            let (k, v) = item.map_err(map_err(names::BLOCK_V6_CIDR))?;
+            let net = ipnet::Ipv6Net::new(Ipv6Addr::from(k.data()), prefix(k.prefix_len()))
+                .expect("kernel prefix");
+            out.push(listed(net.into(), v, now, names::BLOCK_V6_CIDR));
+        }
+        Ok(out)
+    }
+
+    /// Every allow entry.
+    pub fn allows(&self) -> Result<Vec<Listed>, XdpError> {
+        let now = boot_now();
+        let mut out = Vec::new();
+        for item in &self.allow_v4 {
+            let (k, v) = item.map_err(map_err(names::ALLOW_V4))?;
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), prefix(k.prefix_len()))
+                .expect("kernel prefix");
+            out.push(listed(net.into(), v, now, names::ALLOW_V4));
+        }
+        for item in &self.allow_v6 {
+            let (k, v) = item.map_err(map_err(names::ALLOW_V6))?;
+            let net = ipnet::Ipv6Net::new(Ipv6Addr::from(k.data()), prefix(k.prefix_len()))
+                .expect("kernel prefix");
+            out.push(listed(net.into(), v, now, names::ALLOW_V6));
+        }
+        for l in &mut out {
+            "allow".clone_into(&mut l.reason);
+        }
+        Ok(out)
+    }
+
+    /// Removes every expired block entry; returns what it removed. The
+    /// program already ignores them; this frees their slots.
+    pub fn sweep(&mut self) -> Result<Vec<Listed>, XdpError> {
+        let expired: Vec<Listed> = self
+            .blocks()?
+            .into_iter()
+            .filter(|l| l.expires_in == Some(0))
+            .collect();
+        for l in &expired {
+            self.unblock(l.net)?;
+        }
+        Ok(expired)
+    }
+
+    /// Entries per map, for `xdp status`.
+    pub fn counts(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (names::ALLOW_V4, self.allow_v4.keys().count()),
+            (names::ALLOW_V6, self.allow_v6.keys().count()),
+            (names::BLOCK_V4, self.block_v4.keys().count()),
+            (names::BLOCK_V6, self.block_v6.keys().count()),
+            (names::BLOCK_V4_CIDR, self.block_v4_cidr.keys().count()),
+            (names::BLOCK_V6_CIDR, self.block_v6_cidr.keys().count()),
+        ]
+    }
+
+    /// Kernel counters summed over CPUs.
+    pub fn stats(&self) -> Result<KernelStats, XdpError> {
+        let mut out = KernelStats::default();
+        let read = |i: u32| -> Result<u64, XdpError> {
+            let v = self.stats.get(&i, 0).map_err(map_err(names::STATS))?;
+            Ok(v.iter().sum())
+        };
+        for (i, name) in stat::PASS_NAMES {
+            let n = read(i)?;
+            out.passed += n;
+            out.passed_by_cause
+                .insert(name.strip_prefix("passed_").unwrap_or(name), n);
+        }
+        for r in 0..REASONS {
+            let n = read(stat::DROP_BASE + r)?;
+            out.dropped += n;
+            if let Some(reason) = Reason::from_u32(r) {
+                out.dropped_by_reason.insert(reason.name(), n);
+            } else if n > 0 {
+                out.dropped_by_reason.insert("other", n);
+            }
+        }
+        out.seen = out.passed + out.dropped;
+        Ok(out)
+    }
+}
+
+/// A map's size, for "map full" messages.
+fn max_of<M: IterableMap<K, V>, K: aya::Pod, V>(m: &M) -> u32 {
+    m.map().info().map_or(0, |i| i.max_entries())
+}
+
+fn prefix(p: u32) -> u8 {
+    u8::try_from(p).unwrap_or(u8::MAX)
+}
+
+fn gone(r: Result<(), MapError>, map: &'static str) -> Result<bool, XdpError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(source) => Err(XdpError::Map {
+            map: map.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn listed(net: IpNet, v: Entry, now: u32, map: &'static str) -> Listed {
+    Listed {
+        net,
+        reason: Reason::from_u32(v.reason)
+            .map_or_else(|| format!("reason {}", v.reason), |r| r.name().to_owned()),
+        expires_in: (v.expires != 0).then(|| u64::from(v.expires.saturating_sub(now))),
+        hits: v.hits,
+        map,
+    }
+}

@@ -1,0 +1,342 @@
+//! Test hosts in network namespaces, and guards that remove whatever a test
+//! created (namespace, veth, pins, child processes) even when it fails.
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr, TcpListener},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Runs a command, panicking with its output when it fails.
+#[track_caller]
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A unique small number per test in this process, for names and subnets.
+pub fn slot() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A network namespace joined to the host by a veth pair.
+///
+/// Addresses (with `n` the slot): the host side has `192.0.2.(16n+1)/28`,
+/// `2001:db8:n::1/64` and `2001:db8:n:1::1/64`; the namespace has the
+/// client `.16n+2`, its neighbour `.16n+3`, and `2001:db8:n::2`,
+/// `2001:db8:n:1::2` (the neighbour's /64 differs from the client's).
+pub struct NetNs {
+    pub name: String,
+    /// The host-side veth, where the XDP program goes.
+    pub host_if: String,
+    pub n: u32,
+}
+
+impl NetNs {
+    #[track_caller]
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating one changes the system"
+    )]
+    pub fn new() -> NetNs {
+        let n = slot();
+        assert!(n < 16, "too many namespaces for the /28 plan");
+        let name = format!("scr{}-{n}", std::process::id());
+        let host_if = format!("scr{n}h{}", std::process::id() % 10000);
+        let peer_if = format!("scr{n}c{}", std::process::id() % 10000);
+        let ns = NetNs {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            n,
+        };
+        sh(&["ip", "netns", "add", &name]);
+        sh(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ]);
+        sh(&["ip", "link", "set", &peer_if, "netns", &name]);
+        let base = 16 * n;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("192.0.2.{}/28", base + 1),
+            "dev",
+            &host_if,
+        ]);
+        for a in [
+            format!("2001:db8:{n}::1/64"),
+            format!("2001:db8:{n}:1::1/64"),
+        ] {
+            sh(&["ip", "-6", "addr", "add", &a, "dev", &host_if, "nodad"]);
+        }
+        sh(&["ip", "link", "set", &host_if, "up"]);
+        let inns = |args: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &name];
+            v.extend_from_slice(args);
+            sh(&v);
+        };
+        inns(&["ip", "link", "set", "lo", "up"]);
+        for last in [base + 2, base + 3] {
+            inns(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("192.0.2.{last}/28"),
+                "dev",
+                &peer_if,
+            ]);
+        }
+        for a in [
+            format!("2001:db8:{n}::2/64"),
+            format!("2001:db8:{n}:1::2/64"),
+        ] {
+            inns(&["ip", "-6", "addr", "add", &a, "dev", &peer_if, "nodad"]);
+        }
+        inns(&["ip", "link", "set", &peer_if, "up"]);
+        ns
+    }
+
+    pub fn host_v4(&self) -> IpAddr {
+        format!("192.0.2.{}", 16 * self.n + 1).parse().unwrap()
+    }
+    pub fn client_v4(&self) -> IpAddr {
+        format!("192.0.2.{}", 16 * self.n + 2).parse().unwrap()
+    }
+    pub fn neighbour_v4(&self) -> IpAddr {
+        format!("192.0.2.{}", 16 * self.n + 3).parse().unwrap()
+    }
+    pub fn host_v6(&self) -> IpAddr {
+        format!("2001:db8:{}::1", self.n).parse().unwrap()
+    }
+    pub fn client_v6(&self) -> IpAddr {
+        format!("2001:db8:{}::2", self.n).parse().unwrap()
+    }
+    pub fn neighbour_v6(&self) -> IpAddr {
+        format!("2001:db8:{}:1::2", self.n).parse().unwrap()
+    }
+    pub fn host_v6_neighbour_net(&self) -> IpAddr {
+        format!("2001:db8:{}:1::1", self.n).parse().unwrap()
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (network only,
+    /// so it shares the host's bpffs and files).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: a valid namespace fd; affects only this thread.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    /// Whether `from` (an address in the namespace) can open a TCP
+    /// connection to `to` within `timeout`.
+    pub fn connects(&self, from: IpAddr, to: SocketAddr, timeout: Duration) -> bool {
+        self.run(move || socket2_like::connect(&socket2_like::bind(from), to, timeout))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veth end and with it the pair.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Minimal blocking TCP connect from a chosen source address, with a
+/// timeout, using libc directly (std cannot bind before connect).
+mod socket2_like {
+    use std::{
+        net::{IpAddr, SocketAddr},
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        time::Duration,
+    };
+
+    fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: zeroed sockaddr_storage is valid.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_in fits in sockaddr_storage.
+                unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::sa_family_t::try_from(libc::AF_INET6).unwrap(),
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+                unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, libc::socklen_t::try_from(len).unwrap())
+    }
+
+    pub fn bind(from: IpAddr) -> OwnedFd {
+        let family = if from.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket call.
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh socket we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (ss, len) = sockaddr(SocketAddr::new(from, 0));
+        // SAFETY: valid sockaddr of len bytes.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const ss).cast(), len) };
+        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        fd
+    }
+
+    pub fn connect(fd: &OwnedFd, to: SocketAddr, timeout: Duration) -> bool {
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap(),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        };
+        // SO_SNDTIMEO bounds a blocking connect.
+        // SAFETY: valid option pointer and size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&raw const tv).cast(),
+                libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap(),
+            );
+        }
+        let (ss, len) = sockaddr(to);
+        // SAFETY: valid sockaddr of len bytes.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const ss).cast(), len) };
+        rc == 0
+    }
+}
+
+/// A TCP listener in the host namespace that accepts and closes, on a
+/// thread that lives as long as the process.
+pub fn listen(addr: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let local = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+    local
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    /// Kills it now, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A pin directory under /sys/fs/bpf, emptied and removed on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> PinDir {
+        let p = PathBuf::from(format!(
+            "/sys/fs/bpf/screener-test-{}-{tag}",
+            std::process::id()
+        ));
+        PinDir(p)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = screener::xdp::detach(&self.0);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The `screener` binary built next to the test executables.
+#[track_caller]
+pub fn screener_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("screener");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p screener`, which `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if cond() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {deadline:?} waiting for {what}");
+}
+
+/// Starts a process with its output captured to `log`.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> ChildGuard {
+    let f = File::create(log).unwrap();
+    let child = cmd
+        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    ChildGuard(Some(child))
+}
