@@ -2,3 +2,4 @@
 //! processes and pinned objects, each removed by a guard on drop.
 
 pub mod netns;
+pub mod smtp_peers;

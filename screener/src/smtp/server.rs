@@ -192,6 +192,12 @@ impl Server {
         tracing::info!("smtp parameters reloaded");
     }
 
+    /// The EHLO keywords learned from the backend and offered to clients
+    /// (empty until the first probe succeeds).
+    pub fn ehlo_keywords(&self) -> Vec<String> {
+        self.shared.keywords.read().expect("keywords lock").to_vec()
+    }
+
     /// Current counters.
     pub fn stats(&self) -> SmtpStats {
         let c = &self.shared.counters;
