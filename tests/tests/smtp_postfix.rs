@@ -141,3 +141,86 @@ fn backend_down_is_a_tempfail() {
         "{got}"
     );
 }
+
+/// The cache: a first connection passes the tests (PASS NEW, stored in
+/// redb), the second goes straight to Postfix (PASS OLD) without the
+/// teaser. Postfix's smtp-source is the client.
+#[test]
+fn returning_client_is_pass_old() {
+    let source = integration_tests::smtp_peers::require("smtp-source", "postfix");
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let dir = tempfile::tempdir().unwrap();
+    let store = screener::store::Store::open(&dir.path().join("cache.redb")).expect("store");
+    let scr = Screener::start(test_config(pf.addr), Some(store.clone()));
+    scr.wait_keywords();
+    let target = format!("127.0.0.1:{}", scr.addr.port());
+    let run = || {
+        let out = std::process::Command::new(&source)
+            .args(["-c", "-s", "1", "-m", "1", "-f", "sender@example.org"])
+            .args(["-t", "rcpt@backend.test", &target])
+            .output()
+            .expect("run smtp-source");
+        assert!(
+            out.status.success(),
+            "smtp-source: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run();
+    integration_tests::smtp_peers::wait_for(
+        std::time::Duration::from_secs(10),
+        "the pass in the cache",
+        || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(store.client("127.0.0.1".parse().unwrap()))
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.expires.iter().filter(|&&e| e > 0).count() == 4)
+        },
+    );
+    assert_eq!(scr.server.stats().pass_new, 1);
+    run();
+    assert_eq!(scr.server.stats().pass_old, 1, "{:?}", scr.server.stats());
+    integration_tests::smtp_peers::wait_for(
+        std::time::Duration::from_secs(20),
+        "two deliveries",
+        || {
+            pf.log()
+                .lines()
+                .filter(|l| l.contains("status=sent"))
+                .count()
+                == 2
+        },
+    );
+}
+
+/// Behind a load balancer: the screener reads the balancer's PROXY header
+/// and passes the real client on to Postfix.
+#[test]
+fn upstream_proxy_header_reaches_postfix() {
+    use std::io::Write as _;
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let mut cfg = test_config(pf.addr);
+    cfg.smtp.upstream_proxy_protocol = screener::config::Upstream::Haproxy;
+    cfg.screen.pipelining_enable = false;
+    cfg.screen.non_smtp_command_enable = false;
+    cfg.screen.bare_newline_enable = false;
+    let scr = Screener::start(cfg, None);
+    let mut bot = integration_tests::smtp_peers::Bot::connect([127, 0, 0, 1], scr.addr);
+    let real: std::net::SocketAddr = "203.0.113.77:4242".parse().unwrap();
+    let header = screener::proxy::encode(screener::proxy::Version::V2, real, scr.addr);
+    bot.stream.write_all(&header).unwrap();
+    let got = bot.read_until("220 backend.test");
+    assert!(got.starts_with("220-screener.test ESMTP\r\n"), "{got:?}");
+    bot.send(b"QUIT\r\n");
+    bot.read_to_close();
+    pf.wait_log(&["connect from", "[203.0.113.77]"]);
+
+    // A connection without the header is dropped, never screened.
+    let mut bare = integration_tests::smtp_peers::Bot::connect([127, 0, 0, 1], scr.addr);
+    bare.send(b"EHLO x\r\n");
+    assert_eq!(bare.read_to_close(), "");
+}
