@@ -190,3 +190,73 @@ fn shutdown_tells_clients_in_tests() {
     assert_eq!(bot.read_to_close(), "421 4.3.2 Service shutting down\r\n");
     stopper.join().unwrap();
 }
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Kills a child process this test started, on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One runtime holds 10,000 clients in the greet wait at a small fixed
+/// cost per connection. The clients live in a perl process (perl comes
+/// with swaks) so the descriptors of both ends don't share one limit.
+#[test]
+fn ten_thousand_clients_in_the_greet_wait() {
+    integration_tests::smtp_peers::require("perl", "perl");
+    let port = integration_tests::smtp_peers::free_port();
+    let mut cfg = test_config(([127, 0, 0, 1], port).into());
+    cfg.screen.greet_wait = Duration::from_secs(120);
+    cfg.screen.stress_greet_wait = Duration::from_secs(120);
+    cfg.screen.pre_queue_limit = 20_000;
+    cfg.screen.client_connection_count_limit = 20_000;
+    let scr = Screener::start(cfg, None);
+    // Let the runtime and allocator settle before the baseline.
+    let mut warm: Vec<Bot> = (0..100)
+        .map(|_| Bot::connect([127, 0, 0, 1], scr.addr))
+        .collect();
+    integration_tests::smtp_peers::wait_for(Duration::from_secs(10), "warm-up", || {
+        scr.server.stats().screening == 100
+    });
+    warm.clear();
+    integration_tests::smtp_peers::wait_for(Duration::from_secs(10), "warm-up over", || {
+        scr.server.stats().screening == 0
+    });
+    let before = rss_kib();
+    let script = format!(
+        "use IO::Socket::INET; my @s; for my $i (1..10000) {{ \
+         push @s, IO::Socket::INET->new(PeerAddr => '{}', Proto => 'tcp') \
+         or die \"connection $i: $!\"; }} <STDIN>;",
+        scr.addr
+    );
+    let _clients = Child(
+        std::process::Command::new("perl")
+            .args(["-e", &script])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run perl"),
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let mut peak = 0;
+    while std::time::Instant::now() < end && peak < 10_000 {
+        peak = peak.max(scr.server.stats().screening);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        peak >= 10_000,
+        "only {peak} clients at once: {:?}",
+        scr.server.stats()
+    );
+    let per_conn = (rss_kib().saturating_sub(before)) * 1024 / 10_000;
+    eprintln!("{per_conn} bytes per connection in the greet wait");
+    assert!(per_conn < 16 * 1024, "{per_conn} bytes per connection");
+}
