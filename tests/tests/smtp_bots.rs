@@ -260,3 +260,20 @@ fn ten_thousand_clients_in_the_greet_wait() {
     eprintln!("{per_conn} bytes per connection in the greet wait");
     assert!(per_conn < 16 * 1024, "{per_conn} bytes per connection");
 }
+
+/// A reload changes what new connections get; an open one keeps its rules.
+#[test]
+fn reload_applies_to_new_connections_only() {
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let scr = screener(&pf);
+    let mut old = Bot::connect([127, 0, 5, 1], scr.addr);
+    greeted(&mut old);
+    let mut cfg = test_config(pf.addr);
+    cfg.smtp.greet_banner = "reloaded $hostname".into();
+    scr.server.reload(std::sync::Arc::new(cfg));
+    let mut new = Bot::connect([127, 0, 5, 2], scr.addr);
+    let got = new.read_until("220 screener.test ESMTP\r\n");
+    assert!(got.starts_with("220-reloaded screener.test\r\n"), "{got:?}");
+    old.send(b"NOOP\r\n");
+    assert_eq!(old.read_until("\r\n"), "250 2.0.0 Ok\r\n");
+}
