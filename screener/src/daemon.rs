@@ -197,8 +197,13 @@ impl Daemon {
             .await
             .map_err(|e| e.to_string())?;
         let list = reason.unwrap_or_else(|| {
-            file.file_name()
-                .map_or_else(|| "import".into(), |n| n.to_string_lossy().into_owned())
+            config::ImportList {
+                file: file.to_owned(),
+                format: String::new(),
+                name: None,
+                interval: Duration::ZERO,
+            }
+            .list_name()
         });
         for (line, e) in parsed.errors.iter().take(20) {
             tracing::warn!(list = %list, "{}:{line}: {e}; line skipped", file.display());
@@ -224,6 +229,35 @@ impl Daemon {
             kept: change.kept,
             shadowed: change.shadowed,
         }))
+    }
+
+    /// Imports a configured list at start and again whenever its file
+    /// changes.
+    async fn watch_list(&self, list: config::ImportList) {
+        let mut imported_at = None;
+        loop {
+            let mtime = tokio::fs::metadata(&list.file)
+                .await
+                .and_then(|m| m.modified());
+            match mtime {
+                Ok(m) if imported_at != Some(m) => {
+                    let name = list.list_name();
+                    match self
+                        .import(&list.file, &list.format, None, Some(name.clone()))
+                        .await
+                    {
+                        Ok(_) => imported_at = Some(m),
+                        Err(e) => {
+                            let file = list.file.display();
+                            tracing::warn!(list = %name, "import of {file} failed: {e}");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("import list {}: {e}", list.file.display()),
+            }
+            tokio::time::sleep(list.interval).await;
+        }
     }
 
     fn stats(&self) -> Stats {
@@ -339,6 +373,23 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             }
         }
     });
+    let v = verdicts.clone();
+    let cleaner = tokio::spawn(async move {
+        loop {
+            let every = v.cfg().screen.cache_cleanup_interval;
+            tokio::time::sleep(every).await;
+            match v.cleanup().await {
+                Ok(n) => tracing::info!(removed = n, "store cleanup"),
+                Err(e) => tracing::warn!("store cleanup: {e}"),
+            }
+        }
+    });
+
+    let mut importers = Vec::new();
+    for list in daemon.cfg().import.lists.clone() {
+        let d = daemon.clone();
+        importers.push(tokio::spawn(async move { d.watch_list(list).await }));
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -356,6 +407,10 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     tracing::info!("shutting down; the XDP gate stays attached");
     admin_task.abort();
     sweeper.abort();
+    cleaner.abort();
+    for i in importers {
+        i.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod dnsbl;
 pub mod duration;
 pub mod import;
 pub mod proxy;

@@ -296,7 +296,7 @@ impl fmt::Debug for Store {
 
 impl Inner {
     /// Maps any redb error of operation `op` to [`StoreError::Db`].
-    fn db<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
+    fn err<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
         move |e| StoreError::Db {
             path: self.path.clone(),
             op,
@@ -320,15 +320,15 @@ impl Inner {
         durability: Durability,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write().map_err(self.db(op))?;
+        let mut txn = self.db.begin_write().map_err(self.err(op))?;
         txn.set_durability(durability);
         let out = f(&txn)?;
-        txn.commit().map_err(self.db(op))?;
+        txn.commit().map_err(self.err(op))?;
         Ok(out)
     }
 
     fn read_txn(&self, op: &'static str) -> Result<redb::ReadTransaction, StoreError> {
-        self.db.begin_read().map_err(self.db(op))
+        self.db.begin_read().map_err(self.err(op))
     }
 
     /// Checks the layout number, writing it into a new file.
@@ -337,12 +337,12 @@ impl Inner {
         self.write(op, Durability::Immediate, |txn| {
             let other_tables = txn
                 .list_tables()
-                .map_err(self.db(op))?
+                .map_err(self.err(op))?
                 .any(|t| t.name() != META.name());
-            let mut meta = txn.open_table(META).map_err(self.db(op))?;
+            let mut meta = txn.open_table(META).map_err(self.err(op))?;
             let found = meta
                 .get(LAYOUT_KEY)
-                .map_err(self.db(op))?
+                .map_err(self.err(op))?
                 .map(|v| v.value());
             match found {
                 Some(LAYOUT_VERSION) => {}
@@ -360,13 +360,13 @@ impl Inner {
                 }
                 None => {
                     meta.insert(LAYOUT_KEY, LAYOUT_VERSION)
-                        .map_err(self.db(op))?;
+                        .map_err(self.err(op))?;
                 }
             }
             drop(meta);
             // Created up front so read transactions never meet a missing table.
             for def in [CLIENTS, BLOCKS, ALLOWS] {
-                txn.open_table(def).map_err(self.db(op))?;
+                txn.open_table(def).map_err(self.err(op))?;
             }
             Ok(())
         })
@@ -376,6 +376,9 @@ impl Inner {
 impl Store {
     /// Opens the database at `path`, creating it and its missing parent
     /// directories, and checks its layout version.
+    ///
+    /// This blocks (it may repair a file left by a crash): call it at
+    /// start-up or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
@@ -423,8 +426,8 @@ impl Store {
         const OP: &str = "client";
         self.blocking(OP, move |s| {
             let txn = s.read_txn(OP)?;
-            let t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
-            let Some(v) = t.get(codec::ip_key(ip).as_slice()).map_err(s.db(OP))? else {
+            let t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
+            let Some(v) = t.get(codec::ip_key(ip).as_slice()).map_err(s.err(OP))? else {
                 return Ok(None);
             };
             codec::decode_client(v.value())
@@ -439,12 +442,12 @@ impl Store {
         const OP: &str = "put_client";
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Eventual, |txn| {
-                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+                let mut t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
                 t.insert(
                     codec::ip_key(ip).as_slice(),
                     codec::encode_client(&rec).as_slice(),
                 )
-                .map_err(s.db(OP))?;
+                .map_err(s.err(OP))?;
                 Ok(())
             })
         })
@@ -456,8 +459,8 @@ impl Store {
         const OP: &str = "delete_client";
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Eventual, |txn| {
-                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
-                let old = t.remove(codec::ip_key(ip).as_slice()).map_err(s.db(OP))?;
+                let mut t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
+                let old = t.remove(codec::ip_key(ip).as_slice()).map_err(s.err(OP))?;
                 Ok(old.is_some())
             })
         })
@@ -469,10 +472,10 @@ impl Store {
         const OP: &str = "clients";
         self.blocking(OP, move |s| {
             let txn = s.read_txn(OP)?;
-            let t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+            let t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
             let mut out = Vec::new();
-            for entry in t.iter().map_err(s.db(OP))? {
-                let (k, v) = entry.map_err(s.db(OP))?;
+            for entry in t.iter().map_err(s.err(OP))? {
+                let (k, v) = entry.map_err(s.err(OP))?;
                 let ip =
                     codec::decode_ip_key(k.value()).map_err(|e| s.corrupt(OP, "clients", e))?;
                 let rec =
@@ -489,9 +492,9 @@ impl Store {
         const OP: &str = "purge_clients";
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
-                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
-                let n = t.len().map_err(s.db(OP))?;
-                t.retain(|_, _| false).map_err(s.db(OP))?;
+                let mut t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
+                let n = t.len().map_err(s.err(OP))?;
+                t.retain(|_, _| false).map_err(s.err(OP))?;
                 Ok(usize::try_from(n).unwrap_or(usize::MAX))
             })
         })
@@ -512,10 +515,10 @@ impl Store {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut removed = 0;
 
-                let mut t = txn.open_table(CLIENTS).map_err(s.db(OP))?;
+                let mut t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
                 let mut stale = Vec::new();
-                for entry in t.iter().map_err(s.db(OP))? {
-                    let (k, v) = entry.map_err(s.db(OP))?;
+                for entry in t.iter().map_err(s.err(OP))? {
+                    let (k, v) = entry.map_err(s.err(OP))?;
                     let rec =
                         codec::decode_client(v.value()).map_err(|e| s.corrupt(OP, "clients", e))?;
                     if rec.newest_expiry() < cutoff {
@@ -523,15 +526,15 @@ impl Store {
                     }
                 }
                 for k in &stale {
-                    t.remove(k.as_slice()).map_err(s.db(OP))?;
+                    t.remove(k.as_slice()).map_err(s.err(OP))?;
                 }
                 removed += stale.len();
                 drop(t);
 
-                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+                let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
                 stale.clear();
-                for entry in t.iter().map_err(s.db(OP))? {
-                    let (k, v) = entry.map_err(s.db(OP))?;
+                for entry in t.iter().map_err(s.err(OP))? {
+                    let (k, v) = entry.map_err(s.err(OP))?;
                     let net =
                         codec::decode_net_key(k.value()).map_err(|e| s.corrupt(OP, "blocks", e))?;
                     let rec = codec::decode_block(net, v.value())
@@ -541,7 +544,7 @@ impl Store {
                     }
                 }
                 for k in &stale {
-                    t.remove(k.as_slice()).map_err(s.db(OP))?;
+                    t.remove(k.as_slice()).map_err(s.err(OP))?;
                 }
                 removed += stale.len();
                 Ok(removed)
@@ -555,12 +558,12 @@ impl Store {
         const OP: &str = "put_block";
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
-                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+                let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
                 t.insert(
                     codec::net_key(rec.net).as_slice(),
                     codec::encode_block(&rec).as_slice(),
                 )
-                .map_err(s.db(OP))?;
+                .map_err(s.err(OP))?;
                 Ok(())
             })
         })
@@ -572,8 +575,11 @@ impl Store {
         const OP: &str = "del_block";
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
-                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
-                let Some(v) = t.remove(codec::net_key(net).as_slice()).map_err(s.db(OP))? else {
+                let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+                let Some(v) = t
+                    .remove(codec::net_key(net).as_slice())
+                    .map_err(s.err(OP))?
+                else {
                     return Ok(None);
                 };
                 codec::decode_block(net.trunc(), v.value())
@@ -589,8 +595,8 @@ impl Store {
         const OP: &str = "block";
         self.blocking(OP, move |s| {
             let txn = s.read_txn(OP)?;
-            let t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
-            let Some(v) = t.get(codec::net_key(net).as_slice()).map_err(s.db(OP))? else {
+            let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+            let Some(v) = t.get(codec::net_key(net).as_slice()).map_err(s.err(OP))? else {
                 return Ok(None);
             };
             codec::decode_block(net.trunc(), v.value())
@@ -606,7 +612,7 @@ impl Store {
         const OP: &str = "blocks";
         self.blocking(OP, move |s| {
             let txn = s.read_txn(OP)?;
-            let t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+            let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
             read_blocks(s, OP, &t)
         })
         .await
@@ -628,7 +634,7 @@ impl Store {
         let name = name.to_owned();
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
-                let mut t = txn.open_table(BLOCKS).map_err(s.db(OP))?;
+                let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
                 let mut old: HashMap<Vec<u8>, BlockRecord> = read_blocks(s, OP, &t)?
                     .into_iter()
                     .filter(|r| r.list.as_deref() == Some(name.as_str()))
@@ -652,18 +658,18 @@ impl Store {
                         rec.added = prev.added;
                         rec.offences = prev.offences;
                         change.kept += 1;
-                    } else if t.get(key.as_slice()).map_err(s.db(OP))?.is_some() {
+                    } else if t.get(key.as_slice()).map_err(s.err(OP))?.is_some() {
                         change.shadowed += 1;
                         continue;
                     } else {
                         change.added += 1;
                     }
                     t.insert(key.as_slice(), codec::encode_block(&rec).as_slice())
-                        .map_err(s.db(OP))?;
+                        .map_err(s.err(OP))?;
                     change.current.push(rec);
                 }
                 for (key, rec) in old {
-                    t.remove(key.as_slice()).map_err(s.db(OP))?;
+                    t.remove(key.as_slice()).map_err(s.err(OP))?;
                     change.removed_records.push(rec);
                 }
                 change.removed = change.removed_records.len();
@@ -679,12 +685,12 @@ impl Store {
         const OP: &str = "put_allow";
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
-                let mut t = txn.open_table(ALLOWS).map_err(s.db(OP))?;
+                let mut t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
                 t.insert(
                     codec::net_key(rec.net).as_slice(),
                     codec::encode_allow(&rec).as_slice(),
                 )
-                .map_err(s.db(OP))?;
+                .map_err(s.err(OP))?;
                 Ok(())
             })
         })
@@ -697,8 +703,10 @@ impl Store {
         const OP: &str = "del_allow";
         self.blocking(OP, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
-                let mut t = txn.open_table(ALLOWS).map_err(s.db(OP))?;
-                let old = t.remove(codec::net_key(net).as_slice()).map_err(s.db(OP))?;
+                let mut t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
+                let old = t
+                    .remove(codec::net_key(net).as_slice())
+                    .map_err(s.err(OP))?;
                 Ok(old.is_some())
             })
         })
@@ -710,10 +718,10 @@ impl Store {
         const OP: &str = "allows";
         self.blocking(OP, move |s| {
             let txn = s.read_txn(OP)?;
-            let t = txn.open_table(ALLOWS).map_err(s.db(OP))?;
+            let t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
             let mut out = Vec::new();
-            for entry in t.iter().map_err(s.db(OP))? {
-                let (k, v) = entry.map_err(s.db(OP))?;
+            for entry in t.iter().map_err(s.err(OP))? {
+                let (k, v) = entry.map_err(s.err(OP))?;
                 let net =
                     codec::decode_net_key(k.value()).map_err(|e| s.corrupt(OP, "allows", e))?;
                 out.push(
@@ -733,8 +741,8 @@ fn read_blocks(
     t: &impl ReadableTable<&'static [u8], &'static [u8]>,
 ) -> Result<Vec<BlockRecord>, StoreError> {
     let mut out = Vec::new();
-    for entry in t.iter().map_err(s.db(op))? {
-        let (k, v) = entry.map_err(s.db(op))?;
+    for entry in t.iter().map_err(s.err(op))? {
+        let (k, v) = entry.map_err(s.err(op))?;
         let net = codec::decode_net_key(k.value()).map_err(|e| s.corrupt(op, "blocks", e))?;
         out.push(codec::decode_block(net, v.value()).map_err(|e| s.corrupt(op, "blocks", e))?);
     }

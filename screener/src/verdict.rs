@@ -325,7 +325,7 @@ impl Verdicts {
     /// Removes blocks; every net must be blocked, else nothing changes.
     pub async fn unblock(&self, nets: &[IpNet], why: &str) -> Result<(), VerdictError> {
         for net in nets {
-            if self.store.block(net.trunc()).await?.is_none() {
+            if self.live_block(*net).await?.is_none() {
                 return Err(VerdictError::Refused(format!("{net} is not blocked")));
             }
         }
@@ -406,7 +406,10 @@ impl Verdicts {
         let cfg = self.cfg();
         let now = now_unix();
         let prev = self.store.block(net).await?;
-        if prev.as_ref().is_some_and(|p| p.list.is_some()) {
+        if prev
+            .as_ref()
+            .is_some_and(|p| p.list.is_some() && (p.expires == 0 || p.expires > now))
+        {
             // An imported list already holds it; leave it with its owner.
             return Ok(());
         }
@@ -446,7 +449,7 @@ impl Verdicts {
             .expect("groups lock")
             .get(&group)
             .map_or(0, HashSet::len);
-        if k == 0 || count < k as usize || self.store.block(group).await?.is_some() {
+        if k == 0 || count < k as usize || self.live_block(group).await?.is_some() {
             return Ok(());
         }
         if let Some(why) = self.protection(&group).await? {
@@ -479,7 +482,13 @@ impl Verdicts {
     pub async fn reconcile(&self) -> Result<(usize, usize, usize), VerdictError> {
         let now = now_unix();
         let expired = self.sweep().await?;
-        let blocks = self.store.blocks().await?;
+        let blocks: Vec<BlockRecord> = self
+            .store
+            .blocks()
+            .await?
+            .into_iter()
+            .filter(|b| b.expires == 0 || b.expires > now)
+            .collect();
         let allows = self.store.allows().await?;
         {
             let mut groups = self.groups.lock().expect("groups lock");
@@ -528,19 +537,51 @@ impl Verdicts {
         Ok((added, removed, expired))
     }
 
-    /// Removes expired blocks from store and kernel, logging each.
+    /// Takes lapsed blocks out of the kernel, logging each. Their store
+    /// records stay until `cache_retention_time` has passed (see
+    /// `Store::cleanup`), so a repeat offender's count survives.
     pub async fn sweep(&self) -> Result<usize, VerdictError> {
         let now = now_unix();
         let mut n = 0;
         for b in self.store.blocks().await? {
-            if b.expires != 0 && b.expires <= now {
-                self.remove_block(b.net).await?;
+            if b.expires == 0 || b.expires > now {
+                continue;
+            }
+            let in_kernel = match self.with_gate(|g| g.maps.unblock(b.net)) {
+                Some(r) => r?,
+                None => false,
+            };
+            let in_group = group_of(b.net).is_some_and(|group| {
+                let mut g = self.groups.lock().expect("groups lock");
+                let hit = g.get_mut(&group).is_some_and(|set| set.remove(&b.net));
+                if g.get(&group).is_some_and(HashSet::is_empty) {
+                    g.remove(&group);
+                }
+                hit
+            });
+            if in_kernel || in_group {
                 self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("UNBLOCK {} reason={} expired", b.net, b.reason);
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Drops cache records and lapsed blocks older than the retention time.
+    pub async fn cleanup(&self) -> Result<usize, VerdictError> {
+        let retention = self.cfg().screen.cache_retention_time;
+        Ok(self.store.cleanup(now_unix(), retention).await?)
+    }
+
+    /// A live (unexpired) block record for exactly `net`.
+    async fn live_block(&self, net: IpNet) -> Result<Option<BlockRecord>, VerdictError> {
+        let now = now_unix();
+        Ok(self
+            .store
+            .block(net.trunc())
+            .await?
+            .filter(|b| b.expires == 0 || b.expires > now))
     }
 
     /// Replaces the import list `name` with `nets`, kernel and store.

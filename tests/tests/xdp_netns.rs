@@ -334,3 +334,265 @@ fn daemon_not_running_is_a_clear_error() {
     assert!(!success);
     assert!(out.contains("not running"), "{out}");
 }
+
+#[test]
+fn blocks_come_back_after_restart_and_wiped_pins() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("wipe{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let mut d = daemon(&ns, &pins, "skb", port);
+    let client = ns.client_v4().to_string();
+    ok(
+        &d.cfg,
+        &["block", "add", &client, "203.0.113.0/24", "--ttl", "1d"],
+    );
+    ok(&d.cfg, &["allow", "add", "198.51.100.0/24"]);
+    assert!(!ns.connects(ns.client_v4(), v4, DROPPED));
+
+    // A plain restart.
+    d.child.kill9();
+    d.child = start(&d.cfg, d.dir.path(), 1);
+    assert!(
+        !ns.connects(ns.client_v4(), v4, DROPPED),
+        "block lost across restart"
+    );
+
+    // As after a reboot: every pin gone, the store remains.
+    d.child.kill9();
+    ok(&d.cfg, &["xdp", "detach"]);
+    assert!(
+        ns.connects(ns.client_v4(), v4, THROUGH),
+        "detach left the gate closed"
+    );
+    d.child = start(&d.cfg, d.dir.path(), 2);
+    assert!(
+        !ns.connects(ns.client_v4(), v4, DROPPED),
+        "block lost with the pins"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&d.cfg, &["block", "list", "--json"])).unwrap();
+    let nets: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["net"].as_str().unwrap())
+        .collect();
+    assert!(nets.contains(&format!("{client}/32").as_str()), "{nets:?}");
+    assert!(nets.contains(&"203.0.113.0/24"), "{nets:?}");
+    let allows = ok(&d.cfg, &["allow", "list", "--json"]);
+    assert!(allows.contains("198.51.100.0/24"), "{allows}");
+}
+
+#[test]
+fn import_large_drop_list_and_replace_it() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("import{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let d = daemon(&ns, &pins, "skb", port);
+    let client = ns.client_v4();
+
+    // 100k entries: the client itself, then /30s elsewhere.
+    let mut text = String::from("; DROP-style list for the test\n");
+    text += &format!("{client}/32 ; SBL000000\n");
+    for i in 0..99_999u32 {
+        let a = 0x0a00_0000 + i * 4;
+        text += &format!(
+            "{}.{}.{}.{}/30 ; SBL{i:06}\n",
+            a >> 24,
+            (a >> 16) & 255,
+            (a >> 8) & 255,
+            a & 255
+        );
+    }
+    text += "garbage line ; SBL999999\n";
+    let file = d.dir.path().join("drop.txt");
+    std::fs::write(&file, &text).unwrap();
+    let out = ok(
+        &d.cfg,
+        &[
+            "import",
+            file.to_str().unwrap(),
+            "--format",
+            "drop",
+            "--reason",
+            "drop",
+        ],
+    );
+    assert!(out.contains("added = 100000"), "{out}");
+    assert!(out.contains("lines_bad = 1"), "{out}");
+    assert!(
+        out.contains("line 100002"),
+        "bad line not reported with its number: {out}"
+    );
+    assert!(
+        !ns.connects(client, v4, DROPPED),
+        "imported entry does not drop"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&d.cfg, &["xdp", "status", "--json"])).unwrap();
+    let cidrs = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "block_v4_cidr")
+        .unwrap()["entries"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cidrs, 99_999);
+
+    // The list changes: the client and 999 others leave, 5 arrive.
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.drain(1..1001);
+    let mut changed = lines.join("\n");
+    for i in 0..5 {
+        changed += &format!("\n172.16.{i}.0/24 ; SBLNEW{i}");
+    }
+    std::fs::write(&file, changed).unwrap();
+    let out = ok(
+        &d.cfg,
+        &["import", file.to_str().unwrap(), "--reason", "drop"],
+    );
+    assert!(out.contains("removed = 1000"), "{out}");
+    assert!(out.contains("added = 5"), "{out}");
+    assert!(
+        ns.connects(client, v4, THROUGH),
+        "entry gone from the list still drops"
+    );
+}
+
+#[test]
+fn kernel_drop_logs_reach_the_daemon_log_when_enabled() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("log{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[xdp]\n", "[xdp]\nlog_level = \"debug\"\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let _child = spawn_logged(
+        Command::new(screener_bin())
+            .env("RUST_LOG", "debug")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("run"),
+        &log,
+    );
+    wait_for("the admin socket", Duration::from_secs(20), || {
+        cli(&cfg, &["stats", "--json"]).0
+    });
+    let client = ns.client_v4().to_string();
+    ok(&cfg, &["block", "add", &client]);
+    assert!(!ns.connects(ns.client_v4(), v4, DROPPED));
+    wait_for(
+        "the kernel's drop log line",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("drop {client} reason 0"))
+        },
+    );
+}
+
+#[test]
+fn configured_lists_are_imported_and_follow_their_file() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("watch{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("local.cidr");
+    std::fs::write(
+        &list,
+        format!("# local list\n{}\n203.0.113.0/24\n", ns.client_v4()),
+    )
+    .unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += &format!(
+        "\n[import]\nlists = [{{ file = \"{}\", format = \"cidr\", interval = \"1s\" }}]\n",
+        list.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let _child = start(&cfg, dir.path(), 0);
+    wait_for(
+        "the configured list to block the client",
+        Duration::from_secs(15),
+        || !ns.connects(ns.client_v4(), v4, DROPPED),
+    );
+    std::fs::write(&list, "203.0.113.0/24\n").unwrap();
+    wait_for(
+        "the changed list to release the client",
+        Duration::from_secs(15),
+        || ns.connects(ns.client_v4(), v4, DROPPED),
+    );
+    let out = ok(&cfg, &["block", "list", "--json"]);
+    assert!(out.contains("203.0.113.0/24"), "{out}");
+}
+
+#[test]
+fn pinned_set_of_another_layout_is_refused() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("layout{}", ns.n));
+    let mut d = daemon(&ns, &pins, "skb", 2500 + u16::try_from(ns.n).unwrap());
+    d.child.kill9();
+    let run = |cfg: &Path| {
+        Command::new(screener_bin())
+            .arg("-c")
+            .arg(cfg)
+            .arg("run")
+            .output()
+            .unwrap()
+    };
+
+    // Another IPv6 prefix would read the block_v6 keys with another meaning.
+    let text = std::fs::read_to_string(&d.cfg).unwrap();
+    std::fs::write(
+        &d.cfg,
+        text.replace("[xdp]\n", "[verdict]\nipv6_prefix = 48\n\n[xdp]\n"),
+    )
+    .unwrap();
+    let out = run(&d.cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("verdict.ipv6_prefix") && err.contains("/64"),
+        "{err}"
+    );
+    std::fs::write(&d.cfg, text).unwrap();
+
+    // A map of another shape where block_v4 should be.
+    let map = pins.0.join("block_v4");
+    std::fs::remove_file(&map).unwrap();
+    integration_tests::netns::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        map.to_str().unwrap(),
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        "16",
+        "entries",
+        "16",
+        "name",
+        "block_v4",
+    ]);
+    let out = run(&d.cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("another layout") && err.contains("block_v4") && err.contains("xdp detach"),
+        "{err}"
+    );
+}
