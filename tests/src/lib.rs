@@ -4,6 +4,7 @@
 
 pub mod netns;
 pub mod packet;
+pub mod smtp_peers;
 
 use std::{net::Ipv4Addr, net::Ipv6Addr, os::fd::AsFd, os::fd::AsRawFd, time::Duration};
 
