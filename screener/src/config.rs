@@ -687,6 +687,15 @@ impl Config {
                 "is above screen.dnsbl_max_ttl",
             ));
         }
+        for site in &s.dnsbl_sites {
+            if let Err(e) = site.parse::<crate::dnsbl::SiteSpec>() {
+                return Err(ConfigError::value(
+                    "screen.dnsbl_sites",
+                    format!("{site:?}"),
+                    e.reason,
+                ));
+            }
+        }
         if s.dnsbl_allowlist_threshold > 0 {
             return Err(ConfigError::value(
                 "screen.dnsbl_allowlist_threshold",

@@ -19,8 +19,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     admin::{self, Request, Response},
-    config::{self, Config},
-    import,
+    config::{self, BlockOn, Config},
+    dnsbl::{self, Dnsbl, DnsblOptions, SiteSpec},
+    import, smtp,
     store::Store,
     verdict::{self, VerdictError, Verdicts},
     xdp::{self, Gate},
@@ -33,6 +34,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct Daemon {
     /// Blocks and allows, kernel and store; also holds the configuration.
     verdicts: Arc<Verdicts>,
+    /// The SMTP screening server, for its counters and reloads.
+    smtp: smtp::Server,
+    /// The DNSBL engine, for its counters (`None` without sites).
+    dnsbl: Option<Dnsbl>,
     /// Where the configuration came from, for SIGHUP.
     cfg_path: PathBuf,
     started: Instant,
@@ -60,6 +65,8 @@ struct DaemonStats {
 struct Stats {
     kernel: Option<xdp::maps::KernelStats>,
     daemon: DaemonStats,
+    smtp: smtp::SmtpStats,
+    dnsbl: Option<dnsbl::DnsblStats>,
 }
 
 #[derive(Serialize)]
@@ -266,6 +273,8 @@ impl Daemon {
                 .ok()
         });
         Stats {
+            smtp: self.smtp.stats(),
+            dnsbl: self.dnsbl.as_ref().map(Dnsbl::stats),
             daemon: DaemonStats {
                 uptime_secs: self.started.elapsed().as_secs(),
                 xdp_attached: self.verdicts.with_gate(|_| ()).is_some(),
@@ -307,6 +316,7 @@ impl Daemon {
         }
         let new = Arc::new(new);
         self.verdicts.set_cfg(new.clone());
+        self.smtp.reload(new.clone());
         tracing::info!(config = %self.cfg_path.display(), "configuration reloaded");
         Some(new)
     }
@@ -352,10 +362,45 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         ),
         Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
     }
+    let cfg = verdicts.cfg();
+    let dnsbl = build_dnsbl(&cfg)?;
+    if let Some(d) = &dnsbl {
+        d.spawn_health_checks();
+    }
+    let (failures_tx, mut failures) = tokio::sync::mpsc::unbounded_channel();
+    let lookup = dnsbl.clone().map(|d| {
+        Arc::new(DnsblAdapter {
+            dnsbl: d,
+            verdicts: verdicts.clone(),
+        }) as Arc<dyn smtp::DnsblLookup>
+    });
+    let server = smtp::Server::new(
+        cfg.clone(),
+        Some(verdicts.store().clone()),
+        lookup,
+        Some(failures_tx),
+    );
     let daemon = Arc::new(Daemon {
         verdicts: verdicts.clone(),
+        smtp: server.clone(),
+        dnsbl,
         cfg_path,
         started: Instant::now(),
+    });
+    let v = verdicts.clone();
+    let verdict_task = tokio::spawn(async move {
+        while let Some(f) = failures.recv().await {
+            v.on_failure(f.client.ip(), block_on(f.test)).await;
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let smtp_task = tokio::spawn(async move {
+        let mut stop = stop_rx;
+        server
+            .run(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
     });
 
     let d = daemon.clone();
@@ -394,10 +439,21 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut smtp_task = smtp_task;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            r = &mut smtp_task => {
+                // The SMTP server ended on its own: it could not listen.
+                admin_task.abort();
+                let _ = std::fs::remove_file(&socket);
+                return match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the SMTP server stopped")),
+                    Ok(Err(e)) => Err(e.context("SMTP server")),
+                    Err(e) => Err(anyhow::anyhow!("SMTP server task: {e}")),
+                };
+            }
             _ = hup.recv() => {
                 let d = daemon.clone();
                 let _ = tokio::task::spawn_blocking(move || d.reload()).await;
@@ -405,6 +461,13 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         }
     }
     tracing::info!("shutting down; the XDP gate stays attached");
+    let _ = stop_tx.send(true);
+    match smtp_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("SMTP server: {e:#}"),
+        Err(e) => tracing::warn!("SMTP server task: {e}"),
+    }
+    verdict_task.abort();
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();
@@ -413,4 +476,65 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     }
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+fn block_on(t: smtp::FailedTest) -> BlockOn {
+    match t {
+        smtp::FailedTest::Pregreet => BlockOn::Pregreet,
+        smtp::FailedTest::Dnsbl => BlockOn::Dnsbl,
+        smtp::FailedTest::Pipelining => BlockOn::Pipelining,
+        smtp::FailedTest::NonSmtpCommand => BlockOn::NonSmtpCommand,
+        smtp::FailedTest::BareNewline => BlockOn::BareNewline,
+        smtp::FailedTest::Denylist => BlockOn::Denylist,
+    }
+}
+
+/// The DNSBL engine from the `screen.dnsbl_*` and `dns` settings; `None`
+/// when no site is configured.
+fn build_dnsbl(cfg: &Config) -> anyhow::Result<Option<Dnsbl>> {
+    let s = &cfg.screen;
+    if s.dnsbl_sites.is_empty() {
+        return Ok(None);
+    }
+    let sites = s
+        .dnsbl_sites
+        .iter()
+        .map(|t| t.parse::<SiteSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("screen.dnsbl_sites")?;
+    let opts = DnsblOptions {
+        sites,
+        nameservers: cfg.dns.nameservers.clone(),
+        timeout: s.dnsbl_timeout,
+        min_ttl: s.dnsbl_min_ttl,
+        max_ttl: s.dnsbl_max_ttl,
+        reply_map: s.dnsbl_reply_map.clone(),
+        ..DnsblOptions::default()
+    };
+    Ok(Some(Dnsbl::new(opts).context("DNSBL settings")?))
+}
+
+/// Connects the SMTP sessions to the DNSBL engine, and notes clients a
+/// DNSWL allowlisted so no verdict ever covers them.
+struct DnsblAdapter {
+    dnsbl: Dnsbl,
+    verdicts: Arc<Verdicts>,
+}
+
+impl smtp::DnsblLookup for DnsblAdapter {
+    fn score(&self, ip: IpAddr, deadline: tokio::time::Instant) -> smtp::ScoreFuture {
+        let dnsbl = self.dnsbl.clone();
+        let verdicts = self.verdicts.clone();
+        Box::pin(async move {
+            let s = dnsbl.score(ip, deadline).await;
+            if s.is_allowlisted(verdicts.cfg().screen.dnsbl_allowlist_threshold) {
+                verdicts.note_dnswl(ip);
+            }
+            Some(smtp::DnsblScore {
+                score: s.score,
+                ttl: s.ttl,
+                top_site: s.top_site,
+            })
+        })
+    }
 }

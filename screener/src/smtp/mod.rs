@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 
 pub use params::{Action, Handoff, Params};
 pub use server::{DnsblLookup, ScoreFuture, Server, SmtpStats};
+pub use session::DnsblScore;
 
 pub use crate::store::Test;
 

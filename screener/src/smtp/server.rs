@@ -146,7 +146,8 @@ struct Shared {
     idle: Notify,
 }
 
-/// The SMTP screening server.
+/// The SMTP screening server; clones share one server.
+#[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
 }
