@@ -114,11 +114,13 @@ impl Daemon {
             Request::AllowAdd { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.allow(&parsed).await.map_err(err)?;
+                self.refresh_smtp(v.cfg()).await;
                 Ok(json(names(&parsed)))
             }
             Request::AllowDel { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.unallow(&parsed).await.map_err(err)?;
+                self.refresh_smtp(v.cfg()).await;
                 Ok(json(names(&parsed)))
             }
             Request::AllowList => self.list(false).await,
@@ -238,6 +240,12 @@ impl Daemon {
         }))
     }
 
+    /// Gives the SMTP server `cfg` with every allow entry as a `permit`
+    /// rule ahead of the access list: allowed sources skip all tests.
+    async fn refresh_smtp(&self, cfg: Arc<Config>) {
+        self.smtp.reload(with_allows(&cfg, &self.verdicts).await);
+    }
+
     /// Imports a configured list at start and again whenever its file
     /// changes.
     async fn watch_list(&self, list: config::ImportList) {
@@ -316,7 +324,6 @@ impl Daemon {
         }
         let new = Arc::new(new);
         self.verdicts.set_cfg(new.clone());
-        self.smtp.reload(new.clone());
         tracing::info!(config = %self.cfg_path.display(), "configuration reloaded");
         Some(new)
     }
@@ -375,7 +382,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         }) as Arc<dyn smtp::DnsblLookup>
     });
     let server = smtp::Server::new(
-        cfg.clone(),
+        with_allows(&cfg, &verdicts).await,
         Some(verdicts.store().clone()),
         lookup,
         Some(failures_tx),
@@ -456,7 +463,9 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             }
             _ = hup.recv() => {
                 let d = daemon.clone();
-                let _ = tokio::task::spawn_blocking(move || d.reload()).await;
+                if let Ok(Some(cfg)) = tokio::task::spawn_blocking(move || d.reload()).await {
+                    daemon.refresh_smtp(cfg).await;
+                }
             }
         }
     }
@@ -537,4 +546,29 @@ impl smtp::DnsblLookup for DnsblAdapter {
             })
         })
     }
+}
+
+/// `cfg` with the stored allow entries as leading `permit` rules.
+async fn with_allows(cfg: &Arc<Config>, verdicts: &Verdicts) -> Arc<Config> {
+    let allows = match verdicts.store().allows().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!("reading allow entries: {e}");
+            return cfg.clone();
+        }
+    };
+    if allows.is_empty() {
+        return cfg.clone();
+    }
+    let mut c = (**cfg).clone();
+    let mut rules: Vec<config::AccessRule> = allows
+        .into_iter()
+        .map(|a| config::AccessRule {
+            action: config::AccessAction::Permit,
+            net: a.net,
+        })
+        .collect();
+    rules.append(&mut c.screen.access_list);
+    c.screen.access_list = rules;
+    Arc::new(c)
 }

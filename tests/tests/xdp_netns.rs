@@ -5,104 +5,15 @@
 
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
-use integration_tests::netns::{
-    listen, screener_bin, spawn_logged, wait_for, ChildGuard, NetNs, PinDir,
+use integration_tests::{
+    daemon::{cli, daemon, ok, start, write_config},
+    netns::{listen, screener_bin, spawn_logged, wait_for, NetNs, PinDir},
 };
 
 /// A connection that gets through does so in milliseconds; a dropped SYN
 /// is retried by the kernel after a second, so one second tells them apart.
 const DROPPED: Duration = Duration::from_secs(1);
 const THROUGH: Duration = Duration::from_secs(5);
-
-struct Daemon {
-    child: ChildGuard,
-    cfg: std::path::PathBuf,
-    dir: tempfile::TempDir,
-}
-
-fn write_config(
-    dir: &Path,
-    ns: &NetNs,
-    pins: &PinDir,
-    mode: &str,
-    port: u16,
-) -> std::path::PathBuf {
-    let cfg = dir.join("screener.toml");
-    let text = format!(
-        r#"
-[smtp]
-listen = ["127.0.0.1:0"]
-hostname = "mx.example.com"
-
-[xdp]
-interfaces = ["{iface}"]
-mode = "{mode}"
-ports = [{port}]
-pin_path = "{pins}"
-
-[store]
-path = "{dir}/screener.redb"
-
-[admin]
-socket = "{dir}/admin.sock"
-"#,
-        iface = ns.host_if,
-        pins = pins.0.display(),
-        dir = dir.display(),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    cfg
-}
-
-fn start(cfg: &Path, dir: &Path, n: u32) -> ChildGuard {
-    let log = dir.join(format!("daemon{n}.log"));
-    let child = spawn_logged(
-        Command::new(screener_bin())
-            .args(["-c"])
-            .arg(cfg)
-            .arg("run"),
-        &log,
-    );
-    let sock = dir.join("admin.sock");
-    wait_for("the admin socket", Duration::from_secs(20), || {
-        if !sock.exists() {
-            return false;
-        }
-        cli(cfg, &["stats", "--json"]).0
-    });
-    child
-}
-
-fn cli(cfg: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(screener_bin())
-        .arg("-c")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-#[track_caller]
-fn ok(cfg: &Path, args: &[&str]) -> String {
-    let (success, out) = cli(cfg, args);
-    assert!(success, "screener {args:?} failed: {out}");
-    out
-}
-
-fn daemon(ns: &NetNs, pins: &PinDir, mode: &str, port: u16) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), ns, pins, mode, port);
-    let child = start(&cfg, dir.path(), 0);
-    Daemon { child, cfg, dir }
-}
 
 fn kernel_dropped(cfg: &Path) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&ok(cfg, &["stats", "--json"])).unwrap();
