@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod netns;
 pub mod packet;
+pub mod rbldnsd;
 pub mod smtp_peers;
 
 use std::{net::Ipv4Addr, net::Ipv6Addr, os::fd::AsFd, os::fd::AsRawFd, time::Duration};
