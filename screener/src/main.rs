@@ -293,6 +293,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let (cfg, _) = load_config(cpath, false)?;
             let file = std::fs::canonicalize(&file)
                 .with_context(|| format!("import file {}", file.display()))?;
+            let size = std::fs::metadata(&file).map_or(0, |m| m.len());
+            eprintln!(
+                "importing {} ({size} bytes); the daemon logs its progress",
+                file.display()
+            );
             let data = ask(
                 &cfg,
                 &Request::Import {

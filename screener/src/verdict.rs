@@ -609,9 +609,17 @@ impl Verdicts {
             for r in &change.removed_records {
                 g.maps.unblock(r.net)?;
             }
-            for r in &change.current {
+            let total = change.current.len();
+            for (i, r) in change.current.iter().enumerate() {
                 g.maps
                     .block(r.net, Reason::Import, kernel_expiry(r.expires, now))?;
+                if (i + 1) % 25_000 == 0 {
+                    tracing::info!(
+                        list = name,
+                        "import: {} of {total} entries in the kernel",
+                        i + 1
+                    );
+                }
             }
             Ok(())
         });
