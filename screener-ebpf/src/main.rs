@@ -324,34 +324,18 @@ fn judge_v4(ctx: &XdpContext, flags: u32, src: [u8; 4]) -> (u32, u32) {
     if flags & FLAG_PREFILTER_V4 != 0 && !maybe_blocked(&prefilter_v4, prefilter::v4_index(src)) {
         return (XDP_PASS, stat::PASS_NO_MATCH);
     }
-    let mut now = 0;
-    let mut hit = Hit::None;
-    if flags & FLAG_HAS_V4_HOSTS != 0 {
-        hit = classify(block_v4.get_ptr_mut(src), &mut now);
-    }
-    if !matches!(hit, Hit::Live(_)) && flags & FLAG_HAS_V4_CIDRS != 0 {
-        let more = classify(
-            block_v4_cidr.get(&Key::new(32, src)).map(trie_ptr),
-            &mut now,
-        );
-        if !matches!(more, Hit::None) {
-            hit = more;
+    let key = Key::new(32, src);
+    match decide(
+        || when(flags, FLAG_HAS_V4_HOSTS, || block_v4.get_ptr_mut(src)),
+        || when(flags, FLAG_HAS_V4_CIDRS, || block_v4_cidr.get(&key).map(trie_ptr)),
+        || when(flags, FLAG_HAS_V4_ALLOW, || allow_v4.get(&key).map(trie_ptr)),
+    ) {
+        Ok(reason) => {
+            debug!(ctx, "drop {:i} reason {}", src, reason);
+            (XDP_DROP, stat::DROP_BASE + reason)
         }
+        Err(counter) => (XDP_PASS, counter),
     }
-    let entry = match hit {
-        Hit::None => return (XDP_PASS, stat::PASS_NO_MATCH),
-        Hit::Expired => return (XDP_PASS, stat::PASS_EXPIRED),
-        Hit::Live(e) => e,
-    };
-    if flags & FLAG_HAS_V4_ALLOW != 0 {
-        if let Some(a) = allow_v4.get(&Key::new(32, src)) {
-            bump_hits(trie_ptr(a));
-            return (XDP_PASS, stat::PASS_ALLOWED);
-        }
-    }
-    let reason = bump_hits(entry);
-    debug!(ctx, "drop {:i} reason {}", src, reason);
-    (XDP_DROP, stat::DROP_BASE + reason)
 }
 
 #[inline(always)]
@@ -360,35 +344,61 @@ fn judge_v6(ctx: &XdpContext, cfg: &Config, src: [u8; 16]) -> (u32, u32) {
     if flags & FLAG_PREFILTER_V6 != 0 && !maybe_blocked(&prefilter_v6, prefilter::v6_index(src)) {
         return (XDP_PASS, stat::PASS_NO_MATCH);
     }
-    let mut now = 0;
-    let mut hit = Hit::None;
-    if flags & FLAG_HAS_V6_HOSTS != 0 {
-        let key = mask_v6(src, cfg.ipv6_prefix);
-        hit = classify(block_v6.get_ptr_mut(key), &mut now);
+    let key = Key::new(128, src);
+    match decide(
+        || {
+            when(flags, FLAG_HAS_V6_HOSTS, || {
+                block_v6.get_ptr_mut(mask_v6(src, cfg.ipv6_prefix))
+            })
+        },
+        || when(flags, FLAG_HAS_V6_CIDRS, || block_v6_cidr.get(&key).map(trie_ptr)),
+        || when(flags, FLAG_HAS_V6_ALLOW, || allow_v6.get(&key).map(trie_ptr)),
+    ) {
+        Ok(reason) => {
+            debug!(ctx, "drop {:i} reason {}", src, reason);
+            (XDP_DROP, stat::DROP_BASE + reason)
+        }
+        Err(counter) => (XDP_PASS, counter),
     }
-    if !matches!(hit, Hit::Live(_)) && flags & FLAG_HAS_V6_CIDRS != 0 {
-        let more = classify(
-            block_v6_cidr.get(&Key::new(128, src)).map(trie_ptr),
-            &mut now,
-        );
+}
+
+/// `lookup()` when the map behind it holds entries (`flag` set).
+#[inline(always)]
+fn when(flags: u32, flag: u32, lookup: impl FnOnce() -> Option<*mut Entry>) -> Option<*mut Entry> {
+    if flags & flag != 0 {
+        lookup()
+    } else {
+        None
+    }
+}
+
+/// The verdict of one family's maps: the host entry, else the CIDR entry
+/// (an expired host entry must not shadow a live CIDR), then allow over
+/// block. `Ok(reason)` drops; `Err(counter)` passes.
+#[inline(always)]
+fn decide(
+    host: impl FnOnce() -> Option<*mut Entry>,
+    cidr: impl FnOnce() -> Option<*mut Entry>,
+    allow: impl FnOnce() -> Option<*mut Entry>,
+) -> Result<u32, u32> {
+    let mut now = 0;
+    let mut hit = classify(host(), &mut now);
+    if !matches!(hit, Hit::Live(_)) {
+        let more = classify(cidr(), &mut now);
         if !matches!(more, Hit::None) {
             hit = more;
         }
     }
     let entry = match hit {
-        Hit::None => return (XDP_PASS, stat::PASS_NO_MATCH),
-        Hit::Expired => return (XDP_PASS, stat::PASS_EXPIRED),
+        Hit::None => return Err(stat::PASS_NO_MATCH),
+        Hit::Expired => return Err(stat::PASS_EXPIRED),
         Hit::Live(e) => e,
     };
-    if flags & FLAG_HAS_V6_ALLOW != 0 {
-        if let Some(a) = allow_v6.get(&Key::new(128, src)) {
-            bump_hits(trie_ptr(a));
-            return (XDP_PASS, stat::PASS_ALLOWED);
-        }
+    if let Some(a) = allow() {
+        bump_hits(a);
+        return Err(stat::PASS_ALLOWED);
     }
-    let reason = bump_hits(entry);
-    debug!(ctx, "drop {:i} reason {}", src, reason);
-    (XDP_DROP, stat::DROP_BASE + reason)
+    Ok(bump_hits(entry))
 }
 
 /// Whether the prefilter bit `index` is set.
