@@ -97,6 +97,15 @@ struct Nets {
     nets: Vec<String>,
 }
 
+impl Nets {
+    /// The CIDRs, each checked here first so a bad one is named before the
+    /// daemon is asked anything.
+    fn checked(self) -> anyhow::Result<Vec<String>> {
+        daemon::parse_nets(&self.nets).map_err(anyhow::Error::msg)?;
+        Ok(self.nets)
+    }
+}
+
 #[derive(Subcommand)]
 enum BlockCmd {
     /// Drop packets from these sources.
@@ -215,45 +224,42 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Config(c) => config_cmd(cpath, c),
         Command::Block(b) => {
-            let (cfg, _) = load_config(cpath, false)?;
             let (req, json) = match b {
-                BlockCmd::Add { nets, ttl, reason } => {
-                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
-                    (
-                        Request::BlockAdd {
-                            nets: nets.nets,
-                            ttl: ttl.map(|d| d.as_secs()),
-                            reason,
-                        },
-                        false,
-                    )
-                }
-                BlockCmd::Del { nets } => {
-                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
-                    (Request::BlockDel { nets: nets.nets }, false)
-                }
+                BlockCmd::Add { nets, ttl, reason } => (
+                    Request::BlockAdd {
+                        nets: nets.checked()?,
+                        ttl: ttl.map(|d| d.as_secs()),
+                        reason,
+                    },
+                    false,
+                ),
+                BlockCmd::Del { nets } => (
+                    Request::BlockDel {
+                        nets: nets.checked()?,
+                    },
+                    false,
+                ),
                 BlockCmd::List { json } => (Request::BlockList, json),
             };
-            let data = ask(&cfg, &req).await?;
-            print_entries(&req, &data, json);
-            Ok(())
+            entries(cpath, &req, json).await
         }
         Command::Allow(a) => {
-            let (cfg, _) = load_config(cpath, false)?;
             let (req, json) = match a {
-                AllowCmd::Add { nets } => {
-                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
-                    (Request::AllowAdd { nets: nets.nets }, false)
-                }
-                AllowCmd::Del { nets } => {
-                    daemon::parse_nets(&nets.nets).map_err(anyhow::Error::msg)?;
-                    (Request::AllowDel { nets: nets.nets }, false)
-                }
+                AllowCmd::Add { nets } => (
+                    Request::AllowAdd {
+                        nets: nets.checked()?,
+                    },
+                    false,
+                ),
+                AllowCmd::Del { nets } => (
+                    Request::AllowDel {
+                        nets: nets.checked()?,
+                    },
+                    false,
+                ),
                 AllowCmd::List { json } => (Request::AllowList, json),
             };
-            let data = ask(&cfg, &req).await?;
-            print_entries(&req, &data, json);
-            Ok(())
+            entries(cpath, &req, json).await
         }
         Command::Cache(c) => {
             let (cfg, _) = load_config(cpath, false)?;
@@ -312,6 +318,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A block/allow request to the daemon, its answer printed.
+async fn entries(cpath: Option<&PathBuf>, req: &Request, json: bool) -> anyhow::Result<()> {
+    let (cfg, _) = load_config(cpath, false)?;
+    let data = ask(&cfg, req).await?;
+    print_entries(req, &data, json);
+    Ok(())
 }
 
 /// Sends a request to the running daemon; a refusal becomes an error.
