@@ -591,25 +591,13 @@ async fn connection(
             let _ = timeout(Duration::from_secs(10), stream.write_all(reply.as_bytes())).await;
             return;
         }
-        Admission::Allowlisted => {
-            tracing::info!(client = %Peer(client), "ALLOWLISTED {}", Peer(client));
-            hand_off(
-                shared,
-                &settings,
-                &mut slot,
-                stream,
-                client,
-                server,
-                Plan::Greeting,
-                Vec::new(),
-                stop,
-            )
-            .await;
-            return;
-        }
-        Admission::PassOld => {
-            shared.counters.pass_old.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %Peer(client), "PASS OLD {}", Peer(client));
+        Admission::Allowlisted | Admission::PassOld => {
+            if matches!(admission, Admission::PassOld) {
+                shared.counters.pass_old.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client = %Peer(client), "PASS OLD {}", Peer(client));
+            } else {
+                tracing::info!(client = %Peer(client), "ALLOWLISTED {}", Peer(client));
+            }
             hand_off(
                 shared,
                 &settings,
