@@ -68,13 +68,13 @@ fn run() -> Result<()> {
     let rest = &args[1..];
     env::set_current_dir(workspace_root())?;
     match cmd.as_str() {
-        "bootstrap" => bootstrap(true),
+        "bootstrap" => bootstrap(),
         "build" => {
-            bootstrap(false)?;
+            bootstrap()?;
             build_release()
         }
         "run" => {
-            bootstrap(false)?;
+            bootstrap()?;
             build_release()?;
             std::fs::create_dir_all("var")?;
             let mut c = Command::new("target/release/screener");
@@ -83,11 +83,11 @@ fn run() -> Result<()> {
             check(&mut c)
         }
         "test" => {
-            bootstrap(true)?;
+            bootstrap()?;
             test(rest)
         }
         "bench" => {
-            bootstrap(true)?;
+            bootstrap()?;
             bench(rest)
         }
         "-h" | "--help" | "help" => {
@@ -145,12 +145,11 @@ fn missing_packages(wanted: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn bootstrap(with_test_peers: bool) -> Result<()> {
+/// Installs whatever of the build and test prerequisites is missing.
+fn bootstrap() -> Result<()> {
     step("checking prerequisites");
     let mut wanted: Vec<&str> = BUILD_PACKAGES.to_vec();
-    if with_test_peers {
-        wanted.extend_from_slice(TEST_PACKAGES);
-    }
+    wanted.extend_from_slice(TEST_PACKAGES);
     let missing = missing_packages(&wanted);
     if missing.is_empty() {
         eprintln!("    Debian packages: all present");
