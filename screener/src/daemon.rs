@@ -187,8 +187,46 @@ impl Daemon {
         .map_err(|e| e.to_string())?;
         match listed {
             Some(r) => r.map(json).map_err(|e| e.to_string()),
-            None => Err("XDP is not loaded (started with --no-xdp, or detached)".into()),
+            // Without XDP the store still holds every verdict.
+            None => self.list_store(blocks).await,
         }
+    }
+
+    /// The store's live entries, shaped as the kernel listing.
+    async fn list_store(&self, blocks: bool) -> Result<serde_json::Value, String> {
+        let store = self.verdicts.store();
+        let now = crate::store::now_unix();
+        let entries: Vec<serde_json::Value> = if blocks {
+            store
+                .blocks()
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|b| b.expires == 0 || b.expires > now)
+                .map(|b| {
+                    serde_json::json!({
+                        "net": b.net,
+                        "reason": b.reason,
+                        "expires_in": (b.expires != 0).then(|| b.expires - now),
+                        "hits": 0,
+                        "map": "store",
+                    })
+                })
+                .collect()
+        } else {
+            store
+                .allows()
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "net": a.net, "reason": "allow", "expires_in": null, "hits": 0, "map": "store",
+                    })
+                })
+                .collect()
+        };
+        Ok(json(entries))
     }
 
     async fn import(

@@ -1,0 +1,47 @@
+//! `screener run --no-xdp`: screening only. Verdicts still go to the store
+//! (and reach the kernel at the next start with XDP).
+
+use std::{process::Command, time::Duration};
+
+use integration_tests::{
+    daemon::{blocked, cli, ok},
+    netns::{screener_bin, spawn_logged, wait_for},
+    smtp_peers::free_port,
+};
+
+#[test]
+fn blocks_are_recorded_without_xdp() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("screener.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+            free_port(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let start = |n: u32| {
+        let child = spawn_logged(
+            Command::new(screener_bin())
+                .arg("-c")
+                .arg(&cfg)
+                .args(["run", "--no-xdp"]),
+            &dir.path().join(format!("daemon{n}.log")),
+        );
+        wait_for("the admin socket", Duration::from_secs(20), || {
+            cli(&cfg, &["stats", "--json"]).0
+        });
+        child
+    };
+    let mut d = start(0);
+    ok(&cfg, &["block", "add", "203.0.113.9", "2001:db8:9::/48"]);
+    ok(&cfg, &["allow", "add", "198.51.100.0/24"]);
+    d.kill9();
+    let _d = start(1);
+    let mut list = blocked(&cfg);
+    list.sort();
+    assert_eq!(list, vec!["2001:db8:9::/48", "203.0.113.9/32"]);
+    assert!(ok(&cfg, &["allow", "list"]).contains("198.51.100.0/24"));
+}
