@@ -14,7 +14,11 @@ use std::{
 
 /// Every program the eBPF crate builds; each becomes a constant in
 /// `ebpf_objects.rs`.
-const PROGRAMS: &[(&str, &str)] = &[("screener", "SCREENER")];
+const PROGRAMS: &[(&str, &str)] = &[
+    ("screener", "SCREENER"),
+    ("floor", "FLOOR"),
+    ("naive", "NAIVE"),
+];
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());

@@ -8,7 +8,7 @@
 /// Version of the pinned map layout. Recorded in the `config` map; a daemon
 /// finding a pinned set with another version refuses to adopt it instead of
 /// reading its entries with another meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as pinned under `xdp.pin_path`.
 pub mod map_names {
@@ -20,8 +20,10 @@ pub mod map_names {
     pub const BLOCK_V6: &str = "block_v6";
     pub const BLOCK_V4_CIDR: &str = "block_v4_cidr";
     pub const BLOCK_V6_CIDR: &str = "block_v6_cidr";
+    pub const PREFILTER_V4: &str = "prefilter_v4";
+    pub const PREFILTER_V6: &str = "prefilter_v6";
     /// Every BTF map, in the order `xdp status` lists them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
         STATS,
         ALLOW_V4,
@@ -30,6 +32,8 @@ pub mod map_names {
         BLOCK_V6,
         BLOCK_V4_CIDR,
         BLOCK_V6_CIDR,
+        PREFILTER_V4,
+        PREFILTER_V6,
     ];
 }
 
@@ -186,6 +190,44 @@ pub const FLAG_HAS_V4_CIDRS: u32 = 1 << 6;
 pub const FLAG_HAS_V6_CIDRS: u32 = 1 << 7;
 pub const FLAG_HAS_V4_ALLOW: u32 = 1 << 8;
 pub const FLAG_HAS_V6_ALLOW: u32 = 1 << 9;
+/// The IPv4 prefilter is authoritative: a clear bit means no block entry
+/// covers the source, and the block maps are not consulted.
+pub const FLAG_PREFILTER_V4: u32 = 1 << 10;
+pub const FLAG_PREFILTER_V6: u32 = 1 << 11;
+
+/// The prefilters: one bit per IPv4 /24, one bit per hashed IPv6 /48.
+///
+/// Most packets come from sources no entry covers. Looking their source up
+/// in a hash map and a trie costs 25–100 ns; one bit in an array map (whose
+/// lookup the verifier inlines) costs a few. A set bit only means "maybe":
+/// the maps decide.
+pub mod prefilter {
+    /// Bits per prefilter.
+    pub const BITS: u32 = 1 << 24;
+    /// `u64` words per prefilter array.
+    pub const WORDS: usize = (BITS / 64) as usize;
+    /// Shortest IPv4 CIDR the prefilter indexes (longer ones set 2^(24-len)
+    /// bits); a shorter one switches the IPv4 prefilter off.
+    pub const V4_MIN_PREFIX: u8 = 12;
+    /// Shortest IPv6 prefix the prefilter indexes (longer ones set the
+    /// bits of their 2^(48-len) /48s); a shorter one switches it off.
+    pub const V6_MIN_PREFIX: u8 = 32;
+
+    /// The IPv4 bit: the source's /24.
+    #[must_use]
+    #[inline(always)]
+    pub const fn v4_index(addr: [u8; 4]) -> u32 {
+        u32::from_be_bytes(addr) >> 8
+    }
+
+    /// The IPv6 bit: a multiplicative hash of the source's /48.
+    #[must_use]
+    #[inline(always)]
+    pub const fn v6_index(addr: [u8; 16]) -> u32 {
+        let top = u64::from_be_bytes([0, 0, addr[0], addr[1], addr[2], addr[3], addr[4], addr[5]]);
+        (top.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32
+    }
+}
 
 impl Config {
     #[must_use]

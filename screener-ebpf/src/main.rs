@@ -13,14 +13,18 @@
 //! FRAGMENTS. A non-first fragment carries no TCP header, so it has no port:
 //! with a port scope it passes as out of scope. That opens nothing: the first
 //! fragment, which carries the ports, is judged and dropped, and the
-//! datagram cannot be reassembled without it. With the "all" scope every
-//! fragment is judged on its source address.
+//! datagram cannot be reassembled without it. An IPv4 first fragment too
+//! short to carry the ports is judged on its source alone, since Linux
+//! reassembles it all the same. With the "all" scope every fragment is
+//! judged on its source address.
 //!
 //! COST. The miss path is what every good packet pays: one array lookup for
-//! the settings, then only the lookups of maps that hold entries (the
-//! daemon keeps `FLAG_HAS_*` bits in the settings current). The allow tries
-//! are consulted only after a block entry matched, so allowing costs nothing
-//! on the miss path. Exactly one per-CPU counter is bumped per packet.
+//! the settings and one bit in the prefilter array (both inlined by the
+//! verifier); only when that bit is set do the hash and trie lookups run,
+//! and only for maps that hold entries (the daemon keeps the `FLAG_HAS_*`
+//! and `FLAG_PREFILTER_*` bits current). The allow tries are consulted only
+//! after a block entry matched, so allowing costs nothing on the miss path.
+//! Exactly one per-CPU counter is bumped per packet.
 #![no_std]
 #![no_main]
 #![expect(
@@ -40,8 +44,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use screener_common::{
-    stat, Config, Entry, FLAG_ALL_PORTS, FLAG_HAS_V4_ALLOW, FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS,
-    FLAG_HAS_V6_ALLOW, FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS, FLAG_READY, REASONS,
+    prefilter, stat, Config, Entry, FLAG_ALL_PORTS, FLAG_HAS_V4_ALLOW, FLAG_HAS_V4_CIDRS,
+    FLAG_HAS_V4_HOSTS, FLAG_HAS_V6_ALLOW, FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS,
+    FLAG_PREFILTER_V4, FLAG_PREFILTER_V6, FLAG_READY, REASONS,
 };
 
 /// Default sizes; the daemon overrides them from its config at load time.
@@ -68,6 +73,12 @@ static block_v6: HashMap<[u8; 16], Entry, HOSTS, NO_PREALLOC> = HashMap::new();
 static block_v4_cidr: LpmTrie<[u8; 4], Entry, CIDRS> = LpmTrie::new();
 #[btf_map]
 static block_v6_cidr: LpmTrie<[u8; 16], Entry, CIDRS> = LpmTrie::new();
+/// One bit per IPv4 /24 that some block entry covers (see `prefilter`).
+#[btf_map]
+static prefilter_v4: Array<u64, { prefilter::WORDS }> = Array::new();
+/// One bit per hashed IPv6 /32 that some block entry covers.
+#[btf_map]
+static prefilter_v6: Array<u64, { prefilter::WORDS }> = Array::new();
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -75,7 +86,8 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 const IPPROTO_TCP: u8 = 6;
-const TCP_HLEN: usize = 20;
+/// The TCP source and destination ports: all the program reads of TCP.
+const TCP_PORTS: usize = 4;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers followed before giving up (counted unparseable).
 const MAX_EXT_HEADERS: usize = 6;
@@ -192,15 +204,20 @@ fn parse_v4(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
         // Not TCP, or a non-first fragment (no ports): see FRAGMENTS.
         return Parsed::OutOfScope;
     }
+    if frag & 0x2000 != 0 && ptr_at::<[u8; TCP_PORTS]>(ctx, off + ihl).is_none() {
+        // A first fragment too short to carry the ports: Linux would still
+        // reassemble it, so it is judged on its source (see FRAGMENTS).
+        return Parsed::V4(src);
+    }
     tcp_in_scope(ctx, cfg, off + ihl, Parsed::V4(src))
 }
 
 #[inline(always)]
 fn tcp_in_scope(ctx: &XdpContext, cfg: &Config, l4: usize, src: Parsed) -> Parsed {
-    let Some(tcp) = ptr_at::<[u8; TCP_HLEN]>(ctx, l4) else {
+    let Some(tcp) = ptr_at::<[u8; TCP_PORTS]>(ctx, l4) else {
         return Parsed::Unparseable;
     };
-    // SAFETY: ptr_at checked the fixed TCP header is inside the packet.
+    // SAFETY: ptr_at checked both ports are inside the packet.
     let tcp = unsafe { &*tcp };
     if cfg.port_enabled(u16::from_be_bytes([tcp[2], tcp[3]])) {
         src
@@ -227,8 +244,11 @@ fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
     let mut next = ip[6];
     let mut l4 = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
-        if next == IPPROTO_TCP {
-            return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src));
+        match next {
+            IPPROTO_TCP => return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src)),
+            0 | 43 | 60 | 44 | 51 => {}
+            // No next header, ESP, ICMPv6, UDP, ...: not TCP.
+            _ => return Parsed::OutOfScope,
         }
         // Every extension header we follow is at least 8 bytes.
         let Some(h) = ptr_at::<[u8; 8]>(ctx, l4) else {
@@ -237,9 +257,6 @@ fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
         // SAFETY: ptr_at checked the 8 bytes are inside the packet.
         let h = unsafe { &*h };
         let len = match next {
-            // Hop-by-hop, routing, destination options: length in 8-octet
-            // units, not counting the first.
-            0 | 43 | 60 => (usize::from(h[1]) + 1) * 8,
             // Fragment header: a non-first fragment has no ports.
             44 => {
                 if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
@@ -249,8 +266,9 @@ fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
             }
             // Authentication header: length in 4-octet units, minus 2.
             51 => (usize::from(h[1]) + 2) * 4,
-            // No next header, ESP, ICMPv6, UDP, ...: not TCP.
-            _ => return Parsed::OutOfScope,
+            // Hop-by-hop, routing, destination options: length in 8-octet
+            // units, not counting the first.
+            _ => (usize::from(h[1]) + 1) * 8,
         };
         next = h[0];
         l4 += len;
@@ -303,6 +321,9 @@ fn trie_ptr(e: &Entry) -> *mut Entry {
 
 #[inline(always)]
 fn judge_v4(ctx: &XdpContext, flags: u32, src: [u8; 4]) -> (u32, u32) {
+    if flags & FLAG_PREFILTER_V4 != 0 && !maybe_blocked(&prefilter_v4, prefilter::v4_index(src)) {
+        return (XDP_PASS, stat::PASS_NO_MATCH);
+    }
     let mut now = 0;
     let mut hit = Hit::None;
     if flags & FLAG_HAS_V4_HOSTS != 0 {
@@ -336,6 +357,9 @@ fn judge_v4(ctx: &XdpContext, flags: u32, src: [u8; 4]) -> (u32, u32) {
 #[inline(always)]
 fn judge_v6(ctx: &XdpContext, cfg: &Config, src: [u8; 16]) -> (u32, u32) {
     let flags = cfg.flags;
+    if flags & FLAG_PREFILTER_V6 != 0 && !maybe_blocked(&prefilter_v6, prefilter::v6_index(src)) {
+        return (XDP_PASS, stat::PASS_NO_MATCH);
+    }
     let mut now = 0;
     let mut hit = Hit::None;
     if flags & FLAG_HAS_V6_HOSTS != 0 {
@@ -365,6 +389,16 @@ fn judge_v6(ctx: &XdpContext, cfg: &Config, src: [u8; 16]) -> (u32, u32) {
     let reason = bump_hits(entry);
     debug!(ctx, "drop {:i} reason {}", src, reason);
     (XDP_DROP, stat::DROP_BASE + reason)
+}
+
+/// Whether the prefilter bit `index` is set.
+#[inline(always)]
+fn maybe_blocked(bits: &Array<u64, { prefilter::WORDS }>, index: u32) -> bool {
+    match bits.get(index >> 6) {
+        Some(word) => *word & (1u64 << (index & 63)) != 0,
+        // Unreachable for an index below BITS; fail towards the full lookup.
+        None => true,
+    }
 }
 
 /// Counts a hit on `e` and returns its reason, clamped to a counter slot.

@@ -282,6 +282,7 @@ pub struct Config {
     pub verdict: Verdict,
     pub store: Store,
     pub admin: Admin,
+    pub import: Import,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -523,6 +524,49 @@ impl Default for Store {
     }
 }
 
+/// Shared block lists the daemon imports at start and re-imports when
+/// their file changes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Import {
+    pub lists: Vec<ImportList>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportList {
+    /// The list file, as `screener import` reads it.
+    pub file: PathBuf,
+    /// `drop` (Spamhaus DROP style) or `cidr`.
+    #[serde(default = "default_import_format")]
+    pub format: String,
+    /// The list's name; re-importing replaces it. Default: the file name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How often the file is checked for changes.
+    #[serde(default = "default_import_interval", with = "dur")]
+    pub interval: Duration,
+}
+
+fn default_import_format() -> String {
+    "drop".into()
+}
+
+fn default_import_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl ImportList {
+    /// The list name used in the store.
+    pub fn list_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.file
+                .file_name()
+                .map_or_else(|| "import".into(), |n| n.to_string_lossy().into_owned())
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Admin {
@@ -643,6 +687,15 @@ impl Config {
                 "is above screen.dnsbl_max_ttl",
             ));
         }
+        for site in &s.dnsbl_sites {
+            if let Err(e) = site.parse::<crate::dnsbl::SiteSpec>() {
+                return Err(ConfigError::value(
+                    "screen.dnsbl_sites",
+                    format!("{site:?}"),
+                    e.reason,
+                ));
+            }
+        }
         if s.dnsbl_allowlist_threshold > 0 {
             return Err(ConfigError::value(
                 "screen.dnsbl_allowlist_threshold",
@@ -680,6 +733,22 @@ impl Config {
         ] {
             if v == 0 {
                 return Err(ConfigError::value(key, 0, "must be at least 1"));
+            }
+        }
+        for l in &self.import.lists {
+            if l.format != "drop" && l.format != "cidr" {
+                return Err(ConfigError::value(
+                    "import.lists",
+                    format!("format = {:?}", l.format),
+                    "format is drop or cidr",
+                ));
+            }
+            if l.interval.is_zero() {
+                return Err(ConfigError::value(
+                    "import.lists",
+                    "interval = 0s",
+                    "must be positive",
+                ));
             }
         }
         for i in &self.xdp.interfaces {

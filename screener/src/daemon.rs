@@ -19,8 +19,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     admin::{self, Request, Response},
-    config::{self, Config},
-    import,
+    config::{self, BlockOn, Config},
+    dnsbl::{self, Dnsbl, DnsblOptions, SiteSpec},
+    import, smtp,
     store::Store,
     verdict::{self, VerdictError, Verdicts},
     xdp::{self, Gate},
@@ -33,6 +34,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct Daemon {
     /// Blocks and allows, kernel and store; also holds the configuration.
     verdicts: Arc<Verdicts>,
+    /// The SMTP screening server, for its counters and reloads.
+    smtp: smtp::Server,
+    /// The DNSBL engine, for its counters (`None` without sites).
+    dnsbl: Option<Dnsbl>,
     /// Where the configuration came from, for SIGHUP.
     cfg_path: PathBuf,
     started: Instant,
@@ -60,6 +65,8 @@ struct DaemonStats {
 struct Stats {
     kernel: Option<xdp::maps::KernelStats>,
     daemon: DaemonStats,
+    smtp: smtp::SmtpStats,
+    dnsbl: Option<dnsbl::DnsblStats>,
 }
 
 #[derive(Serialize)]
@@ -107,11 +114,13 @@ impl Daemon {
             Request::AllowAdd { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.allow(&parsed).await.map_err(err)?;
+                self.refresh_smtp(v.cfg()).await;
                 Ok(json(names(&parsed)))
             }
             Request::AllowDel { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.unallow(&parsed).await.map_err(err)?;
+                self.refresh_smtp(v.cfg()).await;
                 Ok(json(names(&parsed)))
             }
             Request::AllowList => self.list(false).await,
@@ -197,8 +206,13 @@ impl Daemon {
             .await
             .map_err(|e| e.to_string())?;
         let list = reason.unwrap_or_else(|| {
-            file.file_name()
-                .map_or_else(|| "import".into(), |n| n.to_string_lossy().into_owned())
+            config::ImportList {
+                file: file.to_owned(),
+                format: String::new(),
+                name: None,
+                interval: Duration::ZERO,
+            }
+            .list_name()
         });
         for (line, e) in parsed.errors.iter().take(20) {
             tracing::warn!(list = %list, "{}:{line}: {e}; line skipped", file.display());
@@ -226,12 +240,49 @@ impl Daemon {
         }))
     }
 
+    /// Gives the SMTP server `cfg` with every allow entry as a `permit`
+    /// rule ahead of the access list: allowed sources skip all tests.
+    async fn refresh_smtp(&self, cfg: Arc<Config>) {
+        self.smtp.reload(with_allows(&cfg, &self.verdicts).await);
+    }
+
+    /// Imports a configured list at start and again whenever its file
+    /// changes.
+    async fn watch_list(&self, list: config::ImportList) {
+        let mut imported_at = None;
+        loop {
+            let mtime = tokio::fs::metadata(&list.file)
+                .await
+                .and_then(|m| m.modified());
+            match mtime {
+                Ok(m) if imported_at != Some(m) => {
+                    let name = list.list_name();
+                    match self
+                        .import(&list.file, &list.format, None, Some(name.clone()))
+                        .await
+                    {
+                        Ok(_) => imported_at = Some(m),
+                        Err(e) => {
+                            let file = list.file.display();
+                            tracing::warn!(list = %name, "import of {file} failed: {e}");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("import list {}: {e}", list.file.display()),
+            }
+            tokio::time::sleep(list.interval).await;
+        }
+    }
+
     fn stats(&self) -> Stats {
         let kernel = self.verdicts.with_gate(|g| g.maps.stats()).and_then(|r| {
             r.map_err(|e| tracing::warn!("reading kernel counters: {e}"))
                 .ok()
         });
         Stats {
+            smtp: self.smtp.stats(),
+            dnsbl: self.dnsbl.as_ref().map(Dnsbl::stats),
             daemon: DaemonStats {
                 uptime_secs: self.started.elapsed().as_secs(),
                 xdp_attached: self.verdicts.with_gate(|_| ()).is_some(),
@@ -318,10 +369,45 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         ),
         Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
     }
+    let cfg = verdicts.cfg();
+    let dnsbl = build_dnsbl(&cfg)?;
+    if let Some(d) = &dnsbl {
+        d.spawn_health_checks();
+    }
+    let (failures_tx, mut failures) = tokio::sync::mpsc::unbounded_channel();
+    let lookup = dnsbl.clone().map(|d| {
+        Arc::new(DnsblAdapter {
+            dnsbl: d,
+            verdicts: verdicts.clone(),
+        }) as Arc<dyn smtp::DnsblLookup>
+    });
+    let server = smtp::Server::new(
+        with_allows(&cfg, &verdicts).await,
+        Some(verdicts.store().clone()),
+        lookup,
+        Some(failures_tx),
+    );
     let daemon = Arc::new(Daemon {
         verdicts: verdicts.clone(),
+        smtp: server.clone(),
+        dnsbl,
         cfg_path,
         started: Instant::now(),
+    });
+    let v = verdicts.clone();
+    let verdict_task = tokio::spawn(async move {
+        while let Some(f) = failures.recv().await {
+            v.on_failure(f.client.ip(), block_on(f.test)).await;
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let smtp_task = tokio::spawn(async move {
+        let mut stop = stop_rx;
+        server
+            .run(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
     });
 
     let d = daemon.clone();
@@ -351,23 +437,138 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         }
     });
 
+    let mut importers = Vec::new();
+    for list in daemon.cfg().import.lists.clone() {
+        let d = daemon.clone();
+        importers.push(tokio::spawn(async move { d.watch_list(list).await }));
+    }
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut smtp_task = smtp_task;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            r = &mut smtp_task => {
+                // The SMTP server ended on its own: it could not listen.
+                admin_task.abort();
+                let _ = std::fs::remove_file(&socket);
+                return match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the SMTP server stopped")),
+                    Ok(Err(e)) => Err(e.context("SMTP server")),
+                    Err(e) => Err(anyhow::anyhow!("SMTP server task: {e}")),
+                };
+            }
             _ = hup.recv() => {
                 let d = daemon.clone();
-                let _ = tokio::task::spawn_blocking(move || d.reload()).await;
+                if let Ok(Some(cfg)) = tokio::task::spawn_blocking(move || d.reload()).await {
+                    daemon.refresh_smtp(cfg).await;
+                }
             }
         }
     }
     tracing::info!("shutting down; the XDP gate stays attached");
+    let _ = stop_tx.send(true);
+    match smtp_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("SMTP server: {e:#}"),
+        Err(e) => tracing::warn!("SMTP server task: {e}"),
+    }
+    verdict_task.abort();
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();
+    for i in importers {
+        i.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+fn block_on(t: smtp::FailedTest) -> BlockOn {
+    match t {
+        smtp::FailedTest::Pregreet => BlockOn::Pregreet,
+        smtp::FailedTest::Dnsbl => BlockOn::Dnsbl,
+        smtp::FailedTest::Pipelining => BlockOn::Pipelining,
+        smtp::FailedTest::NonSmtpCommand => BlockOn::NonSmtpCommand,
+        smtp::FailedTest::BareNewline => BlockOn::BareNewline,
+        smtp::FailedTest::Denylist => BlockOn::Denylist,
+    }
+}
+
+/// The DNSBL engine from the `screen.dnsbl_*` and `dns` settings; `None`
+/// when no site is configured.
+fn build_dnsbl(cfg: &Config) -> anyhow::Result<Option<Dnsbl>> {
+    let s = &cfg.screen;
+    if s.dnsbl_sites.is_empty() {
+        return Ok(None);
+    }
+    let sites = s
+        .dnsbl_sites
+        .iter()
+        .map(|t| t.parse::<SiteSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("screen.dnsbl_sites")?;
+    let opts = DnsblOptions {
+        sites,
+        nameservers: cfg.dns.nameservers.clone(),
+        timeout: s.dnsbl_timeout,
+        min_ttl: s.dnsbl_min_ttl,
+        max_ttl: s.dnsbl_max_ttl,
+        reply_map: s.dnsbl_reply_map.clone(),
+        ..DnsblOptions::default()
+    };
+    Ok(Some(Dnsbl::new(opts).context("DNSBL settings")?))
+}
+
+/// Connects the SMTP sessions to the DNSBL engine, and notes clients a
+/// DNSWL allowlisted so no verdict ever covers them.
+struct DnsblAdapter {
+    dnsbl: Dnsbl,
+    verdicts: Arc<Verdicts>,
+}
+
+impl smtp::DnsblLookup for DnsblAdapter {
+    fn score(&self, ip: IpAddr, deadline: tokio::time::Instant) -> smtp::ScoreFuture {
+        let dnsbl = self.dnsbl.clone();
+        let verdicts = self.verdicts.clone();
+        Box::pin(async move {
+            let s = dnsbl.score(ip, deadline).await;
+            if s.is_allowlisted(verdicts.cfg().screen.dnsbl_allowlist_threshold) {
+                verdicts.note_dnswl(ip);
+            }
+            Some(smtp::DnsblScore {
+                score: s.score,
+                ttl: s.ttl,
+                top_site: s.top_site,
+            })
+        })
+    }
+}
+
+/// `cfg` with the stored allow entries as leading `permit` rules.
+async fn with_allows(cfg: &Arc<Config>, verdicts: &Verdicts) -> Arc<Config> {
+    let allows = match verdicts.store().allows().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!("reading allow entries: {e}");
+            return cfg.clone();
+        }
+    };
+    if allows.is_empty() {
+        return cfg.clone();
+    }
+    let mut c = (**cfg).clone();
+    let mut rules: Vec<config::AccessRule> = allows
+        .into_iter()
+        .map(|a| config::AccessRule {
+            action: config::AccessAction::Permit,
+            net: a.net,
+        })
+        .collect();
+    rules.append(&mut c.screen.access_list);
+    c.screen.access_list = rules;
+    Arc::new(c)
 }

@@ -7,9 +7,11 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod dnsbl;
 pub mod duration;
 pub mod import;
 pub mod proxy;
+pub mod smtp;
 pub mod store;
 pub mod verdict;
 pub mod xdp;

@@ -172,7 +172,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // The resolver's debug events name the queries it sends, which
+        // would print a paid DNSBL feed's secret domain.
+        .add_directive("hickory_proto=info".parse().expect("valid directive"))
+        .add_directive("hickory_resolver=info".parse().expect("valid directive"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -44,6 +44,8 @@ pub struct NetNs {
     pub name: String,
     /// The host-side veth, where the XDP program goes.
     pub host_if: String,
+    /// Its peer, inside the namespace.
+    pub peer_if: String,
     pub n: u32,
 }
 
@@ -62,6 +64,7 @@ impl NetNs {
         let ns = NetNs {
             name: name.clone(),
             host_if: host_if.clone(),
+            peer_if: peer_if.clone(),
             n,
         };
         sh(&["ip", "netns", "add", &name]);
@@ -111,6 +114,22 @@ impl NetNs {
         ns
     }
 
+    /// Adds another address (`a/len`) inside the namespace.
+    pub fn add_addr(&self, cidr: &str) {
+        let mut args = vec!["ip", "netns", "exec", &self.name, "ip", "addr", "add", cidr];
+        args.extend(["dev", &self.peer_if]);
+        if cidr.contains(':') {
+            args.push("nodad");
+        }
+        sh(&args);
+    }
+
+    /// The `i`-th IPv4 address of the namespace's /28 (2 = client,
+    /// 3 = neighbour; others need `add_addr`).
+    pub fn v4(&self, i: u32) -> IpAddr {
+        format!("192.0.2.{}", 16 * self.n + i).parse().unwrap()
+    }
+
     pub fn host_v4(&self) -> IpAddr {
         format!("192.0.2.{}", 16 * self.n + 1).parse().unwrap()
     }
@@ -146,6 +165,25 @@ impl NetNs {
         })
         .join()
         .expect("namespace thread")
+    }
+
+    /// A TCP connection from `from` (an address in the namespace) to `to`,
+    /// made inside the namespace; `None` if it did not open in `timeout`.
+    pub fn tcp_from(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> Option<std::net::TcpStream> {
+        self.run(move || {
+            let fd = socket2_like::bind(from);
+            if !socket2_like::connect(&fd, to, timeout) {
+                return None;
+            }
+            let s = std::net::TcpStream::from(fd);
+            s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+            Some(s)
+        })
     }
 
     /// Whether `from` (an address in the namespace) can open a TCP

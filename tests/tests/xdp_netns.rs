@@ -5,104 +5,15 @@
 
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
-use integration_tests::netns::{
-    listen, screener_bin, spawn_logged, wait_for, ChildGuard, NetNs, PinDir,
+use integration_tests::{
+    daemon::{cli, daemon, ok, start, write_config},
+    netns::{listen, screener_bin, spawn_logged, wait_for, NetNs, PinDir},
 };
 
 /// A connection that gets through does so in milliseconds; a dropped SYN
 /// is retried by the kernel after a second, so one second tells them apart.
 const DROPPED: Duration = Duration::from_secs(1);
 const THROUGH: Duration = Duration::from_secs(5);
-
-struct Daemon {
-    child: ChildGuard,
-    cfg: std::path::PathBuf,
-    dir: tempfile::TempDir,
-}
-
-fn write_config(
-    dir: &Path,
-    ns: &NetNs,
-    pins: &PinDir,
-    mode: &str,
-    port: u16,
-) -> std::path::PathBuf {
-    let cfg = dir.join("screener.toml");
-    let text = format!(
-        r#"
-[smtp]
-listen = ["127.0.0.1:0"]
-hostname = "mx.example.com"
-
-[xdp]
-interfaces = ["{iface}"]
-mode = "{mode}"
-ports = [{port}]
-pin_path = "{pins}"
-
-[store]
-path = "{dir}/screener.redb"
-
-[admin]
-socket = "{dir}/admin.sock"
-"#,
-        iface = ns.host_if,
-        pins = pins.0.display(),
-        dir = dir.display(),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    cfg
-}
-
-fn start(cfg: &Path, dir: &Path, n: u32) -> ChildGuard {
-    let log = dir.join(format!("daemon{n}.log"));
-    let child = spawn_logged(
-        Command::new(screener_bin())
-            .args(["-c"])
-            .arg(cfg)
-            .arg("run"),
-        &log,
-    );
-    let sock = dir.join("admin.sock");
-    wait_for("the admin socket", Duration::from_secs(20), || {
-        if !sock.exists() {
-            return false;
-        }
-        cli(cfg, &["stats", "--json"]).0
-    });
-    child
-}
-
-fn cli(cfg: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(screener_bin())
-        .arg("-c")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-#[track_caller]
-fn ok(cfg: &Path, args: &[&str]) -> String {
-    let (success, out) = cli(cfg, args);
-    assert!(success, "screener {args:?} failed: {out}");
-    out
-}
-
-fn daemon(ns: &NetNs, pins: &PinDir, mode: &str, port: u16) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), ns, pins, mode, port);
-    let child = start(&cfg, dir.path(), 0);
-    Daemon { child, cfg, dir }
-}
 
 fn kernel_dropped(cfg: &Path) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&ok(cfg, &["stats", "--json"])).unwrap();
@@ -459,5 +370,140 @@ fn import_large_drop_list_and_replace_it() {
     assert!(
         ns.connects(client, v4, THROUGH),
         "entry gone from the list still drops"
+    );
+}
+
+#[test]
+fn kernel_drop_logs_reach_the_daemon_log_when_enabled() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("log{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[xdp]\n", "[xdp]\nlog_level = \"debug\"\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let _child = spawn_logged(
+        Command::new(screener_bin())
+            .env("RUST_LOG", "debug")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("run"),
+        &log,
+    );
+    wait_for("the admin socket", Duration::from_secs(20), || {
+        cli(&cfg, &["stats", "--json"]).0
+    });
+    let client = ns.client_v4().to_string();
+    ok(&cfg, &["block", "add", &client]);
+    assert!(!ns.connects(ns.client_v4(), v4, DROPPED));
+    wait_for(
+        "the kernel's drop log line",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("drop {client} reason 0"))
+        },
+    );
+}
+
+#[test]
+fn configured_lists_are_imported_and_follow_their_file() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("watch{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let v4 = listen(SocketAddr::new(ns.host_v4(), port));
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("local.cidr");
+    std::fs::write(
+        &list,
+        format!("# local list\n{}\n203.0.113.0/24\n", ns.client_v4()),
+    )
+    .unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += &format!(
+        "\n[import]\nlists = [{{ file = \"{}\", format = \"cidr\", interval = \"1s\" }}]\n",
+        list.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let _child = start(&cfg, dir.path(), 0);
+    wait_for(
+        "the configured list to block the client",
+        Duration::from_secs(15),
+        || !ns.connects(ns.client_v4(), v4, DROPPED),
+    );
+    std::fs::write(&list, "203.0.113.0/24\n").unwrap();
+    wait_for(
+        "the changed list to release the client",
+        Duration::from_secs(15),
+        || ns.connects(ns.client_v4(), v4, DROPPED),
+    );
+    let out = ok(&cfg, &["block", "list", "--json"]);
+    assert!(out.contains("203.0.113.0/24"), "{out}");
+}
+
+#[test]
+fn pinned_set_of_another_layout_is_refused() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("layout{}", ns.n));
+    let mut d = daemon(&ns, &pins, "skb", 2500 + u16::try_from(ns.n).unwrap());
+    d.child.kill9();
+    let run = |cfg: &Path| {
+        Command::new(screener_bin())
+            .arg("-c")
+            .arg(cfg)
+            .arg("run")
+            .output()
+            .unwrap()
+    };
+
+    // Another IPv6 prefix would read the block_v6 keys with another meaning.
+    let text = std::fs::read_to_string(&d.cfg).unwrap();
+    std::fs::write(
+        &d.cfg,
+        text.replace("[xdp]\n", "[verdict]\nipv6_prefix = 48\n\n[xdp]\n"),
+    )
+    .unwrap();
+    let out = run(&d.cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("verdict.ipv6_prefix") && err.contains("/64"),
+        "{err}"
+    );
+    std::fs::write(&d.cfg, text).unwrap();
+
+    // A map of another shape where block_v4 should be.
+    let map = pins.0.join("block_v4");
+    std::fs::remove_file(&map).unwrap();
+    integration_tests::netns::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        map.to_str().unwrap(),
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        "16",
+        "entries",
+        "16",
+        "name",
+        "block_v4",
+    ]);
+    let out = run(&d.cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("another layout") && err.contains("block_v4") && err.contains("xdp detach"),
+        "{err}"
     );
 }

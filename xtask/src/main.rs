@@ -39,6 +39,11 @@ const BUILD_PACKAGES: &[&str] = &[
 const TEST_PACKAGES: &[&str] = &[
     "postfix",
     "swaks",
+    // swaks --tls
+    "libnet-ssleay-perl",
+    "libio-socket-ssl-perl",
+    "openssl",
+    "perl",
     "rbldnsd",
     "nftables",
     "util-linux",

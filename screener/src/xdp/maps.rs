@@ -21,11 +21,11 @@ use ipnet::IpNet;
 use screener_common::{
     map_names as names, stat, Config as KConfig, Entry, Reason, FLAG_HAS_V4_ALLOW,
     FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS, FLAG_HAS_V6_ALLOW, FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS,
-    LAYOUT_VERSION, REASONS,
+    FLAG_PREFILTER_V4, FLAG_PREFILTER_V6, LAYOUT_VERSION, REASONS,
 };
 use serde::Serialize;
 
-use super::XdpError;
+use super::{prefilter::Prefilter, XdpError};
 
 /// The config key that sizes each map, for "map full" messages.
 fn size_key(map: &str) -> &'static str {
@@ -46,6 +46,10 @@ pub struct Maps {
     block_v6: HashMap<MapData, [u8; 16], Entry>,
     block_v4_cidr: LpmTrie<MapData, [u8; 4], Entry>,
     block_v6_cidr: LpmTrie<MapData, [u8; 16], Entry>,
+    pre_v4: Prefilter,
+    pre_v6: Prefilter,
+    /// The CIDR tries' keys (filled by `rebuild_prefilters`).
+    cidrs: std::collections::HashSet<IpNet>,
     /// Copy of the `config` entry; this process is its only writer.
     settings: KConfig,
 }
@@ -139,7 +143,8 @@ fn expected_sizes(name: &str) -> (u32, u32) {
     let entry = size_of::<Entry>() as u32;
     match name {
         names::CONFIG => (4, size_of::<KConfig>() as u32),
-        names::STATS => (4, 8),
+        // Counters and prefilter words are u64 slots of an array.
+        names::STATS | names::PREFILTER_V4 | names::PREFILTER_V6 => (4, 8),
         names::ALLOW_V4 | names::BLOCK_V4_CIDR => (8, entry),
         names::ALLOW_V6 | names::BLOCK_V6_CIDR => (20, entry),
         names::BLOCK_V4 => (4, entry),
@@ -219,8 +224,48 @@ impl Maps {
                 Map::LpmTrie(open(names::BLOCK_V6_CIDR)?),
                 names::BLOCK_V6_CIDR,
             )?,
+            cidrs: std::collections::HashSet::new(),
+            pre_v4: Prefilter::new(
+                take(Map::Array(open(names::PREFILTER_V4)?), names::PREFILTER_V4)?,
+                names::PREFILTER_V4,
+            ),
+            pre_v6: Prefilter::new(
+                take(Map::Array(open(names::PREFILTER_V6)?), names::PREFILTER_V6)?,
+                names::PREFILTER_V6,
+            ),
             settings,
         })
+    }
+
+    /// Recomputes both prefilters from the block maps (at start, and the
+    /// first time this handle changes an entry).
+    pub fn rebuild_prefilters(&mut self) -> Result<(), XdpError> {
+        let listed = self.blocks()?;
+        self.cidrs = listed
+            .iter()
+            .filter(|l| l.map == names::BLOCK_V4_CIDR || l.map == names::BLOCK_V6_CIDR)
+            .map(|l| l.net)
+            .collect();
+        let nets: Vec<IpNet> = listed.into_iter().map(|l| l.net).collect();
+        self.pre_v4
+            .rebuild(nets.iter().filter(|n| matches!(n, IpNet::V4(_))))?;
+        self.pre_v6
+            .rebuild(nets.iter().filter(|n| matches!(n, IpNet::V6(_))))?;
+        self.refresh_flags()
+    }
+
+    fn ensure_prefilters(&mut self) -> Result<(), XdpError> {
+        if self.pre_v4.is_built() && self.pre_v6.is_built() {
+            return Ok(());
+        }
+        self.rebuild_prefilters()
+    }
+
+    fn prefilter_of(&mut self, net: &IpNet) -> &mut Prefilter {
+        match net {
+            IpNet::V4(_) => &mut self.pre_v4,
+            IpNet::V6(_) => &mut self.pre_v6,
+        }
     }
 
     /// Writes the program's settings and marks it ready. Keeps the
@@ -253,7 +298,15 @@ impl Maps {
                 | FLAG_HAS_V4_CIDRS
                 | FLAG_HAS_V6_CIDRS
                 | FLAG_HAS_V4_ALLOW
-                | FLAG_HAS_V6_ALLOW);
+                | FLAG_HAS_V6_ALLOW
+                | FLAG_PREFILTER_V4
+                | FLAG_PREFILTER_V6);
+        if self.pre_v4.authoritative() {
+            flags |= FLAG_PREFILTER_V4;
+        }
+        if self.pre_v6.authoritative() {
+            flags |= FLAG_PREFILTER_V6;
+        }
         let nonempty = |it: &mut dyn Iterator<Item = bool>| it.next().unwrap_or(false);
         if nonempty(&mut self.block_v4.keys().map(|k| k.is_ok())) {
             flags |= FLAG_HAS_V4_HOSTS;
@@ -312,7 +365,39 @@ impl Maps {
             hits: 0,
             flags: 0,
         };
+        self.ensure_prefilters()?;
         let host = self.is_host_entry(&net);
+        let existed = match (net, host) {
+            (IpNet::V4(n), true) => self.block_v4.get(&n.addr().octets(), 0).is_ok(),
+            (IpNet::V6(n), true) => self.block_v6.get(&n.addr().octets(), 0).is_ok(),
+            // A trie lookup answers the longest match, not "is this
+            // exact prefix there": the tries' keys are mirrored here.
+            (_, false) => self.cidrs.contains(&net),
+        };
+        if !existed {
+            // The bit goes in before the entry: a clear bit must never hide one.
+            self.prefilter_of(&net).add(&net)?;
+            let authoritative = self.prefilter_of(&net).authoritative();
+            let flag = if net.addr().is_ipv4() {
+                FLAG_PREFILTER_V4
+            } else {
+                FLAG_PREFILTER_V6
+            };
+            if !authoritative && self.settings.flags & flag != 0 {
+                self.set_flags(self.settings.flags & !flag)?;
+            }
+        }
+        let result = self.insert_block(net, host, value);
+        if result.is_err() && !existed {
+            let _ = self.prefilter_of(&net).remove(&net);
+        }
+        if result.is_ok() && !host {
+            self.cidrs.insert(net);
+        }
+        result
+    }
+
+    fn insert_block(&mut self, net: IpNet, host: bool, value: Entry) -> Result<(), XdpError> {
         match (net, host) {
             (IpNet::V4(n), true) => {
                 let size = max_of(&self.block_v4);
@@ -356,6 +441,7 @@ impl Maps {
     /// Removes the block entry for exactly `net`. Returns whether there was one.
     pub fn unblock(&mut self, net: IpNet) -> Result<bool, XdpError> {
         let net = net.trunc();
+        self.ensure_prefilters()?;
         let host = self.is_host_entry(&net);
         let removed = match (net, host) {
             (IpNet::V4(n), true) => {
@@ -376,6 +462,8 @@ impl Maps {
             )?,
         };
         if removed {
+            self.cidrs.remove(&net);
+            self.prefilter_of(&net).remove(&net)?;
             self.refresh_flags()?;
         }
         Ok(removed)

@@ -15,6 +15,7 @@
 //! unguarded, even for an instant.
 
 pub mod maps;
+pub mod prefilter;
 
 use std::path::{Path, PathBuf};
 
@@ -180,6 +181,7 @@ impl Gate {
             config::Ports::List(p) => Some(p.as_slice()),
         };
         maps.configure(u32::from(cfg.verdict.ipv6_prefix), ports)?;
+        maps.rebuild_prefilters()?;
 
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)

@@ -1,0 +1,555 @@
+//! DNSBL/DNSWL scoring.
+//!
+//! When a client connects, [`Dnsbl::score`] asks every enabled list about it
+//! at once, while the greeting wait runs; whatever has arrived by the end of
+//! that wait is scored (`answer.rs` explains how, and why operators' error
+//! answers are not listings) and the rest is ignored, so
+//! scoring costs no more than the slowest list that made it in time.
+//!
+//! SHARING AND CACHING. A bot opens many connections at once; all of them
+//! share one in-flight query per list. Answers are kept, per list and
+//! client, for their DNS TTL (an unlisted client's negative TTL from the
+//! SOA), so the lists see one query per client per TTL. A lookup keeps going
+//! after the caller's deadline so its answer is there for the next
+//! connection. Failures are not cached: the next connection asks again.
+//!
+//! LISTS THAT BREAK. A list that lists the world (an expired domain parked
+//! behind a wildcard, a list shut down by answering everything) would
+//! reject all mail. [`Dnsbl::spawn_health_checks`] asks each list for the
+//! RFC 5782 test points at start-up and every `health_interval`; a list
+//! that fails is switched off, logged as an error and shown in the stats,
+//! until it passes again (see `health.rs`).
+//!
+//! SECRET DOMAINS. `reply_map` gives a list's query domain a public name;
+//! replies, logs and stats only ever use the public name. hickory's own
+//! debug-level events name the queries they send, so the daemon's log
+//! filter must keep the `hickory_proto` and `hickory_resolver` targets at
+//! `info` or above.
+
+// TTLs are DNS seconds; `from_secs(3600)` reads better beside them than
+// `from_hours(1)`.
+#![expect(
+    clippy::duration_suboptimal_units,
+    reason = "TTLs are counted in seconds"
+)]
+
+mod answer;
+mod health;
+mod lookup;
+mod spec;
+
+#[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
+mod rbldnsd_tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::future::{join_all, FutureExt as _, Shared};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+pub use answer::Score;
+pub use spec::{Filter, SiteSpec, SiteSpecError};
+
+use answer::{judge, Answer, Failure, Judgement, Tally};
+use lookup::{query_name, Source};
+
+/// How many answers the cache holds at most; beyond that, new answers are
+/// not cached until old ones expire.
+const CACHE_CAPACITY: usize = 100_000;
+
+/// Engine settings, read from `screen.dnsbl_*` and `dns.nameservers`.
+#[derive(Debug, Clone)]
+pub struct DnsblOptions {
+    /// `dnsbl_sites`, parsed.
+    pub sites: Vec<SiteSpec>,
+    /// `dns.nameservers`; empty: the system's resolver configuration.
+    pub nameservers: Vec<SocketAddr>,
+    /// `dnsbl_timeout`: how long one lookup may take in all.
+    pub timeout: Duration,
+    /// `dnsbl_min_ttl`: the shortest time a result holds.
+    pub min_ttl: Duration,
+    /// `dnsbl_max_ttl`: the longest time a result holds.
+    pub max_ttl: Duration,
+    /// `dnsbl_reply_map`: query domain → public name.
+    pub reply_map: BTreeMap<String, String>,
+    /// How often the RFC 5782 test points are checked.
+    pub health_interval: Duration,
+}
+
+impl Default for DnsblOptions {
+    fn default() -> Self {
+        DnsblOptions {
+            // No lists: scoring is off unless configured.
+            sites: Vec::new(),
+            // The system resolver, like every other program on the host.
+            nameservers: Vec::new(),
+            // postscreen's dnsbl_timeout.
+            timeout: Duration::from_secs(10),
+            // postscreen's dnsbl_min_ttl and dnsbl_max_ttl.
+            min_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(3600),
+            reply_map: BTreeMap::new(),
+            // Often enough to notice a list going rogue within the hour,
+            // rare enough to be invisible in the list's query volume.
+            health_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A DNSBL engine setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsblError {
+    /// An option is out of range.
+    #[error("{name}: {reason}")]
+    BadOption {
+        /// The configuration key.
+        name: &'static str,
+        /// Why the value cannot work.
+        reason: String,
+    },
+    /// The system resolver configuration could not be read.
+    #[error("cannot read the system resolver configuration: {0}")]
+    SystemResolver(String),
+}
+
+/// Counters for the admin socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DnsblStats {
+    /// DNS lookups sent (health checks not included).
+    pub queries: u64,
+    /// Scores answered from the answer cache, per list.
+    pub cache_hits: u64,
+    /// Lookups joined while another connection's was in flight.
+    pub shared_lookups: u64,
+    /// Lookups still unanswered at a caller's deadline.
+    pub late_answers: u64,
+    /// All lists' error answers together.
+    pub error_answers: u64,
+    /// All lists' DNS failures together.
+    pub dns_failures: u64,
+    /// Public names of the lists switched off by the health check.
+    pub disabled_sites: Vec<String>,
+    /// Per list, by public name.
+    pub sites: BTreeMap<String, SiteStats>,
+}
+
+/// One list's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SiteStats {
+    /// Lookups sent.
+    pub queries: u64,
+    /// Answers that were operator error codes.
+    pub error_answers: u64,
+    /// Timeouts, SERVFAILs, transport errors.
+    pub dns_failures: u64,
+    /// Whether the health check has switched it off.
+    pub disabled: bool,
+    /// How many times the health check has switched it off.
+    pub times_disabled: u64,
+    /// Failed health checks.
+    pub health_failures: u64,
+}
+
+/// The DNSBL engine; cheap to clone.
+#[derive(Clone)]
+pub struct Dnsbl {
+    inner: Arc<Inner>,
+}
+
+/// One list domain; several entries may share it (one query serves all).
+struct Domain {
+    /// The query domain, lower case, no trailing dot. May be secret.
+    name: String,
+    /// What logs, replies and stats call it.
+    public: String,
+    /// Indices into `Inner::entries` of the entries with this domain.
+    entries: Vec<usize>,
+    /// Cleared by a failed health check, set again by a passed one.
+    enabled: AtomicBool,
+    queries: AtomicU64,
+    error_answers: AtomicU64,
+    dns_failures: AtomicU64,
+    times_disabled: AtomicU64,
+    health_failures: AtomicU64,
+}
+
+/// An answer being fetched, shared by every caller waiting for it.
+type Pending = Shared<oneshot::Receiver<Answer>>;
+
+/// The answer cache and in-flight lookups.
+#[derive(Default)]
+struct Cache {
+    /// Keyed by (domain index, client).
+    slots: HashMap<(usize, IpAddr), Slot>,
+    /// When expired answers were last swept out; sweeps run only when the
+    /// cache is full, at most once a second, so a full cache of live answers
+    /// costs no scan per insert.
+    last_sweep: Option<Instant>,
+}
+
+enum Slot {
+    /// In flight.
+    Pending(Pending),
+    /// Arrived at `at`, good until `expires`.
+    Ready {
+        answer: Answer,
+        at: Instant,
+        expires: Instant,
+    },
+}
+
+struct Inner {
+    /// Configuration order; the reply names the largest weight, first wins.
+    entries: Vec<SiteSpec>,
+    /// Domain index of each entry.
+    entry_domain: Vec<usize>,
+    domains: Vec<Domain>,
+    source: Arc<dyn Source>,
+    timeout: Duration,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    health_interval: Duration,
+    cache: Mutex<Cache>,
+    cache_capacity: usize,
+    queries: AtomicU64,
+    cache_hits: AtomicU64,
+    shared_lookups: AtomicU64,
+    late_answers: AtomicU64,
+}
+
+impl Dnsbl {
+    /// Checks the options and builds the resolver. Needs no runtime; the
+    /// lookups do.
+    pub fn new(opts: DnsblOptions) -> Result<Dnsbl, DnsblError> {
+        let source = lookup::Hickory::new(&opts.nameservers, opts.timeout)
+            .map_err(|e| DnsblError::SystemResolver(e.to_string()))?;
+        Self::with_source(opts, Arc::new(source), CACHE_CAPACITY)
+    }
+
+    fn with_source(
+        opts: DnsblOptions,
+        source: Arc<dyn Source>,
+        cache_capacity: usize,
+    ) -> Result<Dnsbl, DnsblError> {
+        let bad = |name, reason: &str| DnsblError::BadOption {
+            name,
+            reason: reason.to_owned(),
+        };
+        if opts.timeout.is_zero() {
+            return Err(bad("dnsbl_timeout", "must be more than 0"));
+        }
+        if opts.min_ttl > opts.max_ttl {
+            return Err(bad("dnsbl_min_ttl", "is larger than dnsbl_max_ttl"));
+        }
+        if opts.health_interval.is_zero() {
+            return Err(bad("health_interval", "must be more than 0"));
+        }
+        let mut reply_map = BTreeMap::new();
+        for (domain, public) in &opts.reply_map {
+            let domain = spec::normalize_domain(domain).map_err(|e| DnsblError::BadOption {
+                name: "dnsbl_reply_map",
+                reason: e,
+            })?;
+            if public.is_empty() || public.chars().any(char::is_whitespace) {
+                // Not naming the key: it is the secret.
+                return Err(bad(
+                    "dnsbl_reply_map",
+                    "a public name is empty or contains white space",
+                ));
+            }
+            if !opts.sites.iter().any(|s| s.domain == domain) {
+                // A mistyped key would leave the real secret unmapped, in
+                // every reply; the key itself is not echoed for the same
+                // reason.
+                return Err(bad(
+                    "dnsbl_reply_map",
+                    &format!("the key for public name \"{public}\" is not a dnsbl_sites domain"),
+                ));
+            }
+            reply_map.insert(domain, public.clone());
+        }
+
+        let mut domains: Vec<Domain> = Vec::new();
+        let mut entry_domain = Vec::new();
+        for (i, site) in opts.sites.iter().enumerate() {
+            let d = if let Some(d) = domains.iter().position(|d| d.name == site.domain) {
+                d
+            } else {
+                domains.push(Domain {
+                    name: site.domain.clone(),
+                    public: reply_map
+                        .get(&site.domain)
+                        .cloned()
+                        .unwrap_or_else(|| site.domain.clone()),
+                    entries: Vec::new(),
+                    enabled: AtomicBool::new(true),
+                    queries: AtomicU64::new(0),
+                    error_answers: AtomicU64::new(0),
+                    dns_failures: AtomicU64::new(0),
+                    times_disabled: AtomicU64::new(0),
+                    health_failures: AtomicU64::new(0),
+                });
+                domains.len() - 1
+            };
+            domains[d].entries.push(i);
+            entry_domain.push(d);
+        }
+
+        Ok(Dnsbl {
+            inner: Arc::new(Inner {
+                entries: opts.sites,
+                entry_domain,
+                domains,
+                source,
+                timeout: opts.timeout,
+                min_ttl: opts.min_ttl,
+                max_ttl: opts.max_ttl,
+                health_interval: opts.health_interval,
+                cache: Mutex::default(),
+                cache_capacity,
+                queries: AtomicU64::new(0),
+                cache_hits: AtomicU64::new(0),
+                shared_lookups: AtomicU64::new(0),
+                late_answers: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Whether any list is configured at all.
+    pub fn is_empty(&self) -> bool {
+        self.inner.entries.is_empty()
+    }
+
+    /// Queries every enabled list in parallel; answers arriving after
+    /// `deadline` don't count. Concurrent calls for the same client share
+    /// one lookup per list. Never fails: DNS trouble scores 0.
+    pub async fn score(&self, ip: IpAddr, deadline: Instant) -> Score {
+        let inner = &self.inner;
+        // A dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
+        let mut answers: Vec<Option<Answer>> = vec![None; inner.domains.len()];
+        let mut waits: Vec<(usize, Pending)> = Vec::new();
+        let mut to_start = Vec::new();
+        {
+            let now = Instant::now();
+            let mut cache = inner.lock_cache();
+            for (d, domain) in inner.domains.iter().enumerate() {
+                if !domain.enabled.load(Ordering::Relaxed) {
+                    continue;
+                }
+                match cache.slots.get(&(d, ip)) {
+                    Some(Slot::Ready {
+                        answer,
+                        at,
+                        expires,
+                    }) if *expires > now => {
+                        inner.cache_hits.fetch_add(1, Ordering::Relaxed);
+                        answers[d] = Some(answer.aged(now - *at));
+                    }
+                    Some(Slot::Pending(pending)) => {
+                        inner.shared_lookups.fetch_add(1, Ordering::Relaxed);
+                        waits.push((d, pending.clone()));
+                    }
+                    Some(Slot::Ready { .. }) | None => {
+                        let (tx, rx) = oneshot::channel();
+                        let pending = rx.shared();
+                        cache.slots.insert((d, ip), Slot::Pending(pending.clone()));
+                        waits.push((d, pending));
+                        to_start.push((d, tx));
+                    }
+                }
+            }
+        }
+        for (d, tx) in to_start {
+            let inner = Arc::clone(inner);
+            tokio::spawn(async move { inner.lookup(d, ip, tx).await });
+        }
+
+        let arrived = join_all(waits.into_iter().map(|(d, pending)| async move {
+            (d, tokio::time::timeout_at(deadline, pending).await)
+        }))
+        .await;
+        for (d, result) in arrived {
+            match result {
+                Ok(Ok(answer)) => answers[d] = Some(answer),
+                // The lookup task died (runtime shutting down).
+                Ok(Err(_)) => answers[d] = Some(Answer::Failed(Failure::Transport)),
+                Err(_) => {
+                    inner.late_answers.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        site = %inner.domains[d].public,
+                        client = %ip,
+                        "DNSBL answer not in time; not counted"
+                    );
+                }
+            }
+        }
+
+        let entries: Vec<Tally<'_>> = inner
+            .entries
+            .iter()
+            .zip(&inner.entry_domain)
+            .filter(|(_, &d)| inner.domains[d].enabled.load(Ordering::Relaxed))
+            .map(|(site, &d)| Tally {
+                site,
+                public: &inner.domains[d].public,
+                answer: answers[d].as_ref(),
+            })
+            .collect();
+        answer::tally(&entries, inner.min_ttl, inner.max_ttl)
+    }
+
+    /// Starts the RFC 5782 health checks (now and every `health_interval`)
+    /// on the current runtime. The task ends when the last `Dnsbl` clone is
+    /// dropped.
+    pub fn spawn_health_checks(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let period = self.inner.health_interval;
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                Dnsbl { inner }.check_health().await;
+            }
+        })
+    }
+
+    /// Runs one round of health checks on every list now.
+    pub async fn check_health(&self) {
+        join_all((0..self.inner.domains.len()).map(|d| health::check(&self.inner, d))).await;
+    }
+
+    /// The counters, for the admin socket.
+    pub fn stats(&self) -> DnsblStats {
+        let inner = &self.inner;
+        let mut stats = DnsblStats {
+            queries: inner.queries.load(Ordering::Relaxed),
+            cache_hits: inner.cache_hits.load(Ordering::Relaxed),
+            shared_lookups: inner.shared_lookups.load(Ordering::Relaxed),
+            late_answers: inner.late_answers.load(Ordering::Relaxed),
+            ..DnsblStats::default()
+        };
+        for domain in &inner.domains {
+            let disabled = !domain.enabled.load(Ordering::Relaxed);
+            let site = stats.sites.entry(domain.public.clone()).or_default();
+            site.queries += domain.queries.load(Ordering::Relaxed);
+            site.error_answers += domain.error_answers.load(Ordering::Relaxed);
+            site.dns_failures += domain.dns_failures.load(Ordering::Relaxed);
+            site.times_disabled += domain.times_disabled.load(Ordering::Relaxed);
+            site.health_failures += domain.health_failures.load(Ordering::Relaxed);
+            site.disabled |= disabled;
+            stats.error_answers += domain.error_answers.load(Ordering::Relaxed);
+            stats.dns_failures += domain.dns_failures.load(Ordering::Relaxed);
+            if disabled {
+                stats.disabled_sites.push(domain.public.clone());
+            }
+        }
+        stats
+    }
+}
+
+impl Inner {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // The map stays consistent across a panic elsewhere: every update is
+        // a single insert or remove.
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fetches one list's answer about `ip`, logs and counts it, caches it
+    /// and hands it to everyone waiting.
+    async fn lookup(&self, d: usize, ip: IpAddr, tx: oneshot::Sender<Answer>) {
+        let domain = &self.domains[d];
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        domain.queries.fetch_add(1, Ordering::Relaxed);
+        let name = query_name(ip, &domain.name);
+        let answer = tokio::time::timeout(self.timeout, self.source.query(name))
+            .await
+            .unwrap_or(Answer::Failed(Failure::Timeout));
+        self.note(d, ip, &answer);
+        {
+            let now = Instant::now();
+            let mut cache = self.lock_cache();
+            // The in-flight slot goes; the answer takes its place if there
+            // is room.
+            cache.slots.remove(&(d, ip));
+            if let Some(ttl) = answer.cache_ttl() {
+                let life = Duration::from_secs(u64::from(ttl)).min(self.max_ttl);
+                if cache.slots.len() >= self.cache_capacity
+                    && cache
+                        .last_sweep
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                {
+                    cache.last_sweep = Some(now);
+                    cache.slots.retain(|_, slot| match slot {
+                        Slot::Pending(_) => true,
+                        Slot::Ready { expires, .. } => *expires > now,
+                    });
+                }
+                if cache.slots.len() < self.cache_capacity {
+                    cache.slots.insert(
+                        (d, ip),
+                        Slot::Ready {
+                            answer: answer.clone(),
+                            at: now,
+                            expires: now + life,
+                        },
+                    );
+                }
+            }
+        }
+        // Nobody waiting any more is fine: the answer is cached.
+        let _ = tx.send(answer);
+    }
+
+    /// Logs and counts error answers and DNS failures, once per answer
+    /// (not once per waiting connection).
+    fn note(&self, d: usize, ip: IpAddr, answer: &Answer) {
+        let domain = &self.domains[d];
+        match answer {
+            Answer::Listed { addrs, .. } => {
+                let mut codes: Vec<std::net::Ipv4Addr> = Vec::new();
+                for &e in &domain.entries {
+                    if let Judgement::Error(errs) = judge(&self.entries[e], addrs) {
+                        for code in errs {
+                            if !codes.contains(&code) {
+                                codes.push(code);
+                            }
+                        }
+                    }
+                }
+                if !codes.is_empty() {
+                    domain.error_answers.fetch_add(1, Ordering::Relaxed);
+                    let codes: Vec<String> = codes.iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        site = %domain.public,
+                        client = %ip,
+                        code = %codes.join(","),
+                        "DNSBL error answer from {}: {}; not a listing",
+                        domain.public,
+                        codes.join(",")
+                    );
+                }
+            }
+            Answer::Failed(failure) => {
+                domain.dns_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    site = %domain.public,
+                    client = %ip,
+                    failure = %failure,
+                    "DNSBL lookup at {} failed: {failure}; scoring 0",
+                    domain.public
+                );
+            }
+            Answer::NotListed { .. } => {}
+        }
+    }
+}

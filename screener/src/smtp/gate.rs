@@ -1,0 +1,214 @@
+//! Admission of a new connection, before any test: postscreen's order of
+//! per-client count, post-queue limit, permanent access list, temporary
+//! allowlist (cache) and pre-queue limit.
+
+use std::net::IpAddr;
+
+use super::session::Todo;
+use super::Test;
+use crate::config::{AccessAction, AccessRule};
+
+/// The limits and switches admission looks at.
+#[derive(Clone, Debug)]
+pub struct GateParams {
+    /// Permanent access list, first match wins.
+    pub access_list: Vec<AccessRule>,
+    /// Most simultaneous connections from one address.
+    pub client_connection_count_limit: usize,
+    /// Most clients handed to the backend at once.
+    pub post_queue_limit: usize,
+    /// Most clients being screened at once.
+    pub pre_queue_limit: usize,
+    /// Which tests are switched on, in [`Test`] order.
+    pub enabled: [bool; Test::COUNT],
+}
+
+/// Connection counts at the time a client arrives, this client excluded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Connections from the same address.
+    pub client: usize,
+    /// Clients being screened.
+    pub pre_queue: usize,
+    /// Clients handed to the backend.
+    pub post_queue: usize,
+}
+
+/// What happens to a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Turned away with this reply; `why` completes the `NOQUEUE` log line.
+    Busy {
+        /// The 421 reply.
+        reply: &'static str,
+        /// The reason in the log.
+        why: &'static str,
+    },
+    /// Matched a `permit` rule: straight to the backend.
+    Allowlisted,
+    /// Matched a `reject` rule.
+    Denylisted,
+    /// Every enabled test has an unexpired pass: straight to the backend.
+    PassOld,
+    /// Screen the client for these tests.
+    Screen(Todo),
+}
+
+/// Decides what happens to a new connection from `ip`. `expires` is the
+/// cached record (unix seconds per test, 0 never passed).
+pub fn admit(
+    p: &GateParams,
+    ip: IpAddr,
+    load: Load,
+    expires: Option<[u64; Test::COUNT]>,
+    now_unix: u64,
+) -> Admission {
+    if load.client >= p.client_connection_count_limit {
+        return Admission::Busy {
+            reply: "421 4.7.0 Error: too many connections",
+            why: "too many connections",
+        };
+    }
+    if load.post_queue >= p.post_queue_limit {
+        return Admission::Busy {
+            reply: "421 4.3.2 All server ports are busy",
+            why: "all server ports busy",
+        };
+    }
+    let ip = ip.to_canonical();
+    if let Some(rule) = p.access_list.iter().find(|r| r.net.contains(&ip)) {
+        return if rule.action == AccessAction::Permit {
+            Admission::Allowlisted
+        } else {
+            Admission::Denylisted
+        };
+    }
+    let mut todo = Todo::default();
+    for t in Test::ALL {
+        let passed = expires.is_some_and(|e| e[t.index()] > now_unix);
+        todo.0[t.index()] = p.enabled[t.index()] && !passed;
+    }
+    if expires.is_some() && todo == Todo::default() {
+        return Admission::PassOld;
+    }
+    if load.pre_queue >= p.pre_queue_limit {
+        return Admission::Busy {
+            reply: "421 4.3.2 All screening ports are busy",
+            why: "all screening ports busy",
+        };
+    }
+    Admission::Screen(todo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> GateParams {
+        GateParams {
+            access_list: vec![
+                "permit 192.0.2.0/25".parse().unwrap(),
+                "reject 192.0.2.0/24".parse().unwrap(),
+            ],
+            client_connection_count_limit: 2,
+            post_queue_limit: 3,
+            pre_queue_limit: 4,
+            enabled: [true, false, true, false, false],
+        }
+    }
+
+    const NOW: u64 = 1_000_000;
+
+    #[test]
+    fn order_of_checks() {
+        let p = params();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let busy = |load| admit(&p, ip, load, None, NOW);
+        assert!(matches!(
+            busy(Load {
+                client: 2,
+                pre_queue: 9,
+                post_queue: 9
+            }),
+            Admission::Busy {
+                why: "too many connections",
+                ..
+            }
+        ));
+        assert!(matches!(
+            busy(Load {
+                client: 0,
+                pre_queue: 9,
+                post_queue: 3
+            }),
+            Admission::Busy {
+                why: "all server ports busy",
+                ..
+            }
+        ));
+        // The access list comes before the pre-queue limit.
+        assert_eq!(
+            busy(Load {
+                client: 0,
+                pre_queue: 9,
+                post_queue: 0
+            }),
+            Admission::Allowlisted
+        );
+        let other: IpAddr = "192.0.2.200".parse().unwrap();
+        assert_eq!(
+            admit(&p, other, Load::default(), None, NOW),
+            Admission::Denylisted
+        );
+        let mapped: IpAddr = "::ffff:192.0.2.200".parse().unwrap();
+        assert_eq!(
+            admit(&p, mapped, Load::default(), None, NOW),
+            Admission::Denylisted
+        );
+    }
+
+    #[test]
+    fn cache_and_pre_queue() {
+        let p = params();
+        let ip: IpAddr = "203.0.113.5".parse().unwrap();
+        let fresh = [NOW + 10, 0, NOW + 10, 0, 0];
+        assert_eq!(
+            admit(
+                &p,
+                ip,
+                Load {
+                    pre_queue: 9,
+                    ..Load::default()
+                },
+                Some(fresh),
+                NOW
+            ),
+            Admission::PassOld
+        );
+        let stale = [NOW + 10, 0, NOW - 1, 0, 0];
+        assert_eq!(
+            admit(&p, ip, Load::default(), Some(stale), NOW),
+            Admission::Screen(Todo([false, false, true, false, false]))
+        );
+        assert!(matches!(
+            admit(
+                &p,
+                ip,
+                Load {
+                    pre_queue: 4,
+                    ..Load::default()
+                },
+                Some(stale),
+                NOW
+            ),
+            Admission::Busy {
+                why: "all screening ports busy",
+                ..
+            }
+        ));
+        assert_eq!(
+            admit(&p, ip, Load::default(), None, NOW),
+            Admission::Screen(Todo([true, false, true, false, false]))
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! The screening parameters one session runs with.
+//!
+//! A session takes a snapshot of these when it starts, so a reload or a
+//! change of stress mode never changes the rules under a client that is
+//! already being screened.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+pub use crate::config::{Action, Handoff};
+
+/// Enable flag, action and pass lifetime of one deep protocol test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeepTest {
+    /// Whether the test runs at all.
+    pub enable: bool,
+    /// What a failure leads to.
+    pub action: Action,
+    /// How long a pass stays in the cache.
+    pub ttl: Duration,
+}
+
+/// Everything a session needs to screen one client.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Our name in the greeting, EHLO reply and limit replies.
+    pub hostname: String,
+    /// The `220-` teaser text; empty turns the pregreet test off.
+    pub greet_banner: String,
+    /// How long the client must stay silent after the teaser.
+    pub greet_wait: Duration,
+    /// What a pregreet leads to.
+    pub greet_action: Action,
+    /// How long a pregreet pass stays in the cache.
+    pub greet_ttl: Duration,
+    /// Whether any DNSBL/DNSWL site is configured.
+    pub dnsbl_enable: bool,
+    /// A combined score at or above this fails.
+    pub dnsbl_threshold: i32,
+    /// A negative score at or below this passes every other test.
+    pub dnsbl_allowlist_threshold: i32,
+    /// What a DNSBL failure leads to.
+    pub dnsbl_action: Action,
+    /// Lower clamp of a DNSBL pass lifetime.
+    pub dnsbl_min_ttl: Duration,
+    /// Upper clamp of a DNSBL pass lifetime.
+    pub dnsbl_max_ttl: Duration,
+    /// Input sent before our reply to the previous command.
+    pub pipelining: DeepTest,
+    /// Header lines, HTTP/proxy verbs, binary junk.
+    pub non_smtp_command: DeepTest,
+    /// LF without CR.
+    pub bare_newline: DeepTest,
+    /// Verbs that mark the client as a non-SMTP speaker (upper case).
+    pub forbidden_commands: Vec<String>,
+    /// How a client that passed the deep tests reaches the backend.
+    pub deep_test_handoff: Handoff,
+    /// Commands one deep-test session may send.
+    pub command_count_limit: u32,
+    /// Time allowed for one whole command line.
+    pub command_time_limit: Duration,
+    /// Longest command line accepted, CRLF excluded.
+    pub line_length_limit: usize,
+    /// EHLO keywords the backend supports and the dummy engine may
+    /// announce (PIPELINING and session-bound ones already removed).
+    pub ehlo_keywords: Arc<Vec<String>>,
+}
+
+impl Params {
+    /// Whether any deep protocol test is switched on.
+    pub fn deep_tests_enabled(&self) -> bool {
+        self.pipelining.enable || self.non_smtp_command.enable || self.bare_newline.enable
+    }
+
+    /// Whether the backend announced `STARTTLS`, so the dummy engine can
+    /// offer it and hand the connection over when the client asks.
+    pub fn backend_starttls(&self) -> bool {
+        self.ehlo_keywords
+            .iter()
+            .any(|k| k.eq_ignore_ascii_case("STARTTLS"))
+    }
+}
+
+impl Params {
+    /// The parameters from a configuration, with the stress-mode greet wait
+    /// and command time limit when `stress` is set, and the EHLO keywords
+    /// learned from the backend.
+    pub fn from_config(cfg: &Config, stress: bool, ehlo_keywords: Arc<Vec<String>>) -> Params {
+        let s = &cfg.screen;
+        Params {
+            hostname: cfg.smtp.hostname.clone(),
+            greet_banner: cfg.greet_banner(),
+            greet_wait: if stress {
+                s.stress_greet_wait
+            } else {
+                s.greet_wait
+            },
+            greet_action: s.greet_action,
+            greet_ttl: s.greet_ttl,
+            dnsbl_enable: !s.dnsbl_sites.is_empty(),
+            dnsbl_threshold: s.dnsbl_threshold,
+            dnsbl_allowlist_threshold: s.dnsbl_allowlist_threshold,
+            dnsbl_action: s.dnsbl_action,
+            dnsbl_min_ttl: s.dnsbl_min_ttl,
+            dnsbl_max_ttl: s.dnsbl_max_ttl,
+            pipelining: DeepTest {
+                enable: s.pipelining_enable,
+                action: s.pipelining_action,
+                ttl: s.pipelining_ttl,
+            },
+            non_smtp_command: DeepTest {
+                enable: s.non_smtp_command_enable,
+                action: s.non_smtp_command_action,
+                ttl: s.non_smtp_command_ttl,
+            },
+            bare_newline: DeepTest {
+                enable: s.bare_newline_enable,
+                action: s.bare_newline_action,
+                ttl: s.bare_newline_ttl,
+            },
+            forbidden_commands: s
+                .forbidden_commands
+                .iter()
+                .map(|c| c.to_ascii_uppercase())
+                .collect(),
+            deep_test_handoff: s.deep_test_handoff,
+            command_count_limit: s.command_count_limit,
+            command_time_limit: if stress {
+                s.stress_command_time_limit
+            } else {
+                s.command_time_limit
+            },
+            line_length_limit: s.line_length_limit,
+            ehlo_keywords,
+        }
+    }
+}

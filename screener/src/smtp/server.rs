@@ -1,0 +1,828 @@
+//! The socket side: listeners, per-connection tasks, shared counters,
+//! stress mode, the cache and the verdict channel. Everything that decides
+//! lives in [`gate`](super::gate) and [`session`](super::session); this
+//! loop only moves bytes, time and results between them and the world.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use super::backend::{Backend, BackendError};
+use super::gate::{self, Admission, GateParams, Load};
+use super::params::{Action, Params};
+use super::session::{DnsblScore, Output, Plan, Session, Todo};
+use super::text::{escape, Peer};
+use super::{FailedTest, Failure, Test};
+use crate::config::{Config, Upstream};
+use crate::proxy;
+use crate::store::{ClientRecord, Store};
+
+/// A future DNSBL score.
+pub type ScoreFuture = Pin<Box<dyn Future<Output = Option<DnsblScore>> + Send>>;
+
+/// DNSBL scoring as the server uses it.
+pub trait DnsblLookup: Send + Sync + 'static {
+    /// Scores `ip`; answers after `deadline` don't count.
+    fn score(&self, ip: IpAddr, deadline: Instant) -> ScoreFuture;
+}
+
+/// Daemon counters, as `screener stats` shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SmtpStats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Clients that passed their tests in this connection.
+    pub pass_new: u64,
+    /// Clients let through on a cached pass.
+    pub pass_old: u64,
+    /// Failures per test (any action).
+    pub fails: FailCounts,
+    /// Connections turned away: limits, denylist, and RCPTs refused.
+    pub rejects: u64,
+    /// Clients being screened now.
+    pub screening: u64,
+    /// Clients handed to the backend now.
+    pub handed_off: u64,
+    /// Whether stress mode is on.
+    pub stress: bool,
+}
+
+/// Failures per test.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FailCounts {
+    /// Talking before the greeting.
+    pub pregreet: u64,
+    /// DNSBL score over the threshold.
+    pub dnsbl: u64,
+    /// Pipelining without PIPELINING.
+    pub pipelining: u64,
+    /// Non-SMTP commands.
+    pub non_smtp_command: u64,
+    /// Bare newlines.
+    pub bare_newline: u64,
+    /// `reject` access rules.
+    pub denylist: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    pass_new: AtomicU64,
+    pass_old: AtomicU64,
+    fails: [AtomicU64; 6],
+    rejects: AtomicU64,
+}
+
+/// What a connection reads from the configuration, rebuilt on reload and
+/// when the backend's EHLO keywords change.
+struct Settings {
+    cfg: Arc<Config>,
+    normal: Arc<Params>,
+    stress: Arc<Params>,
+    gate: GateParams,
+    backend: Backend,
+}
+
+impl Settings {
+    fn new(cfg: Arc<Config>, keywords: Arc<Vec<String>>) -> Settings {
+        let s = &cfg.screen;
+        let normal = Arc::new(Params::from_config(&cfg, false, Arc::clone(&keywords)));
+        let gate = GateParams {
+            access_list: s.access_list.clone(),
+            client_connection_count_limit: s.client_connection_count_limit,
+            post_queue_limit: s.post_queue_limit,
+            pre_queue_limit: s.pre_queue_limit,
+            enabled: [
+                !normal.greet_banner.is_empty(),
+                normal.dnsbl_enable,
+                s.pipelining_enable,
+                s.non_smtp_command_enable,
+                s.bare_newline_enable,
+            ],
+        };
+        Settings {
+            stress: Arc::new(Params::from_config(&cfg, true, keywords)),
+            normal,
+            gate,
+            backend: Backend {
+                addr: cfg.smtp.backend,
+                proxy: cfg.smtp.backend_proxy_protocol,
+                timeout: cfg.smtp.backend_timeout,
+            },
+            cfg,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Load_ {
+    per_client: HashMap<IpAddr, usize>,
+    pre_queue: usize,
+    post_queue: usize,
+    stress: bool,
+}
+
+struct Shared {
+    settings: RwLock<Arc<Settings>>,
+    keywords: RwLock<Arc<Vec<String>>>,
+    load: Mutex<Load_>,
+    counters: Counters,
+    stress: AtomicBool,
+    cache: Option<Store>,
+    dnsbl: Option<Arc<dyn DnsblLookup>>,
+    verdicts: Option<mpsc::UnboundedSender<Failure>>,
+    /// Tasks alive, for the drain at shutdown.
+    tasks: AtomicU64,
+    idle: Notify,
+}
+
+/// The SMTP screening server; clones share one server.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Server {
+    /// A server with the given cache (`store.path`), DNSBL scorer and
+    /// verdict channel; each may be absent.
+    pub fn new(
+        cfg: Arc<Config>,
+        cache: Option<Store>,
+        dnsbl: Option<Arc<dyn DnsblLookup>>,
+        verdicts: Option<mpsc::UnboundedSender<Failure>>,
+    ) -> Server {
+        let keywords = Arc::new(Vec::new());
+        Server {
+            shared: Arc::new(Shared {
+                settings: RwLock::new(Arc::new(Settings::new(cfg, Arc::clone(&keywords)))),
+                keywords: RwLock::new(keywords),
+                load: Mutex::new(Load_::default()),
+                counters: Counters::default(),
+                stress: AtomicBool::new(false),
+                cache,
+                dnsbl,
+                verdicts,
+                tasks: AtomicU64::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+
+    /// Swaps the parameters for new connections; connections already open
+    /// keep the ones they started with.
+    pub fn reload(&self, cfg: Arc<Config>) {
+        let keywords = Arc::clone(&self.shared.keywords.read().expect("keywords lock"));
+        *self.shared.settings.write().expect("settings lock") =
+            Arc::new(Settings::new(cfg, keywords));
+        tracing::info!("smtp parameters reloaded");
+    }
+
+    /// The EHLO keywords learned from the backend and offered to clients
+    /// (empty until the first probe succeeds).
+    pub fn ehlo_keywords(&self) -> Vec<String> {
+        self.shared.keywords.read().expect("keywords lock").to_vec()
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> SmtpStats {
+        let c = &self.shared.counters;
+        let f = |i: usize| c.fails[i].load(Ordering::Relaxed);
+        let load = self.shared.load.lock().expect("load lock");
+        SmtpStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            pass_new: c.pass_new.load(Ordering::Relaxed),
+            pass_old: c.pass_old.load(Ordering::Relaxed),
+            fails: FailCounts {
+                pregreet: f(0),
+                dnsbl: f(1),
+                pipelining: f(2),
+                non_smtp_command: f(3),
+                bare_newline: f(4),
+                denylist: f(5),
+            },
+            rejects: c.rejects.load(Ordering::Relaxed),
+            screening: load.pre_queue as u64,
+            handed_off: load.post_queue as u64,
+            stress: load.stress,
+        }
+    }
+
+    /// Binds `smtp.listen` and serves until `shutdown` resolves; then stops
+    /// accepting, ends the screening sessions with `421 4.3.2 Service
+    /// shutting down`, and gives hand-offs in flight `smtp.shutdown_grace`.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let settings = self.settings();
+        let mut listeners = Vec::new();
+        for addr in &settings.cfg.smtp.listen {
+            listeners.push(bind(*addr).with_context(|| format!("smtp.listen {addr}"))?);
+        }
+        self.serve(listeners, shutdown).await
+    }
+
+    /// Like [`Server::run`] on listeners bound by the caller (tests bind
+    /// port 0 and read the port back).
+    pub async fn serve(
+        &self,
+        listeners: Vec<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(probe_loop(Arc::clone(&self.shared), stop_rx.clone()));
+        if self.shared.cache.is_some() {
+            background.spawn(cleanup_loop(Arc::clone(&self.shared), stop_rx.clone()));
+        }
+        for l in listeners {
+            tracing::info!("smtp listening on {}", l.local_addr()?);
+            background.spawn(accept_loop(Arc::clone(&self.shared), l, stop_rx.clone()));
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        // Listeners close when their loops see the signal.
+        let grace = self.settings().cfg.smtp.shutdown_grace;
+        let drained = timeout(grace + Duration::from_secs(1), async {
+            loop {
+                let idle = self.shared.idle.notified();
+                if self.shared.tasks.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "smtp shutdown: {} connections still open after the grace period",
+                self.shared.tasks.load(Ordering::Acquire)
+            );
+        }
+        background.shutdown().await;
+        Ok(())
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.shared.settings.read().expect("settings lock"))
+    }
+}
+
+/// Binds one listener; IPv6 sockets are IPv6-only so `0.0.0.0:25` and
+/// `[::]:25` can both be listed.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        let s = TcpSocket::new_v6()?;
+        set_v6only(&s)?;
+        s
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+fn set_v6only(s: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a c_int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            std::ptr::from_ref(&one).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("c_int size fits"),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    let local = stream.local_addr().unwrap_or(peer);
+                    shared.tasks.fetch_add(1, Ordering::AcqRel);
+                    let task_shared = Arc::clone(&shared);
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        connection(&task_shared, stream, peer, local, stop).await;
+                        if task_shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            task_shared.idle.notify_waiters();
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off rather than spin.
+                    tracing::warn!("smtp accept: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            },
+        }
+    }
+}
+
+/// Refreshes the backend's EHLO keywords now and every few minutes.
+async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
+        let next = match settings
+            .backend
+            .probe_keywords(&settings.cfg.smtp.hostname)
+            .await
+        {
+            Ok(kw) => {
+                let changed = **shared.keywords.read().expect("keywords lock") != kw;
+                if changed {
+                    tracing::info!(
+                        "backend {} EHLO keywords: {}",
+                        settings.backend.addr,
+                        kw.join(", ")
+                    );
+                    let kw = Arc::new(kw);
+                    *shared.keywords.write().expect("keywords lock") = Arc::clone(&kw);
+                    let cfg = Arc::clone(&shared.settings.read().expect("settings lock").cfg);
+                    *shared.settings.write().expect("settings lock") =
+                        Arc::new(Settings::new(cfg, kw));
+                }
+                Duration::from_secs(300)
+            }
+            Err(e) => {
+                tracing::warn!("cannot learn the backend's EHLO keywords: {e}");
+                Duration::from_secs(10)
+            }
+        };
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            () = tokio::time::sleep(next) => {}
+        }
+    }
+}
+
+async fn cleanup_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let cfg = Arc::clone(&shared.settings.read().expect("settings lock").cfg);
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            () = tokio::time::sleep(cfg.screen.cache_cleanup_interval) => {}
+        }
+        if let Some(cache) = &shared.cache {
+            match cache
+                .cleanup(unix_now(), cfg.screen.cache_retention_time)
+                .await
+            {
+                Ok(n) => tracing::info!("cache cleanup: {n} expired client records removed"),
+                Err(e) => tracing::warn!("cache cleanup: {e}"),
+            }
+        }
+    }
+}
+
+/// Which queue a connection counts in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    None,
+    Pre,
+    Post,
+}
+
+/// A connection's place in the counters; dropping it gives the place back.
+struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    queue: Queue,
+}
+
+impl Slot {
+    fn move_to(&mut self, queue: Queue) {
+        let mut load = self.shared.load.lock().expect("load lock");
+        let pre_limit = self
+            .shared
+            .settings
+            .read()
+            .expect("settings lock")
+            .gate
+            .pre_queue_limit;
+        leave(&mut load, self.queue);
+        match queue {
+            Queue::Pre => load.pre_queue += 1,
+            Queue::Post => load.post_queue += 1,
+            Queue::None => {}
+        }
+        self.queue = queue;
+        stress_check(&self.shared, &mut load, pre_limit);
+    }
+}
+
+fn leave(load: &mut Load_, queue: Queue) {
+    match queue {
+        Queue::Pre => load.pre_queue -= 1,
+        Queue::Post => load.post_queue -= 1,
+        Queue::None => {}
+    }
+}
+
+/// Enters stress mode at 0.9 × `pre_queue_limit` clients being screened and
+/// leaves it at 0.7 ×, as postscreen does; the gap keeps it from flapping.
+fn stress_check(shared: &Shared, load: &mut Load_, pre_limit: usize) {
+    let n = load.pre_queue;
+    if !load.stress && n * 10 >= pre_limit * 9 && n > 0 {
+        load.stress = true;
+        tracing::warn!("entering STRESS mode with {n} connections");
+    } else if load.stress && n * 10 <= pre_limit * 7 {
+        load.stress = false;
+        tracing::info!("leaving STRESS mode with {n} connections");
+    }
+    shared.stress.store(load.stress, Ordering::Relaxed);
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.move_to(Queue::None);
+        let mut load = self.shared.load.lock().expect("load lock");
+        if let Some(n) = load.per_client.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                load.per_client.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Records passes: tests with a lifetime get `now + ttl`, the others keep
+/// their cached expiry.
+async fn store_pass(cache: Store, ip: IpAddr, ttl: [Option<Duration>; Test::COUNT]) {
+    let now = unix_now();
+    let mut rec = match cache.client(ip).await {
+        Ok(r) => r.unwrap_or(ClientRecord {
+            first_seen: now,
+            ..ClientRecord::default()
+        }),
+        Err(e) => {
+            tracing::warn!("cache: {e}");
+            return;
+        }
+    };
+    for (exp, ttl) in rec.expires.iter_mut().zip(ttl) {
+        if let Some(ttl) = ttl {
+            *exp = now + ttl.as_secs();
+        }
+    }
+    rec.last_seen = now;
+    if let Err(e) = cache.put_client(ip, rec).await {
+        tracing::warn!("cache: {e}");
+    }
+}
+
+/// Resolves once shutdown is signalled (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn post_queue_full(shared: &Shared, limit: usize) -> bool {
+    shared.load.lock().expect("load lock").post_queue >= limit
+}
+
+fn record_failure(shared: &Shared, client: SocketAddr, test: FailedTest, action: Action) {
+    let i = match test {
+        FailedTest::Pregreet => 0,
+        FailedTest::Dnsbl => 1,
+        FailedTest::Pipelining => 2,
+        FailedTest::NonSmtpCommand => 3,
+        FailedTest::BareNewline => 4,
+        FailedTest::Denylist => 5,
+    };
+    shared.counters.fails[i].fetch_add(1, Ordering::Relaxed);
+    if let Some(cache) = shared.cache.clone() {
+        // A failure clears the record: a failed client is never allowlisted.
+        let ip = client.ip().to_canonical();
+        tokio::spawn(async move {
+            if let Err(e) = cache.delete_client(ip).await {
+                tracing::warn!("cache: {e}");
+            }
+        });
+    }
+    if action != Action::Ignore {
+        if let Some(v) = &shared.verdicts {
+            let _ = v.send(Failure { client, test });
+        }
+    }
+}
+
+async fn connection(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
+    let (client, server) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy {
+        // The reader stops exactly at the header's end, so a bot that
+        // pregreets right behind it is still caught by the pregreet test.
+        match proxy::read_header(&mut stream, settings.cfg.smtp.upstream_proxy_timeout).await {
+            Ok(h) => h.source.unwrap_or((peer, local)),
+            Err(e) => {
+                tracing::info!("PROXY header from {}: {e}", Peer(peer));
+                return;
+            }
+        }
+    } else {
+        (peer, local)
+    };
+    tracing::info!(client = %Peer(client), "CONNECT from {} to {}", Peer(client), Peer(server));
+    let ip = client.ip().to_canonical();
+    let expiries = match &shared.cache {
+        Some(cache) => match cache.client(ip).await {
+            Ok(rec) => rec.map(|r| r.expires),
+            Err(e) => {
+                // A broken cache screens everyone afresh rather than failing.
+                tracing::warn!("cache: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let (admission, mut slot, stress) = admit(shared, &settings, ip, expiries);
+    let todo = match admission {
+        Admission::Busy { reply, why } => {
+            shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: {why}", Peer(client));
+            let _ = timeout(
+                Duration::from_secs(10),
+                stream.write_all(format!("{reply}\r\n").as_bytes()),
+            )
+            .await;
+            return;
+        }
+        Admission::Denylisted => {
+            shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %Peer(client), "DENYLISTED {}", Peer(client));
+            record_failure(shared, client, FailedTest::Denylist, Action::Drop);
+            let reply = format!(
+                "521 5.3.2 {} Service currently unavailable\r\n",
+                settings.cfg.smtp.hostname
+            );
+            let _ = timeout(Duration::from_secs(10), stream.write_all(reply.as_bytes())).await;
+            return;
+        }
+        Admission::Allowlisted => {
+            tracing::info!(client = %Peer(client), "ALLOWLISTED {}", Peer(client));
+            hand_off(
+                shared,
+                &settings,
+                &mut slot,
+                stream,
+                client,
+                server,
+                Plan::Greeting,
+                Vec::new(),
+                stop,
+            )
+            .await;
+            return;
+        }
+        Admission::PassOld => {
+            shared.counters.pass_old.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %Peer(client), "PASS OLD {}", Peer(client));
+            hand_off(
+                shared,
+                &settings,
+                &mut slot,
+                stream,
+                client,
+                server,
+                Plan::Greeting,
+                Vec::new(),
+                stop,
+            )
+            .await;
+            return;
+        }
+        Admission::Screen(todo) => todo,
+    };
+    slot.move_to(Queue::Pre);
+    let params = Arc::clone(if stress {
+        &settings.stress
+    } else {
+        &settings.normal
+    });
+    screen(
+        shared, &settings, slot, stream, client, server, params, todo, &mut stop,
+    )
+    .await;
+}
+
+/// Runs admission and takes the connection's place in the counters, in
+/// one critical section so two connections never see the same counts.
+fn admit(
+    shared: &Arc<Shared>,
+    settings: &Settings,
+    ip: IpAddr,
+    expiries: Option<[u64; Test::COUNT]>,
+) -> (Admission, Slot, bool) {
+    let mut load = shared.load.lock().expect("load lock");
+    let l = Load {
+        client: load.per_client.get(&ip).copied().unwrap_or(0),
+        pre_queue: load.pre_queue,
+        post_queue: load.post_queue,
+    };
+    let admission = gate::admit(&settings.gate, ip, l, expiries, unix_now());
+    *load.per_client.entry(ip).or_insert(0) += 1;
+    let stress = load.stress;
+    drop(load);
+    let slot = Slot {
+        shared: Arc::clone(shared),
+        ip,
+        queue: Queue::None,
+    };
+    (admission, slot, stress)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+async fn screen(
+    shared: &Arc<Shared>,
+    settings: &Arc<Settings>,
+    mut slot: Slot,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    server: SocketAddr,
+    params: Arc<Params>,
+    todo: Todo,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let mut stop = stop.clone();
+    let write_limit = params.command_time_limit;
+    let mut session = Session::new(params, client, todo, Instant::now());
+    let mut outputs = session.start(Instant::now());
+    let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), &shared.dnsbl) {
+        (Some(deadline), Some(d)) => Some(d.score(client.ip().to_canonical(), deadline)),
+        _ => None,
+    };
+    let mut buf = [0u8; 1024];
+    loop {
+        for out in outputs.drain(..) {
+            match out {
+                Output::Send(bytes) => {
+                    if timeout(write_limit, stream.write_all(&bytes))
+                        .await
+                        .map_or(true, |r| r.is_err())
+                    {
+                        return;
+                    }
+                }
+                Output::Close => {
+                    tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
+                    return;
+                }
+                Output::Fail { test, action } => {
+                    record_failure(shared, client, test, action);
+                }
+                Output::Pass(ttl) => {
+                    shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
+                    if let Some(cache) = shared.cache.clone() {
+                        tokio::spawn(store_pass(cache, client.ip().to_canonical(), ttl));
+                    }
+                }
+                Output::Handoff(plan) => {
+                    let rest = match &plan {
+                        Plan::Replay { rest, .. } => rest.clone(),
+                        _ => Vec::new(),
+                    };
+                    hand_off(
+                        shared,
+                        settings,
+                        &mut slot,
+                        stream,
+                        client,
+                        server,
+                        plan,
+                        rest,
+                        stop.clone(),
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
+        if !session.is_screening() {
+            return;
+        }
+        let deadline = session
+            .deadline()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = stream.read(&mut buf) => {
+                let now = Instant::now();
+                outputs = match r {
+                    Ok(0) | Err(_) => session.eof(now),
+                    Ok(n) => session.input(&buf[..n], now),
+                };
+            }
+            () = sleep_until(deadline) => outputs = session.timeout(Instant::now()),
+            score = async { dnsbl.as_mut().expect("guarded").await }, if dnsbl.is_some() => {
+                dnsbl = None;
+                outputs = match score {
+                    Some(score) => session.dnsbl(score, Instant::now()),
+                    None => Vec::new(),
+                };
+            }
+            () = stopped(&mut stop) => {
+                let _ = timeout(Duration::from_secs(2), stream.write_all(b"421 4.3.2 Service shutting down\r\n")).await;
+                tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
+                return;
+            }
+        }
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "one hand-off, all of it needed")]
+async fn hand_off(
+    shared: &Arc<Shared>,
+    settings: &Settings,
+    slot: &mut Slot,
+    mut client_stream: TcpStream,
+    client: SocketAddr,
+    server: SocketAddr,
+    plan: Plan,
+    rest: Vec<u8>,
+    mut stop: watch::Receiver<bool>,
+) {
+    {
+        if post_queue_full(shared, settings.gate.post_queue_limit) {
+            shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: all server ports busy", Peer(client));
+            let _ = timeout(
+                Duration::from_secs(10),
+                client_stream.write_all(b"421 4.3.2 All server ports are busy\r\n"),
+            )
+            .await;
+            return;
+        }
+    }
+    slot.move_to(Queue::Post);
+    let ready = async {
+        let mut conn = settings.backend.connect(client, server).await?;
+        let first = conn.prepare(&plan).await?;
+        Ok::<_, BackendError>((conn, first))
+    };
+    let (mut conn, first) = match ready.await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(client = %Peer(client), "backend unavailable for {}: {e}", Peer(client));
+            let _ = timeout(
+                Duration::from_secs(10),
+                client_stream.write_all(b"421 4.3.2 Service currently unavailable\r\n"),
+            )
+            .await;
+            return;
+        }
+    };
+    tracing::debug!(client = %Peer(client), "handed {} to {}: {}", Peer(client), settings.backend.addr, escape(&first));
+    let mut to_client = first;
+    to_client.extend_from_slice(&conn.extra);
+    if client_stream.write_all(&to_client).await.is_err() {
+        return;
+    }
+    if !rest.is_empty() && conn.stream.write_all(&rest).await.is_err() {
+        return;
+    }
+    let grace = settings.cfg.smtp.shutdown_grace;
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client_stream, &mut conn.stream) => {}
+        () = async {
+            stopped(&mut stop).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::info!(client = %Peer(client), "shutdown grace over, closing hand-off of {}", Peer(client));
+        }
+    }
+}

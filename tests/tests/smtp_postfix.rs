@@ -1,0 +1,226 @@
+//! The screener in front of a real Postfix smtpd: well-behaved clients are
+//! delivered, with the real client address, in one connection.
+
+use integration_tests::smtp_peers::{swaks, test_config, Postfix, Screener, Upstream};
+
+fn delivered(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "swaks failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A first-time client passes pregreet and every deep test and reaches
+/// Postfix in the same connection; Postfix logs its real address (it comes
+/// from 127.0.0.2, the screener from 127.0.0.1) and accepts the message.
+#[test]
+fn first_time_client_is_replayed_to_postfix() {
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let scr = Screener::start(test_config(pf.addr), None);
+    scr.wait_keywords();
+    let out = swaks(&[
+        "--server",
+        &scr.addr.ip().to_string(),
+        "--port",
+        &scr.addr.port().to_string(),
+        "--local-interface",
+        "127.0.0.2",
+        "--from",
+        "sender@example.org",
+        "--to",
+        "rcpt@backend.test",
+        "--helo",
+        "client.example",
+        "--timeout",
+        "30",
+    ]);
+    let text = delivered(&out);
+    assert!(
+        text.contains("220-screener.test ESMTP"),
+        "teaser first:\n{text}"
+    );
+    assert!(text.contains("250 2.0.0 Ok: queued as"), "{text}");
+    pf.wait_log(&["connect from", "[127.0.0.2]"]);
+    pf.wait_log(&["status=sent", "rcpt@backend.test"]);
+    // The keyword probe connects as the screener itself; the message must
+    // carry the client's address.
+    pf.wait_log(&[": client=", "[127.0.0.2]"]);
+    let log = pf.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(": client=") && l.contains("[127.0.0.1]")),
+        "a message came in under the screener's address:\n{log}"
+    );
+    let stats = scr.server.stats();
+    assert_eq!(stats.pass_new, 1, "{stats:?}");
+    assert!(scr.failures().is_empty());
+}
+
+/// Without deep tests the backend's own 220 completes the greeting; v1
+/// header this time.
+#[test]
+fn greeting_handoff_with_proxy_v1() {
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let mut cfg = test_config(pf.addr);
+    cfg.screen.pipelining_enable = false;
+    cfg.screen.non_smtp_command_enable = false;
+    cfg.screen.bare_newline_enable = false;
+    cfg.smtp.backend_proxy_protocol = screener::config::ProxyVersion::V1;
+    let scr = Screener::start(cfg, None);
+    let out = swaks(&[
+        "--server",
+        "127.0.0.1",
+        "--port",
+        &scr.addr.port().to_string(),
+        "--local-interface",
+        "127.0.0.3",
+        "--from",
+        "sender@example.org",
+        "--to",
+        "rcpt@backend.test",
+        "--timeout",
+        "30",
+    ]);
+    let text = delivered(&out);
+    assert!(text.contains("220-screener.test ESMTP"), "{text}");
+    assert!(
+        text.contains("220 backend.test ESMTP"),
+        "the backend's 220 completes it:\n{text}"
+    );
+    pf.wait_log(&["connect from", "[127.0.0.3]"]);
+    pf.wait_log(&["status=sent"]);
+}
+
+/// STARTTLS goes through to Postfix: TLS runs end to end, the screener
+/// holds no certificate.
+#[test]
+fn starttls_runs_end_to_end() {
+    let pf = Postfix::start(Upstream::Haproxy, true);
+    let scr = Screener::start(test_config(pf.addr), None);
+    let kw = scr.wait_keywords();
+    assert!(kw.iter().any(|k| k == "STARTTLS"), "{kw:?}");
+    assert!(!kw.iter().any(|k| k == "PIPELINING"), "{kw:?}");
+    let out = swaks(&[
+        "--server",
+        "127.0.0.1",
+        "--port",
+        &scr.addr.port().to_string(),
+        "--local-interface",
+        "127.0.0.4",
+        "--tls",
+        "--from",
+        "sender@example.org",
+        "--to",
+        "rcpt@backend.test",
+        "--timeout",
+        "30",
+    ]);
+    let text = delivered(&out);
+    assert!(text.contains("TLS started"), "{text}");
+    pf.wait_log(&["Anonymous TLS connection established from", "[127.0.0.4]"]);
+    pf.wait_log(&["status=sent"]);
+}
+
+/// Backend down: a temporary failure, never a 5xx.
+#[test]
+fn backend_down_is_a_tempfail() {
+    let port = integration_tests::smtp_peers::free_port();
+    let mut cfg = test_config(([127, 0, 0, 1], port).into());
+    cfg.screen.pipelining_enable = false;
+    cfg.screen.non_smtp_command_enable = false;
+    cfg.screen.bare_newline_enable = false;
+    let scr = Screener::start(cfg, None);
+    let mut bot = integration_tests::smtp_peers::Bot::connect([127, 0, 0, 5], scr.addr);
+    let got = bot.read_to_close();
+    assert!(got.starts_with("220-screener.test ESMTP\r\n"), "{got}");
+    assert!(
+        got.ends_with("421 4.3.2 Service currently unavailable\r\n"),
+        "{got}"
+    );
+}
+
+/// The cache: a first connection passes the tests (PASS NEW, stored in
+/// redb), the second goes straight to Postfix (PASS OLD) without the
+/// teaser. Postfix's smtp-source is the client.
+#[test]
+fn returning_client_is_pass_old() {
+    let source = integration_tests::smtp_peers::require("smtp-source", "postfix");
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let dir = tempfile::tempdir().unwrap();
+    let store = screener::store::Store::open(&dir.path().join("cache.redb")).expect("store");
+    let scr = Screener::start(test_config(pf.addr), Some(store.clone()));
+    scr.wait_keywords();
+    let target = format!("127.0.0.1:{}", scr.addr.port());
+    let run = || {
+        let out = std::process::Command::new(&source)
+            .args(["-c", "-s", "1", "-m", "1", "-f", "sender@example.org"])
+            .args(["-t", "rcpt@backend.test", &target])
+            .output()
+            .expect("run smtp-source");
+        assert!(
+            out.status.success(),
+            "smtp-source: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run();
+    integration_tests::smtp_peers::wait_for(
+        std::time::Duration::from_secs(10),
+        "the pass in the cache",
+        || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(store.client("127.0.0.1".parse().unwrap()))
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.expires.iter().filter(|&&e| e > 0).count() == 4)
+        },
+    );
+    assert_eq!(scr.server.stats().pass_new, 1);
+    run();
+    assert_eq!(scr.server.stats().pass_old, 1, "{:?}", scr.server.stats());
+    integration_tests::smtp_peers::wait_for(
+        std::time::Duration::from_secs(20),
+        "two deliveries",
+        || {
+            pf.log()
+                .lines()
+                .filter(|l| l.contains("status=sent"))
+                .count()
+                == 2
+        },
+    );
+}
+
+/// Behind a load balancer: the screener reads the balancer's PROXY header
+/// and passes the real client on to Postfix.
+#[test]
+fn upstream_proxy_header_reaches_postfix() {
+    use std::io::Write as _;
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let mut cfg = test_config(pf.addr);
+    cfg.smtp.upstream_proxy_protocol = screener::config::Upstream::Haproxy;
+    cfg.screen.pipelining_enable = false;
+    cfg.screen.non_smtp_command_enable = false;
+    cfg.screen.bare_newline_enable = false;
+    let scr = Screener::start(cfg, None);
+    let mut bot = integration_tests::smtp_peers::Bot::connect([127, 0, 0, 1], scr.addr);
+    let real: std::net::SocketAddr = "203.0.113.77:4242".parse().unwrap();
+    let header = screener::proxy::encode(screener::proxy::Version::V2, real, scr.addr);
+    bot.stream.write_all(&header).unwrap();
+    let got = bot.read_until("220 backend.test");
+    assert!(got.starts_with("220-screener.test ESMTP\r\n"), "{got:?}");
+    bot.send(b"QUIT\r\n");
+    bot.read_to_close();
+    pf.wait_log(&["connect from", "[203.0.113.77]"]);
+
+    // A connection without the header is dropped, never screened.
+    let mut bare = integration_tests::smtp_peers::Bot::connect([127, 0, 0, 1], scr.addr);
+    bare.send(b"EHLO x\r\n");
+    assert_eq!(bare.read_to_close(), "");
+}
