@@ -6,7 +6,7 @@
 //! Everything runs on this machine in two network namespaces the benchmark
 //! creates and removes; nothing leaves them.
 //!
-//! Usage: `bench_flood [--rounds N] [--seconds S] [xdp] [nft] [nft-input] [postscreen]`
+//! Usage: `bench_flood [--rounds N] [--seconds S] [xdp] [xdp-skb] [nft] [nft-input] [postscreen]`
 
 use std::{
     fmt::Write as _,
@@ -28,6 +28,11 @@ use integration_tests::bench::{
 };
 
 const PORT: u16 = 25;
+/// Where Postfix's smtpd listens behind the screener.
+const BACKEND_PORT: u16 = 10025;
+/// The greet wait of both screeners, for the well-behaved clients' first
+/// visit (afterwards they are on the temporary allowlist).
+const GREET_WAIT_S: u64 = 1;
 
 /// Well-behaved load: threads × one delivery per pace.
 const GOOD_THREADS: usize = 4;
@@ -43,6 +48,7 @@ const FLOOD_PATIENCE: Duration = Duration::from_millis(250);
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
     Xdp,
+    XdpSkb,
     Nft,
     NftInput,
     Postscreen,
@@ -51,7 +57,8 @@ enum System {
 impl System {
     fn title(self) -> &'static str {
         match self {
-            System::Xdp => "(a) screener, XDP",
+            System::Xdp => "(a) screener, XDP driver mode",
+            System::XdpSkb => "(a') screener, XDP skb mode",
             System::Nft => "(b) nftables set, netdev ingress",
             System::NftInput => "(b') nftables set, inet input after conntrack",
             System::Postscreen => "(c) postscreen access list",
@@ -95,6 +102,7 @@ fn opts() -> Result<Opts> {
                 o.baseline = Duration::from_secs(s.div_ceil(2));
             }
             "xdp" => o.systems.push(System::Xdp),
+            "xdp-skb" => o.systems.push(System::XdpSkb),
             "nft" => o.systems.push(System::Nft),
             "nft-input" => o.systems.push(System::NftInput),
             "postscreen" => o.systems.push(System::Postscreen),
@@ -106,6 +114,7 @@ fn opts() -> Result<Opts> {
     if o.systems.is_empty() {
         o.systems = vec![
             System::Xdp,
+            System::XdpSkb,
             System::Nft,
             System::NftInput,
             System::Postscreen,
@@ -248,13 +257,31 @@ impl Setup {
             proxy: "",
         };
         match system {
-            System::Xdp => {
-                let postfix = Postfix::start(&n.server_ns, &smtpd, "")?;
+            System::Xdp | System::XdpSkb => {
+                // The screener takes the SMTP port and hands clients that
+                // pass to Postfix's smtpd with a PROXY v2 header.
+                let postfix = Postfix::start(
+                    &n.server_ns,
+                    &Front::Smtpd {
+                        port: BACKEND_PORT,
+                        proxy: "haproxy",
+                    },
+                    "",
+                )?;
+                let mode = if system == System::Xdp {
+                    "driver"
+                } else {
+                    "skb"
+                };
                 let screener = Screener::start(
                     &n.server_ns,
                     &format!(
-                        "[smtp]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.example.com\"\n\n\
-                         [xdp]\ninterfaces = [\"{}\"]\nmode = \"driver\"\nports = [{PORT}]\npin_path = \"@PINS@\"\n",
+                        "[smtp]\nlisten = [\"0.0.0.0:{PORT}\", \"[::]:{PORT}\"]\n\
+                         hostname = \"mx.example.com\"\n\
+                         backend = \"127.0.0.1:{BACKEND_PORT}\"\n\
+                         backend_proxy_protocol = \"v2\"\n\n\
+                         [screen]\ngreet_wait = \"{GREET_WAIT_S}s\"\n\n\
+                         [xdp]\ninterfaces = [\"{}\"]\nmode = \"{mode}\"\nports = [{PORT}]\npin_path = \"@PINS@\"\n",
                         n.server_if
                     ),
                 )?;
@@ -294,7 +321,7 @@ impl Setup {
                     &format!(
                         "postscreen_access_list = cidr:{}\n\
                          postscreen_denylist_action = drop\n\
-                         postscreen_greet_wait = 1s\n\
+                         postscreen_greet_wait = {GREET_WAIT_S}s\n\
                          postscreen_cache_map = btree:$data_directory/postscreen_cache\n",
                         access.display()
                     ),
@@ -514,14 +541,15 @@ fn render(results: &[Result1], o: &Opts) -> String {
             .and_then(|r| spread(&r.rounds, Round::cpu_us))
             .map(|s| s.median)
     };
-    if let Some(x) = med(System::Xdp) {
+    for xdp in [System::Xdp, System::XdpSkb] {
+        let Some(x) = med(xdp) else { continue };
         for other in [System::Nft, System::NftInput, System::Postscreen] {
             if let Some(y) = med(other) {
                 let _ = writeln!(
                     out,
                     "\nCPU per attempt, {} ÷ {}: {}×",
                     other.title(),
-                    System::Xdp.title(),
+                    xdp.title(),
                     report::num(y / x)
                 );
             }
