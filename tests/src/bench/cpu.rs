@@ -112,7 +112,21 @@ pub fn rss(pid: i32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Resident memory of `pid` plus its live direct children, in bytes.
-pub fn tree_rss(pid: i32) -> u64 {
-    rss(pid) + children(pid).iter().map(|(p, _)| rss(*p)).sum::<u64>()
+/// Proportional set size of `pid` in bytes: its resident memory with each
+/// shared page divided among the processes mapping it, so the sum over
+/// a process tree is what the tree really occupies.
+pub fn pss(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// PSS of `pid` plus its live direct children, in bytes.
+pub fn tree_pss(pid: i32) -> u64 {
+    pss(pid) + children(pid).iter().map(|(p, _)| pss(*p)).sum::<u64>()
 }

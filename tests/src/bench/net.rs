@@ -6,7 +6,10 @@
 //! prefixes only: the server is 192.0.2.1 / `2001:db8:1::1`, well-behaved
 //! clients are 192.0.2.2 / `2001:db8:1::2`, and the flood sources are
 //! 198.51.100.1–250, 203.0.113.1–250 and `2001:db8:bad:N::1` (N = 1..=500),
-//! each IPv6 source in its own /64.
+//! each IPv6 source in its own /64. First-time clients come from
+//! `2001:db8:beef::/48`, routed to the client namespace as a local
+//! (`AnyIP`) prefix, so any number of fresh addresses can be bound with
+//! `IP_FREEBIND` without assigning each one.
 
 use std::{
     fmt::Write as _,
@@ -25,6 +28,13 @@ pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 pub const GOOD_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// The well-behaved client's IPv6 address.
 pub const GOOD_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+
+/// The `k`-th first-time client address, each in its own /64.
+pub fn fresh_v6(k: u32) -> Ipv6Addr {
+    let hi = u16::try_from(k >> 16).unwrap_or(u16::MAX);
+    let lo = u16::try_from(k & 0xffff).unwrap_or(0);
+    Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, hi, lo, 0, 0, 1)
+}
 
 /// The flood's 1,000 source addresses: 500 IPv4, 500 IPv6.
 pub fn flood_sources() -> Vec<IpAddr> {
@@ -128,7 +138,8 @@ impl BenchNet {
                  link set {s} up\n\
                  route add 198.51.100.0/24 dev {s}\n\
                  route add 203.0.113.0/24 dev {s}\n\
-                 route add 2001:db8:bad::/48 dev {s}\n"
+                 route add 2001:db8:bad::/48 dev {s}\n\
+                 route add 2001:db8:beef::/48 via {GOOD_V6} dev {s}\n"
             ),
         )?;
         let c = &net.client_if;
@@ -145,6 +156,7 @@ impl BenchNet {
             .expect("writing to a String");
         }
         writeln!(script, "link set {c} up").expect("writing to a String");
+        writeln!(script, "route add local 2001:db8:beef::/48 dev lo").expect("writing to a String");
         ip_batch(&net.client_ns, &script)?;
         Ok(net)
     }

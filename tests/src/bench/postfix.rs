@@ -61,6 +61,8 @@ pub enum Front {
 /// A running private Postfix.
 pub struct Postfix {
     master: Option<Child>,
+    /// `/etc/netns/<ns>`, created for the resolver and removed on drop.
+    netns_etc: Option<PathBuf>,
     /// The instance's root (config, queue, data, log).
     pub dir: tempfile::TempDir,
 }
@@ -69,6 +71,19 @@ impl Postfix {
     /// Writes the configuration and starts `master` in namespace `ns`.
     /// `main_extra` is appended to main.cf (later lines win).
     pub fn start(ns: &str, front: &Front, main_extra: &str) -> Result<Postfix> {
+        Postfix::start_with_resolver(ns, front, main_extra, None)
+    }
+
+    /// As `start`, with the C resolver of every Postfix process (dnsblog's
+    /// DNSBL queries) pointed at `nameserver` on port 53: `ip netns exec`
+    /// mounts `/etc/netns/<ns>/resolv.conf` over `/etc/resolv.conf` for the
+    /// master and its workers only.
+    pub fn start_with_resolver(
+        ns: &str,
+        front: &Front,
+        main_extra: &str,
+        nameserver: Option<std::net::IpAddr>,
+    ) -> Result<Postfix> {
         if !Path::new(MASTER).exists() {
             bail!("{MASTER} is missing: install the Debian package postfix");
         }
@@ -144,7 +159,26 @@ smtpd_client_connection_rate_limit = 0
                 etc.display()
             );
         }
-        let mut cmd = Command::new(MASTER);
+        let mut netns_etc = None;
+        let mut cmd = if let Some(ns_ip) = nameserver {
+            let etc_dir = PathBuf::from(format!("/etc/netns/{ns}"));
+            if etc_dir.exists() {
+                bail!("{} exists already; it is not this run's", etc_dir.display());
+            }
+            fs::create_dir_all(&etc_dir)?;
+            netns_etc = Some(etc_dir.clone());
+            fs::write(
+                etc_dir.join("resolv.conf"),
+                format!("nameserver {ns_ip}\noptions timeout:2 attempts:1\n"),
+            )?;
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, MASTER]);
+            c
+        } else {
+            let mut c = Command::new(MASTER);
+            sys::in_netns(&mut c, ns)?;
+            c
+        };
         cmd.arg("-c")
             .arg(&etc)
             .arg("-d")
@@ -152,12 +186,14 @@ smtpd_client_connection_rate_limit = 0
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(root.join("master.err"))?);
-        sys::in_netns(&mut cmd, ns)?;
-        let child = cmd.spawn().context("cannot start the Postfix master")?;
-        let pf = Postfix {
-            master: Some(child),
+        // The guard exists before the spawn, so a failed start still
+        // removes the resolver directory.
+        let mut pf = Postfix {
+            master: None,
+            netns_etc,
             dir,
         };
+        pf.master = Some(cmd.spawn().context("cannot start the Postfix master")?);
         // Up once its listener is: the first worker for it starts on demand.
         let target = match front {
             Front::Smtpd { port, .. } | Front::Postscreen { port } => *port,
@@ -188,9 +224,10 @@ smtpd_client_connection_rate_limit = 0
         cpu::tree_time(self.pid())
     }
 
-    /// Resident memory of the master and all its workers, in bytes.
-    pub fn rss(&self) -> u64 {
-        cpu::tree_rss(self.pid())
+    /// Proportional memory (PSS: shared pages split between their users)
+    /// of the master and all its workers, in bytes.
+    pub fn pss(&self) -> u64 {
+        cpu::tree_pss(self.pid())
     }
 
     /// How many worker processes named `name` (e.g. `smtpd`) are alive.
@@ -230,6 +267,9 @@ impl Drop for Postfix {
             let _ = child.kill();
             let _ = child.wait();
             sys::reap_orphans();
+        }
+        if let Some(d) = self.netns_etc.take() {
+            let _ = fs::remove_dir_all(d);
         }
     }
 }

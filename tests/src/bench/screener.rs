@@ -44,6 +44,11 @@ impl Screener {
     /// `[store]`, `[admin]` and `xdp.pin_path`, which are filled in) and
     /// waits until its admin socket answers.
     pub fn start(ns: &str, sections: &str) -> Result<Screener> {
+        Screener::start_with(ns, sections, &[])
+    }
+
+    /// As `start`, with extra arguments after `run` (e.g. `--no-xdp`).
+    pub fn start_with(ns: &str, sections: &str, run_args: &[&str]) -> Result<Screener> {
         let bin = binary()?;
         let dir = tempfile::Builder::new().prefix("scrbench-d").tempdir()?;
         let pins = PathBuf::from(format!("/sys/fs/bpf/scrbench-{}", std::process::id()));
@@ -59,7 +64,7 @@ impl Screener {
         cmd.arg("-c")
             .arg(&config)
             .arg("run")
-            .env("RUST_LOG", "warn")
+            .args(run_args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));

@@ -183,3 +183,50 @@ pub fn poll_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A TCP socket bound to `src` (which need not be assigned: `IP_FREEBIND`)
+/// and not yet connected, non-blocking: for a tokio `TcpSocket`.
+pub fn bound_socket(src: std::net::IpAddr) -> io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let family = if src.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket call.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own from here on.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let freebind = if src.is_ipv4() {
+        (libc::SOL_IP, libc::IP_FREEBIND)
+    } else {
+        (libc::SOL_IPV6, libc::IPV6_FREEBIND)
+    };
+    for (level, opt) in [freebind, (libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT)] {
+        // SAFETY: valid option pointer and size.
+        let rc = unsafe { libc::setsockopt(fd, level, opt, (&raw const one).cast(), INT_LEN) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let (ss, len) = sockaddr(SocketAddr::new(src, 0));
+    // SAFETY: valid sockaddr of len bytes.
+    if unsafe { libc::bind(fd, (&raw const ss).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+/// The size of an `int` socket option.
+#[expect(clippy::cast_possible_truncation, reason = "four bytes")]
+pub const INT_LEN: libc::socklen_t = size_of::<libc::c_int>() as libc::socklen_t;

@@ -466,10 +466,12 @@ fn round(n: &BenchNet, setup: &Setup, o: &Opts) -> Result<Round> {
 }
 
 impl Round {
-    /// Host CPU per attempt, in microseconds (may be slightly negative
-    /// within measurement noise; shown as measured).
+    /// Host CPU per attempt, in microseconds. The server-process share is
+    /// an estimate that can come out slightly negative when the flood
+    /// causes none (the kernel filters); it is counted as zero then, so
+    /// noise never makes a system look cheaper than its kernel cost.
     fn cpu_us(&self) -> f64 {
-        (self.irq_per_attempt + self.srv_per_attempt) * 1e6
+        (self.irq_per_attempt + self.srv_per_attempt.max(0.0)) * 1e6
     }
 }
 
