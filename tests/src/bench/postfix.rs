@@ -61,8 +61,9 @@ pub enum Front {
 /// A running private Postfix.
 pub struct Postfix {
     master: Option<Child>,
-    /// `/etc/netns/<ns>`, created for the resolver and removed on drop.
-    netns_etc: Option<PathBuf>,
+    /// `/etc/netns/<ns>`, created for the resolver and removed on drop,
+    /// and whether `/etc/netns` itself was created for it too.
+    netns_etc: Option<(PathBuf, bool)>,
     /// The instance's root (config, queue, data, log).
     pub dir: tempfile::TempDir,
 }
@@ -165,8 +166,9 @@ smtpd_client_connection_rate_limit = 0
             if etc_dir.exists() {
                 bail!("{} exists already; it is not this run's", etc_dir.display());
             }
+            let parent_made = !Path::new("/etc/netns").exists();
             fs::create_dir_all(&etc_dir)?;
-            netns_etc = Some(etc_dir.clone());
+            netns_etc = Some((etc_dir.clone(), parent_made));
             fs::write(
                 etc_dir.join("resolv.conf"),
                 format!("nameserver {ns_ip}\noptions timeout:2 attempts:1\n"),
@@ -268,8 +270,12 @@ impl Drop for Postfix {
             let _ = child.wait();
             sys::reap_orphans();
         }
-        if let Some(d) = self.netns_etc.take() {
+        if let Some((d, parent_made)) = self.netns_etc.take() {
             let _ = fs::remove_dir_all(d);
+            if parent_made {
+                // Only if still empty: someone else may use it meanwhile.
+                let _ = fs::remove_dir("/etc/netns");
+            }
         }
     }
 }
