@@ -2,6 +2,7 @@
 //! processes and pinned objects (each removed by a guard on drop), crafted
 //! packets, and the XDP program loaded for `test_run`.
 
+pub mod bench;
 pub mod daemon;
 pub mod netns;
 pub mod packet;

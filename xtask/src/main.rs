@@ -285,23 +285,50 @@ fn test(rest: &[String]) -> Result<()> {
 
 fn bench(rest: &[String]) -> Result<()> {
     let which = rest.first().map_or("all", String::as_str);
-    let xdp = || -> Result<()> {
-        step("benchmark: XDP per-packet cost (test_run)");
-        check(Command::new("cargo").args([
-            "run",
-            "--release",
-            "-p",
-            "integration-tests",
-            "--bin",
-            "bench_xdp",
-        ]))
+    let extra = rest.get(1..).unwrap_or_default();
+    let bin = |name: &str, what: &str| -> Result<()> {
+        step(&format!("benchmark: {what}"));
+        check(
+            Command::new("cargo")
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "integration-tests",
+                    "--bin",
+                    name,
+                    "--",
+                ])
+                .args(extra),
+        )
+    };
+    // The side-by-side benchmarks start the release daemon next to
+    // themselves.
+    let daemon = || {
+        step("building screener (release) for the benchmarks");
+        check(Command::new("cargo").args(["build", "--release", "-p", "screener"]))
+    };
+    let xdp = || bin("bench_xdp", "XDP per-packet cost (test_run)");
+    let smtp = || -> Result<()> {
+        daemon()?;
+        bin("bench_smtp", "SMTP screening, screener vs postscreen")
+    };
+    let flood = || -> Result<()> {
+        daemon()?;
+        bin(
+            "bench_flood",
+            "connection flood: XDP vs nftables vs postscreen",
+        )
     };
     match which {
         "xdp" => xdp(),
-        "smtp" | "flood" => {
-            bail!("the {which} benchmark is not in this version; `cargo xtask bench xdp` is")
+        "smtp" => smtp(),
+        "flood" => flood(),
+        "all" => {
+            xdp()?;
+            flood()?;
+            smtp()
         }
-        "all" => xdp(),
         other => bail!("unknown benchmark {other:?}: xdp, smtp, flood or all"),
     }
 }
