@@ -32,7 +32,7 @@
     reason = "map names are what bpftool and the pin directory show"
 )]
 
-use core::mem::size_of;
+mod parse;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -43,10 +43,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
+use parse::{parse, Parsed};
 use screener_common::{
-    prefilter, stat, Config, Entry, FLAG_ALL_PORTS, FLAG_HAS_V4_ALLOW, FLAG_HAS_V4_CIDRS,
-    FLAG_HAS_V4_HOSTS, FLAG_HAS_V6_ALLOW, FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS,
-    FLAG_PREFILTER_V4, FLAG_PREFILTER_V6, FLAG_READY, REASONS,
+    prefilter, stat, Config, Entry, FLAG_HAS_V4_ALLOW, FLAG_HAS_V4_CIDRS, FLAG_HAS_V4_HOSTS,
+    FLAG_HAS_V6_ALLOW, FLAG_HAS_V6_CIDRS, FLAG_HAS_V6_HOSTS, FLAG_PREFILTER_V4, FLAG_PREFILTER_V6,
+    FLAG_READY, REASONS,
 };
 
 /// Default sizes; the daemon overrides them from its config at load time.
@@ -80,27 +81,6 @@ static prefilter_v4: Array<u64, { prefilter::WORDS }> = Array::new();
 #[btf_map]
 static prefilter_v6: Array<u64, { prefilter::WORDS }> = Array::new();
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-const IPPROTO_TCP: u8 = 6;
-/// The TCP source and destination ports: all the program reads of TCP.
-const TCP_PORTS: usize = 4;
-const IPV6_HLEN: usize = 40;
-/// IPv6 extension headers followed before giving up (counted unparseable).
-const MAX_EXT_HEADERS: usize = 6;
-
-/// What the parser found.
-enum Parsed {
-    NotIp,
-    Unparseable,
-    OutOfScope,
-    V4([u8; 4]),
-    V6([u8; 16]),
-}
-
 #[xdp]
 pub fn screener(ctx: XdpContext) -> u32 {
     let (action, counter) = judge(&ctx);
@@ -131,152 +111,6 @@ fn count(index: u32) {
         // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
         unsafe { *c += 1 };
     }
-}
-
-/// A pointer to a `T` at `offset` in the packet, or `None` when the packet
-/// is too short. The one place packet bounds are checked.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *const T)
-}
-
-#[inline(always)]
-fn be16_at(ctx: &XdpContext, offset: usize) -> Option<u16> {
-    // SAFETY: ptr_at checked both bytes are inside the packet.
-    ptr_at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
-}
-
-#[inline(always)]
-fn parse(ctx: &XdpContext, cfg: &Config) -> Parsed {
-    let Some(mut proto) = be16_at(ctx, 12) else {
-        return Parsed::Unparseable;
-    };
-    let mut off = ETH_HLEN;
-    // Up to two VLAN tags (802.1ad outer, 802.1Q inner), unrolled.
-    for _ in 0..2 {
-        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-            let Some(inner) = be16_at(ctx, off + 2) else {
-                return Parsed::Unparseable;
-            };
-            proto = inner;
-            off += 4;
-        }
-    }
-    let all_ports = cfg.flags & FLAG_ALL_PORTS != 0;
-    match proto {
-        ETH_P_IP => parse_v4(ctx, cfg, off, all_ports),
-        ETH_P_IPV6 => parse_v6(ctx, cfg, off, all_ports),
-        ETH_P_8021Q | ETH_P_8021AD => Parsed::Unparseable,
-        _ => Parsed::NotIp,
-    }
-}
-
-#[inline(always)]
-fn parse_v4(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Parsed {
-    // The fixed 20-byte header must be there even in "all" scope: the source
-    // address sits at its end. Every field is read through the one pointer
-    // that was bounds-checked, which is what the verifier can follow.
-    let Some(ip) = ptr_at::<[u8; 20]>(ctx, off) else {
-        return Parsed::Unparseable;
-    };
-    // SAFETY: ptr_at checked the 20 bytes are inside the packet.
-    let ip = unsafe { &*ip };
-    let vihl = ip[0];
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
-        return Parsed::Unparseable;
-    }
-    // Make sure the whole header, options included, is in the packet.
-    if ptr_at::<u8>(ctx, off + ihl - 1).is_none() {
-        return Parsed::Unparseable;
-    }
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    if all_ports {
-        return Parsed::V4(src);
-    }
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if ip[9] != IPPROTO_TCP || frag & 0x1fff != 0 {
-        // Not TCP, or a non-first fragment (no ports): see FRAGMENTS.
-        return Parsed::OutOfScope;
-    }
-    if frag & 0x2000 != 0 && ptr_at::<[u8; TCP_PORTS]>(ctx, off + ihl).is_none() {
-        // A first fragment too short to carry the ports: Linux would still
-        // reassemble it, so it is judged on its source (see FRAGMENTS).
-        return Parsed::V4(src);
-    }
-    tcp_in_scope(ctx, cfg, off + ihl, Parsed::V4(src))
-}
-
-#[inline(always)]
-fn tcp_in_scope(ctx: &XdpContext, cfg: &Config, l4: usize, src: Parsed) -> Parsed {
-    let Some(tcp) = ptr_at::<[u8; TCP_PORTS]>(ctx, l4) else {
-        return Parsed::Unparseable;
-    };
-    // SAFETY: ptr_at checked both ports are inside the packet.
-    let tcp = unsafe { &*tcp };
-    if cfg.port_enabled(u16::from_be_bytes([tcp[2], tcp[3]])) {
-        src
-    } else {
-        Parsed::OutOfScope
-    }
-}
-
-#[inline(always)]
-fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Parsed {
-    let Some(ip) = ptr_at::<[u8; IPV6_HLEN]>(ctx, off) else {
-        return Parsed::Unparseable;
-    };
-    // SAFETY: ptr_at checked the fixed header is inside the packet.
-    let ip = unsafe { &*ip };
-    if ip[0] >> 4 != 6 {
-        return Parsed::Unparseable;
-    }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    if all_ports {
-        return Parsed::V6(src);
-    }
-    let mut next = ip[6];
-    let mut l4 = off + IPV6_HLEN;
-    for _ in 0..MAX_EXT_HEADERS {
-        match next {
-            IPPROTO_TCP => return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src)),
-            0 | 43 | 60 | 44 | 51 => {}
-            // No next header, ESP, ICMPv6, UDP, ...: not TCP.
-            _ => return Parsed::OutOfScope,
-        }
-        // Every extension header we follow is at least 8 bytes.
-        let Some(h) = ptr_at::<[u8; 8]>(ctx, l4) else {
-            return Parsed::Unparseable;
-        };
-        // SAFETY: ptr_at checked the 8 bytes are inside the packet.
-        let h = unsafe { &*h };
-        let len = match next {
-            // Fragment header: a non-first fragment has no ports.
-            44 => {
-                if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
-                    return Parsed::OutOfScope;
-                }
-                8
-            }
-            // Authentication header: length in 4-octet units, minus 2.
-            51 => (usize::from(h[1]) + 2) * 4,
-            // Hop-by-hop, routing, destination options: length in 8-octet
-            // units, not counting the first.
-            _ => (usize::from(h[1]) + 1) * 8,
-        };
-        next = h[0];
-        l4 += len;
-    }
-    if next == IPPROTO_TCP {
-        return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src));
-    }
-    Parsed::Unparseable
 }
 
 /// Current `CLOCK_BOOTTIME` second, the clock entries expire on.
@@ -327,8 +161,16 @@ fn judge_v4(ctx: &XdpContext, flags: u32, src: [u8; 4]) -> (u32, u32) {
     let key = Key::new(32, src);
     match decide(
         || when(flags, FLAG_HAS_V4_HOSTS, || block_v4.get_ptr_mut(src)),
-        || when(flags, FLAG_HAS_V4_CIDRS, || block_v4_cidr.get(&key).map(trie_ptr)),
-        || when(flags, FLAG_HAS_V4_ALLOW, || allow_v4.get(&key).map(trie_ptr)),
+        || {
+            when(flags, FLAG_HAS_V4_CIDRS, || {
+                block_v4_cidr.get(&key).map(trie_ptr)
+            })
+        },
+        || {
+            when(flags, FLAG_HAS_V4_ALLOW, || {
+                allow_v4.get(&key).map(trie_ptr)
+            })
+        },
     ) {
         Ok(reason) => {
             debug!(ctx, "drop {:i} reason {}", src, reason);
@@ -351,8 +193,16 @@ fn judge_v6(ctx: &XdpContext, cfg: &Config, src: [u8; 16]) -> (u32, u32) {
                 block_v6.get_ptr_mut(mask_v6(src, cfg.ipv6_prefix))
             })
         },
-        || when(flags, FLAG_HAS_V6_CIDRS, || block_v6_cidr.get(&key).map(trie_ptr)),
-        || when(flags, FLAG_HAS_V6_ALLOW, || allow_v6.get(&key).map(trie_ptr)),
+        || {
+            when(flags, FLAG_HAS_V6_CIDRS, || {
+                block_v6_cidr.get(&key).map(trie_ptr)
+            })
+        },
+        || {
+            when(flags, FLAG_HAS_V6_ALLOW, || {
+                allow_v6.get(&key).map(trie_ptr)
+            })
+        },
     ) {
         Ok(reason) => {
             debug!(ctx, "drop {:i} reason {}", src, reason);
