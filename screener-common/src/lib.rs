@@ -224,7 +224,14 @@ pub mod prefilter {
     #[must_use]
     #[inline(always)]
     pub const fn v6_index(addr: [u8; 16]) -> u32 {
-        let top = u64::from_be_bytes([0, 0, addr[0], addr[1], addr[2], addr[3], addr[4], addr[5]]);
+        v6_index_top([addr[0], addr[1], addr[2], addr[3], addr[4], addr[5]])
+    }
+
+    /// [`v6_index`] from the address's first six bytes (its /48).
+    #[must_use]
+    #[inline(always)]
+    pub const fn v6_index_top(top: [u8; 6]) -> u32 {
+        let top = u64::from_be_bytes([0, 0, top[0], top[1], top[2], top[3], top[4], top[5]]);
         (top.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32
     }
 }

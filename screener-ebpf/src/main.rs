@@ -181,11 +181,25 @@ fn judge_v4(ctx: &XdpContext, flags: u32, src: [u8; 4]) -> (u32, u32) {
 }
 
 #[inline(always)]
-fn judge_v6(ctx: &XdpContext, cfg: &Config, src: [u8; 16]) -> (u32, u32) {
+fn judge_v6(ctx: &XdpContext, cfg: &Config, src: *const [u8; 16]) -> (u32, u32) {
     let flags = cfg.flags;
-    if flags & FLAG_PREFILTER_V6 != 0 && !maybe_blocked(&prefilter_v6, prefilter::v6_index(src)) {
+    // SAFETY: `src` points into the packet, bounds-checked by the parser.
+    let top = unsafe {
+        [
+            (*src)[0],
+            (*src)[1],
+            (*src)[2],
+            (*src)[3],
+            (*src)[4],
+            (*src)[5],
+        ]
+    };
+    if flags & FLAG_PREFILTER_V6 != 0 && !maybe_blocked(&prefilter_v6, prefilter::v6_index_top(top))
+    {
         return (XDP_PASS, stat::PASS_NO_MATCH);
     }
+    // SAFETY: as above.
+    let src = unsafe { *src };
     let key = Key::new(128, src);
     match decide(
         || {

@@ -26,7 +26,9 @@ pub(crate) enum Parsed {
     Unparseable,
     OutOfScope,
     V4([u8; 4]),
-    V6([u8; 16]),
+    /// The source address where it sits in the packet (bounds-checked):
+    /// copied only when a prefilter bit says it may be blocked.
+    V6(*const [u8; 16]),
 }
 
 /// A pointer to a `T` at `offset` in the packet, or `None` when the packet
@@ -132,8 +134,7 @@ fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
     if ip[0] >> 4 != 6 {
         return Parsed::Unparseable;
     }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
+    let src = ip[8..24].as_ptr().cast::<[u8; 16]>();
     if all_ports {
         return Parsed::V6(src);
     }

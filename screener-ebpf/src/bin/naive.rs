@@ -58,7 +58,8 @@ fn judge(ctx: &XdpContext) -> (u32, u32) {
     }
     let entry = match parse(ctx, cfg) {
         Parsed::V4(a) => naive_v4.get(&Key::new(32, a)),
-        Parsed::V6(a) => naive_v6.get(&Key::new(128, a)),
+        // SAFETY: the parser bounds-checked the address in the packet.
+        Parsed::V6(a) => naive_v6.get(&Key::new(128, unsafe { *a })),
         Parsed::NotIp => return (XDP_PASS, stat::PASS_NOT_IP),
         Parsed::Unparseable => return (XDP_PASS, stat::PASS_UNPARSEABLE),
         Parsed::OutOfScope => return (XDP_PASS, stat::PASS_OUT_OF_SCOPE),
