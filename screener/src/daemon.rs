@@ -19,7 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     admin::{self, Request, Response},
-    config::{self, BlockOn, Config},
+    config::{self, Config},
     dnsbl::{self, Dnsbl, DnsblOptions, SiteSpec},
     import, smtp,
     store::Store,
@@ -435,7 +435,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     let v = verdicts.clone();
     let verdict_task = tokio::spawn(async move {
         while let Some(f) = failures.recv().await {
-            v.on_failure(f.client.ip(), block_on(f.test)).await;
+            v.on_failure(f.client.ip(), f.test).await;
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -523,17 +523,6 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     }
     let _ = std::fs::remove_file(&socket);
     Ok(())
-}
-
-fn block_on(t: smtp::FailedTest) -> BlockOn {
-    match t {
-        smtp::FailedTest::Pregreet => BlockOn::Pregreet,
-        smtp::FailedTest::Dnsbl => BlockOn::Dnsbl,
-        smtp::FailedTest::Pipelining => BlockOn::Pipelining,
-        smtp::FailedTest::NonSmtpCommand => BlockOn::NonSmtpCommand,
-        smtp::FailedTest::BareNewline => BlockOn::BareNewline,
-        smtp::FailedTest::Denylist => BlockOn::Denylist,
-    }
 }
 
 /// The DNSBL engine from the `screen.dnsbl_*` and `dns` settings; `None`

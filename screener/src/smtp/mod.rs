@@ -23,23 +23,9 @@ pub use session::DnsblScore;
 
 pub use crate::store::Test;
 
-/// Why a client is reported for blocking.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailedTest {
-    /// See [`Test::Pregreet`].
-    Pregreet,
-    /// See [`Test::Dnsbl`].
-    Dnsbl,
-    /// See [`Test::Pipelining`].
-    Pipelining,
-    /// See [`Test::NonSmtpCommand`].
-    NonSmtpCommand,
-    /// See [`Test::BareNewline`].
-    BareNewline,
-    /// Matched a `reject` rule of the permanent access list.
-    Denylist,
-}
+/// Why a client is reported for blocking: the outcomes `verdict.block_on`
+/// names, so the daemon passes them on as they are.
+pub use crate::config::BlockOn as FailedTest;
 
 impl From<Test> for FailedTest {
     fn from(t: Test) -> FailedTest {
