@@ -114,13 +114,13 @@ impl Daemon {
             Request::AllowAdd { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.allow(&parsed).await.map_err(err)?;
-                self.refresh_smtp(v.cfg()).await;
+                self.refresh_smtp(&v.cfg());
                 Ok(json(names(&parsed)))
             }
             Request::AllowDel { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.unallow(&parsed).await.map_err(err)?;
-                self.refresh_smtp(v.cfg()).await;
+                self.refresh_smtp(&v.cfg());
                 Ok(json(names(&parsed)))
             }
             Request::AllowList => self.list(false).await,
@@ -280,8 +280,8 @@ impl Daemon {
 
     /// Gives the SMTP server `cfg` with every allow entry as a `permit`
     /// rule ahead of the access list: allowed sources skip all tests.
-    async fn refresh_smtp(&self, cfg: Arc<Config>) {
-        self.smtp.reload(with_allows(&cfg, &self.verdicts).await);
+    fn refresh_smtp(&self, cfg: &Arc<Config>) {
+        self.smtp.reload(with_allows(cfg, &self.verdicts));
     }
 
     /// Imports a configured list at start and again whenever its file
@@ -420,7 +420,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         }) as Arc<dyn smtp::DnsblLookup>
     });
     let server = smtp::Server::new(
-        with_allows(&cfg, &verdicts).await,
+        with_allows(&cfg, &verdicts),
         Some(verdicts.store().clone()),
         lookup,
         Some(failures_tx),
@@ -502,7 +502,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             _ = hup.recv() => {
                 let d = daemon.clone();
                 if let Ok(Some(cfg)) = tokio::task::spawn_blocking(move || d.reload()).await {
-                    daemon.refresh_smtp(cfg).await;
+                    daemon.refresh_smtp(&cfg);
                 }
             }
         }
@@ -575,24 +575,18 @@ impl smtp::DnsblLookup for DnsblAdapter {
     }
 }
 
-/// `cfg` with the stored allow entries as leading `permit` rules.
-async fn with_allows(cfg: &Arc<Config>, verdicts: &Verdicts) -> Arc<Config> {
-    let allows = match verdicts.store().allows().await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!("reading allow entries: {e}");
-            return cfg.clone();
-        }
-    };
+/// `cfg` with the allow entries as leading `permit` rules.
+fn with_allows(cfg: &Arc<Config>, verdicts: &Verdicts) -> Arc<Config> {
+    let allows = verdicts.allowed();
     if allows.is_empty() {
         return cfg.clone();
     }
     let mut c = (**cfg).clone();
     let mut rules: Vec<config::AccessRule> = allows
         .into_iter()
-        .map(|a| config::AccessRule {
+        .map(|net| config::AccessRule {
             action: config::AccessAction::Permit,
-            net: a.net,
+            net,
         })
         .collect();
     rules.append(&mut c.screen.access_list);

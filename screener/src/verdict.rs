@@ -99,6 +99,9 @@ pub struct Verdicts {
     groups: Mutex<HashMap<IpNet, HashSet<IpNet>>>,
     /// Clients a DNSWL allowlisted since start.
     dnswl: Mutex<HashSet<IpAddr>>,
+    /// The allow entries, as the store holds them: consulted on every
+    /// verdict, so kept here instead of read from disk each time.
+    allows: RwLock<Vec<IpNet>>,
     pub counters: Counters,
 }
 
@@ -179,6 +182,7 @@ impl Verdicts {
             gate: Mutex::new(gate),
             groups: Mutex::new(HashMap::new()),
             dnswl: Mutex::new(HashSet::new()),
+            allows: RwLock::new(Vec::new()),
             counters: Counters::default(),
         }
     }
@@ -209,6 +213,11 @@ impl Verdicts {
         self.gate.lock().expect("gate lock").take()
     }
 
+    /// The allow entries in force.
+    pub fn allowed(&self) -> Vec<IpNet> {
+        self.allows.read().expect("allows lock").clone()
+    }
+
     /// Records that a DNSWL allowlisted `ip`: it and any prefix holding it
     /// are never blocked.
     pub fn note_dnswl(&self, ip: IpAddr) {
@@ -216,17 +225,21 @@ impl Verdicts {
     }
 
     /// Why `net` must not be blocked, if it must not.
-    async fn protection(&self, net: &IpNet) -> Result<Option<String>, VerdictError> {
+    fn protection(&self, net: &IpNet) -> Option<String> {
         let cfg = self.cfg();
         for rule in &cfg.screen.access_list {
             if rule.action == AccessAction::Permit && overlaps(&rule.net, net) {
-                return Ok(Some(format!("access list permits {}", rule.net)));
+                return Some(format!("access list permits {}", rule.net));
             }
         }
-        for a in self.store.allows().await? {
-            if overlaps(&a.net, net) {
-                return Ok(Some(format!("allow entry {}", a.net)));
-            }
+        if let Some(a) = self
+            .allows
+            .read()
+            .expect("allows lock")
+            .iter()
+            .find(|a| overlaps(a, net))
+        {
+            return Some(format!("allow entry {a}"));
         }
         if let Some(ip) = self
             .dnswl
@@ -235,9 +248,9 @@ impl Verdicts {
             .iter()
             .find(|ip| net.contains(*ip))
         {
-            return Ok(Some(format!("DNSWL allowlisted {ip}")));
+            return Some(format!("DNSWL allowlisted {ip}"));
         }
-        Ok(None)
+        None
     }
 
     /// Puts `rec` into the kernel (when loaded) and the store.
@@ -357,15 +370,20 @@ impl Verdicts {
                     comment: None,
                 })
                 .await?;
+            let mut allows = self.allows.write().expect("allows lock");
+            if !allows.contains(&net.trunc()) {
+                allows.push(net.trunc());
+            }
+            drop(allows);
             tracing::info!("ALLOW {net}");
         }
         Ok(())
     }
 
     pub async fn unallow(&self, nets: &[IpNet]) -> Result<(), VerdictError> {
-        let current = self.store.allows().await?;
+        let current = self.allowed();
         for net in nets {
-            if !current.iter().any(|a| a.net == net.trunc()) {
+            if !current.contains(&net.trunc()) {
                 return Err(VerdictError::Refused(format!("{net} is not allowed")));
             }
         }
@@ -374,6 +392,10 @@ impl Verdicts {
                 r?;
             }
             self.store.del_allow(net.trunc()).await?;
+            self.allows
+                .write()
+                .expect("allows lock")
+                .retain(|a| *a != net.trunc());
             tracing::info!("DISALLOW {net}");
         }
         Ok(())
@@ -396,7 +418,7 @@ impl Verdicts {
     }
 
     async fn block_verdict(&self, net: IpNet, reason: Reason) -> Result<(), VerdictError> {
-        if let Some(why) = self.protection(&net).await? {
+        if let Some(why) = self.protection(&net) {
             self.counters
                 .blocks_skipped_protected
                 .fetch_add(1, Ordering::Relaxed);
@@ -452,7 +474,7 @@ impl Verdicts {
         if k == 0 || count < k as usize || self.live_block(group).await?.is_some() {
             return Ok(());
         }
-        if let Some(why) = self.protection(&group).await? {
+        if let Some(why) = self.protection(&group) {
             tracing::info!("not escalating to {group}: {why}");
             return Ok(());
         }
@@ -490,6 +512,7 @@ impl Verdicts {
             .filter(|b| b.expires == 0 || b.expires > now)
             .collect();
         let allows = self.store.allows().await?;
+        *self.allows.write().expect("allows lock") = allows.iter().map(|a| a.net).collect();
         {
             let mut groups = self.groups.lock().expect("groups lock");
             groups.clear();
