@@ -4,12 +4,11 @@
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr, TcpListener},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 /// Runs a command, panicking with its output when it fails.
@@ -155,16 +154,10 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace (network only,
     /// so it shares the host's bpffs and files).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: a valid namespace fd; affects only this thread.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread")
+        crate::sys::on_netns_thread(&self.name, f)
+            .join()
+            .expect("namespace thread")
+            .unwrap_or_else(|e| panic!("entering namespace {}: {e}", self.name))
     }
 
     /// A TCP connection from `from` (an address in the namespace) to `to`,
@@ -214,41 +207,6 @@ mod socket2_like {
         time::Duration,
     };
 
-    fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        // SAFETY: zeroed sockaddr_storage is valid.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match a {
-            SocketAddr::V4(v4) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_in fits in sockaddr_storage.
-                unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
-                size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(v6) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::sa_family_t::try_from(libc::AF_INET6).unwrap(),
-                    sin6_port: v6.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: v6.ip().octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-                unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
-                size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (ss, libc::socklen_t::try_from(len).unwrap())
-    }
-
     pub fn bind(from: IpAddr) -> OwnedFd {
         let family = if from.is_ipv4() {
             libc::AF_INET
@@ -260,7 +218,7 @@ mod socket2_like {
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         // SAFETY: fd is a fresh socket we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (ss, len) = sockaddr(SocketAddr::new(from, 0));
+        let (ss, len) = crate::sys::sockaddr(SocketAddr::new(from, 0));
         // SAFETY: valid sockaddr of len bytes.
         let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const ss).cast(), len) };
         assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
@@ -283,7 +241,7 @@ mod socket2_like {
                 libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap(),
             );
         }
-        let (ss, len) = sockaddr(to);
+        let (ss, len) = crate::sys::sockaddr(to);
         // SAFETY: valid sockaddr of len bytes.
         let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const ss).cast(), len) };
         rc == 0
@@ -356,16 +314,13 @@ pub fn screener_bin() -> PathBuf {
     bin
 }
 
-/// Polls `cond` until it holds or `deadline` passes.
-pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while Instant::now() < end {
-        if cond() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {deadline:?} waiting for {what}");
+/// Polls `cond` until it holds; panics naming `what` when `deadline` passes.
+#[track_caller]
+pub fn wait_for(what: &str, deadline: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        crate::sys::poll_until(deadline, cond),
+        "timed out after {deadline:?} waiting for {what}"
+    );
 }
 
 /// Starts a process with its output captured to `log`.

@@ -2,6 +2,7 @@
 //! the backend (stopped on drop), swaks as a client, and the screener
 //! itself on a loopback port.
 
+use crate::netns::wait_for;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -26,19 +27,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
-}
-
-/// Waits for `f` to hold, polling, or panics after `limit` with `what`.
-#[track_caller]
-pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 /// A private Postfix instance: its own config, queue and log in a temp
@@ -182,7 +170,7 @@ impl Postfix {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        wait_for(Duration::from_secs(20), "postfix smtpd to listen", || {
+        wait_for("postfix smtpd to listen", Duration::from_secs(20), || {
             TcpStream::connect(addr).is_ok()
         });
         pf
@@ -198,8 +186,8 @@ impl Postfix {
     pub fn wait_log(&self, words: &[&str]) -> String {
         let mut found = String::new();
         wait_for(
-            Duration::from_secs(20),
             &format!("postfix log line with {words:?}"),
+            Duration::from_secs(20),
             || match self
                 .log()
                 .lines()
@@ -313,8 +301,8 @@ impl Screener {
     #[track_caller]
     pub fn wait_keywords(&self) -> Vec<String> {
         wait_for(
-            Duration::from_secs(20),
             "the backend's EHLO keywords",
+            Duration::from_secs(20),
             || !self.server.ehlo_keywords().is_empty(),
         );
         self.server.ehlo_keywords()

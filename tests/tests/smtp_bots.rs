@@ -146,11 +146,9 @@ fn thousand_idle_connections() {
             Bot::connect(ip, scr.addr)
         })
         .collect();
-    integration_tests::smtp_peers::wait_for(
-        Duration::from_secs(20),
-        "1000 clients screened",
-        || scr.server.stats().screening == 1000,
-    );
+    integration_tests::netns::wait_for("1000 clients screened", Duration::from_secs(20), || {
+        scr.server.stats().screening == 1000
+    });
     assert!(scr.server.stats().stress, "950 of 1050 is past 0.9");
     for bot in &mut bots {
         let got = bot.read_to_close();
@@ -160,7 +158,7 @@ fn thousand_idle_connections() {
             "{got:?}"
         );
     }
-    integration_tests::smtp_peers::wait_for(Duration::from_secs(10), "all sessions over", || {
+    integration_tests::netns::wait_for("all sessions over", Duration::from_secs(10), || {
         scr.server.stats().screening == 0
     });
     assert!(!scr.server.stats().stress);
@@ -168,7 +166,7 @@ fn thousand_idle_connections() {
     let held: Vec<Bot> = (0..50)
         .map(|_| Bot::connect([127, 0, 3, 1], scr.addr))
         .collect();
-    integration_tests::smtp_peers::wait_for(Duration::from_secs(10), "50 screened", || {
+    integration_tests::netns::wait_for("50 screened", Duration::from_secs(10), || {
         scr.server.stats().screening == 50
     });
     let mut extra = Bot::connect([127, 0, 3, 1], scr.addr);
@@ -224,11 +222,11 @@ fn ten_thousand_clients_in_the_greet_wait() {
     let mut warm: Vec<Bot> = (0..100)
         .map(|_| Bot::connect([127, 0, 0, 1], scr.addr))
         .collect();
-    integration_tests::smtp_peers::wait_for(Duration::from_secs(10), "warm-up", || {
+    integration_tests::netns::wait_for("warm-up", Duration::from_secs(10), || {
         scr.server.stats().screening == 100
     });
     warm.clear();
-    integration_tests::smtp_peers::wait_for(Duration::from_secs(10), "warm-up over", || {
+    integration_tests::netns::wait_for("warm-up over", Duration::from_secs(10), || {
         scr.server.stats().screening == 0
     });
     let before = rss_kib();

@@ -168,9 +168,9 @@ fn returning_client_is_pass_old() {
         );
     };
     run();
-    integration_tests::smtp_peers::wait_for(
-        std::time::Duration::from_secs(10),
+    integration_tests::netns::wait_for(
         "the pass in the cache",
+        std::time::Duration::from_secs(10),
         || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .build()
@@ -184,9 +184,9 @@ fn returning_client_is_pass_old() {
     assert_eq!(scr.server.stats().pass_new, 1);
     run();
     assert_eq!(scr.server.stats().pass_old, 1, "{:?}", scr.server.stats());
-    integration_tests::smtp_peers::wait_for(
-        std::time::Duration::from_secs(20),
+    integration_tests::netns::wait_for(
         "two deliveries",
+        std::time::Duration::from_secs(20),
         || {
             pf.log()
                 .lines()

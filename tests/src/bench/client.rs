@@ -135,7 +135,7 @@ impl GoodClients {
             .map(|t| {
                 let stop = stop.clone();
                 let targets = targets.to_vec();
-                super::sys::on_netns_thread(ns, move || {
+                crate::sys::on_netns_thread(ns, move || {
                     let mut st = GoodStats::default();
                     let mut i = t;
                     while !stop.load(Ordering::Relaxed) {

@@ -12,4 +12,4 @@ pub mod net;
 pub mod postfix;
 pub mod report;
 pub mod screener;
-pub mod sys;
+pub use crate::sys;

@@ -1,5 +1,5 @@
-//! Small system calls the benchmarks need and std does not offer: entering a
-//! namespace in a child, socket addresses for libc, resource limits, reaping.
+//! Small system calls the tests and benchmarks need and std does not offer:
+//! entering a namespace, socket addresses for libc, resource limits, reaping.
 
 use std::{
     fs::File,
