@@ -336,6 +336,13 @@ impl Maps {
             .map_err(map_err(names::CONFIG))
     }
 
+    fn drop_flag_if(&mut self, flag: u32, empty: bool) -> Result<(), XdpError> {
+        if !empty || self.settings.flags & flag == 0 {
+            return Ok(());
+        }
+        self.set_flags(self.settings.flags & !flag)
+    }
+
     fn add_flag(&mut self, flag: u32) -> Result<(), XdpError> {
         if self.settings.flags & flag == flag {
             return Ok(());
@@ -464,7 +471,20 @@ impl Maps {
         if removed {
             self.cidrs.remove(&net);
             self.prefilter_of(&net).remove(&net)?;
-            self.refresh_flags()?;
+            // Only the map that lost an entry can have become empty.
+            let (flag, empty) = match (net, host) {
+                (IpNet::V4(_), true) => (FLAG_HAS_V4_HOSTS, self.block_v4.keys().next().is_none()),
+                (IpNet::V6(_), true) => (FLAG_HAS_V6_HOSTS, self.block_v6.keys().next().is_none()),
+                (IpNet::V4(_), false) => (
+                    FLAG_HAS_V4_CIDRS,
+                    self.block_v4_cidr.keys().next().is_none(),
+                ),
+                (IpNet::V6(_), false) => (
+                    FLAG_HAS_V6_CIDRS,
+                    self.block_v6_cidr.keys().next().is_none(),
+                ),
+            };
+            self.drop_flag_if(flag, empty)?;
         }
         Ok(removed)
     }
@@ -514,7 +534,11 @@ impl Maps {
             )?,
         };
         if removed {
-            self.refresh_flags()?;
+            let (flag, empty) = match net {
+                IpNet::V4(_) => (FLAG_HAS_V4_ALLOW, self.allow_v4.keys().next().is_none()),
+                IpNet::V6(_) => (FLAG_HAS_V6_ALLOW, self.allow_v6.keys().next().is_none()),
+            };
+            self.drop_flag_if(flag, empty)?;
         }
         Ok(removed)
     }
