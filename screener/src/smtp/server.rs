@@ -139,11 +139,28 @@ struct Shared {
     counters: Counters,
     stress: AtomicBool,
     cache: Option<Store>,
-    dnsbl: Option<Arc<dyn DnsblLookup>>,
+    /// The DNSBL scorer; swapped when a reload changes the lists or the
+    /// resolver, so a newly listed site is scored, never awaited forever.
+    dnsbl: RwLock<Option<Arc<dyn DnsblLookup>>>,
     verdicts: Option<mpsc::UnboundedSender<Failure>>,
     /// Tasks alive, for the drain at shutdown.
     tasks: AtomicU64,
     idle: Notify,
+    /// Tells accept loops and connections that shutdown has begun; accept
+    /// loops started by a reload subscribe to the same signal.
+    stop: watch::Sender<bool>,
+    /// The accept loops by the address `smtp.listen` names, so a reload
+    /// binds only what is new and closes only what was removed.
+    listeners: Mutex<HashMap<SocketAddr, AcceptLoop>>,
+}
+
+/// One listening socket's accept loop.
+struct AcceptLoop {
+    /// The address actually bound (differs from the key for port 0).
+    local: SocketAddr,
+    /// Aborting it closes the listener; connections already accepted run
+    /// in tasks of their own and are not affected.
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The SMTP screening server; clones share one server.
@@ -176,10 +193,12 @@ impl Server {
                 counters: Counters::default(),
                 stress: AtomicBool::new(false),
                 cache,
-                dnsbl,
+                dnsbl: RwLock::new(dnsbl),
                 verdicts,
                 tasks: AtomicU64::new(0),
                 idle: Notify::new(),
+                stop: watch::channel(false).0,
+                listeners: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -230,9 +249,12 @@ impl Server {
         let settings = self.settings();
         let mut listeners = Vec::new();
         for addr in &settings.cfg.smtp.listen {
-            listeners.push(bind(*addr).with_context(|| format!("smtp.listen {addr}"))?);
+            listeners.push((
+                *addr,
+                bind(*addr).with_context(|| format!("smtp.listen {addr}"))?,
+            ));
         }
-        self.serve(listeners, shutdown).await
+        self.serve_keyed(listeners, shutdown).await
     }
 
     /// Like [`Server::run`] on listeners bound by the caller (tests bind
@@ -242,19 +264,41 @@ impl Server {
         listeners: Vec<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let keyed = listeners
+            .into_iter()
+            .map(|l| Ok((l.local_addr()?, l)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        self.serve_keyed(keyed, shutdown).await
+    }
+
+    async fn serve_keyed(
+        &self,
+        listeners: Vec<(SocketAddr, TcpListener)>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let stop_rx = self.shared.stop.subscribe();
         let mut background = tokio::task::JoinSet::new();
         background.spawn(probe_loop(Arc::clone(&self.shared), stop_rx.clone()));
         if self.shared.cache.is_some() {
             background.spawn(cleanup_loop(Arc::clone(&self.shared), stop_rx.clone()));
         }
-        for l in listeners {
-            tracing::info!("smtp listening on {}", l.local_addr()?);
-            background.spawn(accept_loop(Arc::clone(&self.shared), l, stop_rx.clone()));
+        for (key, l) in listeners {
+            self.start_accepting(key, l)?;
         }
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = self.shared.stop.send(true);
         // Listeners close when their loops see the signal.
+        let loops: Vec<AcceptLoop> = self
+            .shared
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        for l in loops {
+            let _ = l.task.await;
+        }
         let grace = self.settings().cfg.smtp.shutdown_grace;
         let drained = timeout(grace + Duration::from_secs(1), async {
             loop {
@@ -274,6 +318,80 @@ impl Server {
         }
         background.shutdown().await;
         Ok(())
+    }
+
+    fn start_accepting(&self, key: SocketAddr, listener: TcpListener) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        tracing::info!("smtp listening on {local}");
+        let task = tokio::spawn(accept_loop(
+            Arc::clone(&self.shared),
+            listener,
+            self.shared.stop.subscribe(),
+        ));
+        self.shared
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .insert(key, AcceptLoop { local, task });
+        Ok(())
+    }
+
+    /// Makes the listeners match `addrs` (a reload of `smtp.listen`): binds
+    /// the new addresses, closes the removed ones, leaves the others (and
+    /// every open connection) alone. Returns one message per address that
+    /// could not be bound; the rest is applied regardless.
+    pub fn apply_listen(&self, addrs: &[SocketAddr]) -> Vec<String> {
+        let removed: Vec<(SocketAddr, AcceptLoop)> = {
+            let mut map = self.shared.listeners.lock().expect("listeners lock");
+            let gone: Vec<SocketAddr> =
+                map.keys().filter(|k| !addrs.contains(k)).copied().collect();
+            gone.into_iter()
+                .filter_map(|k| map.remove(&k).map(|l| (k, l)))
+                .collect()
+        };
+        for (key, l) in removed {
+            l.task.abort();
+            tracing::info!(
+                "smtp no longer listening on {} (removed from smtp.listen as {key})",
+                l.local
+            );
+        }
+        let mut errors = Vec::new();
+        for addr in addrs {
+            if self
+                .shared
+                .listeners
+                .lock()
+                .expect("listeners lock")
+                .contains_key(addr)
+            {
+                continue;
+            }
+            match bind(*addr).and_then(|l| self.start_accepting(*addr, l)) {
+                Ok(()) => {}
+                Err(e) => errors.push(format!("smtp.listen {addr}: {e}")),
+            }
+        }
+        errors
+    }
+
+    /// The addresses the server listens on now.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self
+            .shared
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .values()
+            .map(|l| l.local)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Replaces the DNSBL scorer (a reload changed the lists or resolver).
+    pub fn set_dnsbl(&self, dnsbl: Option<Arc<dyn DnsblLookup>>) {
+        *self.shared.dnsbl.write().expect("dnsbl lock") = dnsbl;
     }
 
     fn settings(&self) -> Arc<Settings> {
@@ -673,7 +791,8 @@ async fn screen(
     let write_limit = params.command_time_limit;
     let mut session = Session::new(params, client, todo, Instant::now());
     let mut outputs = session.start(Instant::now());
-    let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), &shared.dnsbl) {
+    let lookup = shared.dnsbl.read().expect("dnsbl lock").clone();
+    let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), lookup) {
         (Some(deadline), Some(d)) => Some(d.score(client.ip().to_canonical(), deadline)),
         _ => None,
     };
