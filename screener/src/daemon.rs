@@ -497,7 +497,7 @@ impl Daemon {
                             "import list no longer configured: its entries are removed"
                         ),
                         Err(e) => {
-                            tracing::warn!(list = %name, "removing an unconfigured import list: {e}")
+                            tracing::warn!(list = %name, "removing an unconfigured import list: {e}");
                         }
                     }
                 });
