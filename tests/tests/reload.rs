@@ -195,22 +195,22 @@ fn reload_applies_dnsbl_sites_and_resolver() {
 
 #[test]
 fn reload_binds_new_listeners_and_closes_removed_ones_without_dropping_clients() {
-    let a = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let b = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let d = Loopback::start(&[a], "[screen]\ngreet_wait = \"30s\"\n");
-    let mut waiting = Bot::connect([127, 0, 0, 2], a);
+    let old = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let new = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Loopback::start(&[old], "[screen]\ngreet_wait = \"30s\"\n");
+    let mut waiting = Bot::connect([127, 0, 0, 2], old);
     assert!(waiting.read_until("\r\n").starts_with("220-"));
 
     let text = std::fs::read_to_string(&d.cfg)
         .unwrap()
-        .replace(&format!("\"{a}\""), &format!("\"{b}\""));
+        .replace(&format!("\"{old}\""), &format!("\"{new}\""));
     std::fs::write(&d.cfg, text).unwrap();
     d.reload(1);
 
-    let mut fresh = Bot::connect([127, 0, 0, 3], b);
+    let mut fresh = Bot::connect([127, 0, 0, 3], new);
     assert!(fresh.read_until("\r\n").starts_with("220-"), "{}", d.log());
     assert!(
-        std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_err(),
+        std::net::TcpStream::connect_timeout(&old, Duration::from_secs(2)).is_err(),
         "the removed listener still accepts"
     );
     // The client accepted on the removed listener is still in its greet
@@ -229,18 +229,18 @@ fn reload_binds_new_listeners_and_closes_removed_ones_without_dropping_clients()
 
     // An address that cannot be bound is named; the others stay.
     let text = std::fs::read_to_string(&d.cfg).unwrap().replace(
-        &format!("\"{b}\""),
-        &format!("\"{b}\", \"192.0.2.1:{}\"", b.port()),
+        &format!("\"{new}\""),
+        &format!("\"{new}\", \"192.0.2.1:{}\"", new.port()),
     );
     std::fs::write(&d.cfg, text).unwrap();
     d.reload(2);
     assert!(
         d.log()
-            .contains(&format!("smtp.listen 192.0.2.1:{}", b.port())),
+            .contains(&format!("smtp.listen 192.0.2.1:{}", new.port())),
         "{}",
         d.log()
     );
-    let mut still = Bot::connect([127, 0, 0, 4], b);
+    let mut still = Bot::connect([127, 0, 0, 4], new);
     assert!(still.read_until("\r\n").starts_with("220-"));
 }
 
@@ -300,7 +300,7 @@ fn reload_attaches_and_detaches_interfaces() {
     let port = 2700 + u16::try_from(two.n).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &one, &pins, "skb", port);
-    let _d = start(&cfg, dir.path(), 0);
+    let daemon = start(&cfg, dir.path(), 0);
     let to = listen(SocketAddr::new(two.host_v4(), port));
     let bot = two.client_v4();
     ok(&cfg, &["block", "add", &bot.to_string()]);
@@ -314,7 +314,7 @@ fn reload_attaches_and_detaches_interfaces() {
         "xdp",
         &format!("interfaces = [\"{}\", \"{}\"]", one.host_if, two.host_if),
     );
-    hup(&_d);
+    hup(&daemon);
     wait_until_generation(&cfg, 1);
     assert!(
         !two.connects(bot, to, DROPPED),
@@ -323,7 +323,7 @@ fn reload_attaches_and_detaches_interfaces() {
     assert!(two.connects(two.neighbour_v4(), to, THROUGH));
 
     set(&cfg, "xdp", &format!("interfaces = [\"{}\"]", one.host_if));
-    hup(&_d);
+    hup(&daemon);
     wait_until_generation(&cfg, 2);
     assert!(
         two.connects(bot, to, THROUGH),
