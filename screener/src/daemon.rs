@@ -566,6 +566,13 @@ fn json(v: impl Serialize) -> serde_json::Value {
 /// Runs the daemon until SIGTERM or SIGINT. The XDP gate stays attached
 /// when it exits: only `screener xdp detach` opens it.
 pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<()> {
+    match crate::limits::raise_nofile() {
+        Ok((before, after)) if before != after => {
+            tracing::info!("open-file limit raised from {before} to {after}");
+        }
+        Ok((_, limit)) => tracing::info!("open-file limit {limit}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     let store_path = cfg.store.path.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
         .await?

@@ -49,6 +49,11 @@ pub struct SmtpStats {
     pub fails: FailCounts,
     /// Connections turned away: limits, denylist, and RCPTs refused.
     pub rejects: u64,
+    /// Of those, clients refused because the share of the open-file limit
+    /// for SMTP clients was in use.
+    pub refused_descriptors: u64,
+    /// How many SMTP clients the open-file limit leaves room for.
+    pub client_budget: u64,
     /// Clients being screened now.
     pub screening: u64,
     /// Clients handed to the backend now.
@@ -81,6 +86,9 @@ struct Counters {
     pass_old: AtomicU64,
     fails: [AtomicU64; 6],
     rejects: AtomicU64,
+    /// Clients refused because the open-file limit's share for SMTP
+    /// clients was used up.
+    refused_descriptors: AtomicU64,
 }
 
 /// What a connection reads from the configuration, rebuilt on reload and
@@ -91,6 +99,9 @@ struct Settings {
     stress: Arc<Params>,
     gate: GateParams,
     backend: Backend,
+    /// SMTP clients the open-file limit leaves room for (see
+    /// [`crate::limits`]); the next one is refused before descriptors run out.
+    client_budget: usize,
 }
 
 impl Settings {
@@ -110,7 +121,10 @@ impl Settings {
                 s.bare_newline_enable,
             ],
         };
+        let limit = crate::limits::nofile().map_or(1024, |(soft, _)| soft);
+        let client_budget = crate::limits::client_budget(limit, s.post_queue_limit);
         Settings {
+            client_budget,
             stress: Arc::new(Params::from_config(&cfg, true, keywords)),
             normal,
             gate,
@@ -184,6 +198,7 @@ impl Server {
         dnsbl: Option<Arc<dyn DnsblLookup>>,
         verdicts: Option<mpsc::UnboundedSender<Failure>>,
     ) -> Server {
+        warn_budget(&cfg);
         let keywords = Arc::new(Vec::new());
         Server {
             shared: Arc::new(Shared {
@@ -206,6 +221,7 @@ impl Server {
     /// Swaps the parameters for new connections; connections already open
     /// keep the ones they started with.
     pub fn reload(&self, cfg: Arc<Config>) {
+        warn_budget(&cfg);
         let keywords = Arc::clone(&self.shared.keywords.read().expect("keywords lock"));
         *self.shared.settings.write().expect("settings lock") =
             Arc::new(Settings::new(cfg, keywords));
@@ -236,6 +252,8 @@ impl Server {
                 denylist: f(5),
             },
             rejects: c.rejects.load(Ordering::Relaxed),
+            refused_descriptors: c.refused_descriptors.load(Ordering::Relaxed),
+            client_budget: self.settings().client_budget as u64,
             screening: load.pre_queue as u64,
             handed_off: load.post_queue as u64,
             stress: load.stress,
@@ -399,6 +417,25 @@ impl Server {
     }
 }
 
+/// Says so when the limits promise more clients than the open-file limit
+/// has room for: the excess is refused with `421` rather than served.
+fn warn_budget(cfg: &Config) {
+    let s = &cfg.screen;
+    let limit = crate::limits::nofile().map_or(1024, |(soft, _)| soft);
+    let budget = crate::limits::client_budget(limit, s.post_queue_limit);
+    if budget == 0 {
+        tracing::error!(
+            "the open-file limit ({limit}) leaves no descriptor for SMTP clients after the reserve of {}: every client is refused; raise LimitNOFILE / ulimit -n",
+            crate::limits::reserve(limit, s.post_queue_limit)
+        );
+    } else if s.pre_queue_limit + s.post_queue_limit > budget {
+        tracing::warn!(
+            "screen.pre_queue_limit + screen.post_queue_limit ({}) exceed the {budget} SMTP clients the open-file limit ({limit}) leaves room for; clients beyond it get 421",
+            s.pre_queue_limit + s.post_queue_limit
+        );
+    }
+}
+
 /// Binds one listener; IPv6 sockets are IPv6-only so `0.0.0.0:25` and
 /// `[::]:25` can both be listed.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -442,6 +479,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
+                    // Past the screening budget only known-good clients are
+                    // let in (see `connection`), and past their share nobody.
+                    let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
+                    let ceiling = settings.client_budget + settings.gate.post_queue_limit;
+                    if shared.tasks.load(Ordering::Acquire) >= ceiling as u64 {
+                        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+                        refuse_for_descriptors(&shared, &stream, peer, ceiling);
+                        continue;
+                    }
                     let local = stream.local_addr().unwrap_or(peer);
                     shared.tasks.fetch_add(1, Ordering::AcqRel);
                     let task_shared = Arc::clone(&shared);
@@ -462,6 +508,23 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             },
         }
     }
+}
+
+/// Turns a client away with `421` without waiting on it: the descriptor it
+/// holds is given back at once, so the reserve stays whole.
+fn refuse_for_descriptors(shared: &Shared, stream: &TcpStream, peer: SocketAddr, budget: usize) {
+    shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counters
+        .refused_descriptors
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        client = %Peer(peer),
+        "NOQUEUE: reject: CONNECT from {}: all {budget} client descriptors in use",
+        Peer(peer)
+    );
+    // A fresh socket's send buffer takes these few bytes without blocking.
+    let _ = stream.try_write(b"421 4.3.2 All screening ports are busy\r\n");
 }
 
 /// Refreshes the backend's EHLO keywords now and every few minutes.
@@ -734,6 +797,11 @@ async fn connection(
         }
         Admission::Screen(todo) => todo,
     };
+    // This connection counts in `tasks` already.
+    if shared.tasks.load(Ordering::Acquire) > settings.client_budget as u64 {
+        refuse_for_descriptors(shared, &stream, client, settings.client_budget);
+        return;
+    }
     slot.move_to(Queue::Pre);
     let params = Arc::clone(if stress {
         &settings.stress
