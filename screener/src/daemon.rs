@@ -56,7 +56,10 @@ pub fn parse_nets(nets: &[String]) -> Result<Vec<IpNet>, String> {
 #[derive(Serialize)]
 struct DaemonStats {
     uptime_secs: u64,
+    /// True only when every configured interface runs the program now.
     xdp_attached: bool,
+    /// Each configured interface as the kernel sees it (none without XDP).
+    xdp_interfaces: Vec<xdp::InterfaceStatus>,
     #[serde(flatten)]
     verdicts: verdict::CountersSnapshot,
 }
@@ -125,7 +128,13 @@ impl Daemon {
             }
             Request::AllowList => self.list(false).await,
             Request::Stats => Ok(json(self.stats())),
-            Request::XdpStatus => Ok(json(xdp::status(&self.cfg().xdp.pin_path))),
+            Request::XdpStatus => {
+                let cfg = self.cfg();
+                let held = v.with_gate(|g| g.interfaces());
+                Ok(json(
+                    xdp::status(&cfg.xdp.pin_path, &cfg.xdp.interfaces).seen_by(held),
+                ))
+            }
             Request::XdpDetach => {
                 drop(v.take_gate());
                 let removed = xdp::detach(&self.cfg().xdp.pin_path).map_err(|e| e.to_string())?;
@@ -323,7 +332,14 @@ impl Daemon {
             dnsbl: self.dnsbl.as_ref().map(Dnsbl::stats),
             daemon: DaemonStats {
                 uptime_secs: self.started.elapsed().as_secs(),
-                xdp_attached: self.verdicts.with_gate(|_| ()).is_some(),
+                xdp_attached: self
+                    .verdicts
+                    .with_gate(|g| g.attached_everywhere())
+                    .unwrap_or(false),
+                xdp_interfaces: self
+                    .verdicts
+                    .with_gate(|g| g.interfaces())
+                    .unwrap_or_default(),
                 verdicts: self.verdicts.counters(),
             },
             kernel,
@@ -386,11 +402,9 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         tracing::info!("running without XDP (--no-xdp)");
         None
     } else {
-        let mut gate = Gate::open(&cfg).context("starting the XDP gate")?;
+        // Loaded, not yet attached: the maps are filled from the store first.
+        let mut gate = Gate::load(&cfg).context("loading the XDP gate")?;
         gate.spawn_logger();
-        for (iface, mode) in &gate.attached {
-            tracing::info!(interface = %iface, mode = %mode, pin_path = %gate.pin_dir().display(), "XDP gate up");
-        }
         Some(gate)
     };
     let listener = admin::bind(&cfg.admin.socket)
@@ -406,6 +420,10 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             "kernel maps reconciled with the store"
         ),
         Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
+    }
+    if let Some(Err(e)) = verdicts.with_gate(Gate::attach) {
+        let _ = std::fs::remove_file(&socket);
+        return Err(e).context("attaching the XDP gate");
     }
     let cfg = verdicts.cfg();
     let dnsbl = build_dnsbl(&cfg)?;
@@ -475,6 +493,11 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         }
     });
 
+    let v = verdicts.clone();
+    let watchdog = xdp::spawn_watchdog(move || {
+        let _ = v.with_gate(Gate::watch);
+    });
+
     let mut importers = Vec::new();
     for list in daemon.cfg().import.lists.clone() {
         let d = daemon.clone();
@@ -518,6 +541,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();
+    watchdog.abort();
     for i in importers {
         i.abort();
     }
