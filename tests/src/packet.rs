@@ -353,8 +353,12 @@ impl FrameBuilder {
                 t.extend(40000u16.to_be_bytes());
                 t.extend(dport.to_be_bytes());
                 t.extend(1u32.to_be_bytes()); // sequence
-                // The acknowledgment number, meaningful only with ACK.
-                let ack = if flags & tcp::ACK != 0 { 0x0100_0001u32 } else { 0 };
+                                              // The acknowledgment number, meaningful only with ACK.
+                let ack = if flags & tcp::ACK != 0 {
+                    0x0100_0001u32
+                } else {
+                    0
+                };
                 t.extend(ack.to_be_bytes());
                 t.extend([0x50, flags]); // data offset 5, the flags
                 t.extend(64240u16.to_be_bytes()); // window
@@ -492,6 +496,10 @@ mod tests {
         assert_eq!(&f.bytes[f.ip_end + 8..f.ip_end + 12], &[1, 0, 0, 1]);
         let s = syn("2001:db8::7".parse().unwrap(), 25).build();
         assert_eq!(s.bytes[s.ip_end + 13], tcp::SYN);
-        assert_eq!(&s.bytes[s.ip_end + 8..s.ip_end + 12], &[0; 4], "no ACK number");
+        assert_eq!(
+            &s.bytes[s.ip_end + 8..s.ip_end + 12],
+            &[0; 4],
+            "no ACK number"
+        );
     }
 }

@@ -25,7 +25,12 @@ const DROPPED: Duration = Duration::from_secs(1);
 /// A daemon screening on `ns`'s host side with the defaults but a 2 s greet
 /// wait, XDP on that port, Postfix behind it. Returns the pins first so
 /// they outlive the daemon.
-fn screener(ns: &NetNs, tag: &str, pf: &Postfix, extra: &[(&str, &str)]) -> (PinDir, Daemon, SocketAddr) {
+fn screener(
+    ns: &NetNs,
+    tag: &str,
+    pf: &Postfix,
+    extra: &[(&str, &str)],
+) -> (PinDir, Daemon, SocketAddr) {
     let pins = PinDir::new(&format!("{tag}{}", ns.n));
     let port = 2900 + u16::try_from(ns.n).unwrap();
     let to = SocketAddr::new(ns.host_v4(), port);
@@ -122,7 +127,10 @@ fn hang_ups_of_blocked_bots_free_their_slots() {
     );
     let list = blocked(&d.cfg);
     for ip in &bots {
-        assert!(list.contains(&format!("{ip}/32")), "{ip} not blocked: {list:?}");
+        assert!(
+            list.contains(&format!("{ip}/32")),
+            "{ip} not blocked: {list:?}"
+        );
     }
     let log = d.log(0);
     assert_eq!(log.matches("HANGUP").count(), bots.len(), "{log}");
@@ -136,7 +144,11 @@ fn hang_ups_of_blocked_bots_free_their_slots() {
         String::from_utf8_lossy(&out.stderr)
     );
     pf.wait_log(&["status=sent", "rcpt@backend.test"]);
-    assert!(d.log(0).contains(&format!("PASS NEW [{}]", ns.v4(14))), "{}", d.log(0));
+    assert!(
+        d.log(0).contains(&format!("PASS NEW [{}]", ns.v4(14))),
+        "{}",
+        d.log(0)
+    );
 }
 
 /// A bot that pregreets under `enforce` and goes on with its dialogue is
@@ -178,8 +190,14 @@ fn enforced_bot_gets_its_550_and_then_meets_the_gate() {
     });
 
     let before = dropped_pregreet(&d.cfg);
-    assert!(!ns.connects(ip, to, DROPPED), "the blocked bot connected again");
-    assert!(dropped_pregreet(&d.cfg) > before, "XDP did not count the drop");
+    assert!(
+        !ns.connects(ip, to, DROPPED),
+        "the blocked bot connected again"
+    );
+    assert!(
+        dropped_pregreet(&d.cfg) > before,
+        "XDP did not count the drop"
+    );
     assert_eq!(
         d.log(0).matches(&format!("CONNECT from [{ip}]")).count(),
         1,
@@ -233,10 +251,16 @@ fn handed_off_client_finishes_its_mail_when_its_prefix_is_blocked() {
     drop(c);
     pf.wait_log(&["status=sent", "rcpt@backend.test"]);
 
-    assert!(!ns.connects(ip, to, DROPPED), "the blocked client connected again");
+    assert!(
+        !ns.connects(ip, to, DROPPED),
+        "the blocked client connected again"
+    );
     let st = stats(&d.cfg);
     assert!(
-        st["kernel"]["dropped_by_reason"]["manual"].as_u64().unwrap() >= 2,
+        st["kernel"]["dropped_by_reason"]["manual"]
+            .as_u64()
+            .unwrap()
+            >= 2,
         "{st}"
     );
 }

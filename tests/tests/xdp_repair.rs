@@ -144,7 +144,10 @@ fn pins_removed_under_a_running_daemon_come_back() {
     let to = listen(SocketAddr::new(ns.host_v4(), port));
     let mut d = daemon(&ns, &pins, "skb", port);
     let client = ns.client_v4();
-    ok(&d.cfg, &["block", "add", &client.to_string(), "--reason", "pregreet"]);
+    ok(
+        &d.cfg,
+        &["block", "add", &client.to_string(), "--reason", "pregreet"],
+    );
     assert!(!ns.connects(client, to, DROPPED));
 
     std::fs::remove_dir_all(&pins.0).unwrap();
@@ -212,7 +215,10 @@ fn start_over_a_severed_pinned_link_replaces_it() {
     let (success, st) = cli(&d.cfg, &["xdp", "status"]);
     assert!(success, "{st}");
     assert!(
-        st.contains(&format!("interface {}: NOT GUARDED: link severed", ns.host_if)),
+        st.contains(&format!(
+            "interface {}: NOT GUARDED: link severed",
+            ns.host_if
+        )),
         "{st}"
     );
 
@@ -225,7 +231,8 @@ fn start_over_a_severed_pinned_link_replaces_it() {
     let (attached, state, xdp_attached, _) = states(&d.cfg);
     assert!(attached && xdp_attached, "{state}");
     assert!(
-        d.log(1).contains("does not guard the interface; replacing it"),
+        d.log(1)
+            .contains("does not guard the interface; replacing it"),
         "{}",
         d.log(1)
     );
@@ -273,7 +280,9 @@ fn maps_are_filled_before_the_gate_attaches() {
         stop.clone(),
     );
     d.child = start(&d.cfg, d.dir.path(), 1);
-    wait_for("SYNs dropped by the new gate", REPAIR, || dropped(&d.cfg) >= 10);
+    wait_for("SYNs dropped by the new gate", REPAIR, || {
+        dropped(&d.cfg) >= 10
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let attempts = hammer.join().unwrap().unwrap();
     let count = |armed: bool, connected: bool| {
@@ -289,7 +298,10 @@ fn maps_are_filled_before_the_gate_attaches() {
         count(true, true),
         count(true, false)
     );
-    assert!(count(false, true) > 0, "never got through before the start: {summary}");
+    assert!(
+        count(false, true) > 0,
+        "never got through before the start: {summary}"
+    );
     assert!(count(true, false) >= 5, "{summary}");
     assert_eq!(
         count(true, true),

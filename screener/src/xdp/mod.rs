@@ -137,8 +137,9 @@ pub struct Gate {
     /// The link this process holds per interface: it keeps the program
     /// attached even while its pin is missing, and is what gets re-pinned.
     links: BTreeMap<String, HeldLink>,
-    /// Interfaces found missing, so their absence is logged once.
-    missing: std::collections::BTreeSet<String>,
+    /// Per unguarded interface, the last problem logged, so a problem
+    /// that lasts is logged once, not every round.
+    unguarded: BTreeMap<String, String>,
     /// `(interface, mode)` attached by this process or adopted.
     pub attached: Vec<(String, &'static str)>,
 }
@@ -170,13 +171,14 @@ pub struct InterfaceStatus {
     pub program_id: Option<u32>,
 }
 
-/// What an interface's link looks like now.
+/// Whether `iface` (index `ifindex` now, `None` if there is no such
+/// interface) is guarded through `link` running `prog_id`.
 fn judge_link(
     iface: &str,
+    ifindex: Option<u32>,
     link: Option<sys::LinkFacts>,
     prog_id: Option<u32>,
 ) -> InterfaceStatus {
-    let ifindex = sys::ifindex(iface);
     let state = match (ifindex, link) {
         (_, Some(l)) if l.ifindex == 0 => "link severed (interface deleted or re-created)".into(),
         (None, _) => "no such interface".into(),
@@ -300,7 +302,7 @@ impl Gate {
             mode: x.mode,
             prog_id,
             links: BTreeMap::new(),
-            missing: std::collections::BTreeSet::new(),
+            unguarded: BTreeMap::new(),
             attached: Vec::new(),
         })
     }
@@ -352,7 +354,7 @@ impl Gate {
                     .links
                     .get(iface)
                     .and_then(|l| sys::link_facts(l.fd.as_fd()).ok());
-                judge_link(iface, facts, Some(self.prog_id))
+                judge_link(iface, sys::ifindex(iface), facts, Some(self.prog_id))
             })
             .collect()
     }
@@ -427,12 +429,16 @@ impl Gate {
             (Some(i), Some((_, _, Some(f)))) if f.ifindex == i && f.prog_id == self.prog_id
         );
         if healthy {
-            self.missing.remove(iface);
+            self.unguarded.remove(iface);
             // The link guards; make sure its pin is there and is this link.
             let (id, _, _) = held.expect("healthy implies held");
             let pinned = sys::pinned_link(&link_pin).ok().map(|(_, f)| f.id);
             if pinned != Some(id) {
-                let cause = if pinned.is_some() { "pin replaced" } else { "pin removed" };
+                let cause = if pinned.is_some() {
+                    "pin replaced"
+                } else {
+                    "pin removed"
+                };
                 tracing::warn!(interface = iface, pin = %link_pin.display(), cause, "XDP link pin missing under the running daemon; pinning it again");
                 let _ = std::fs::remove_file(&link_pin);
                 let fd = &self.links.get(iface).expect("held").fd;
@@ -444,12 +450,13 @@ impl Gate {
         }
         let cause = match (now, held) {
             (None, _) => "interface gone",
+            (_, None) => "not attached",
+            (_, Some((_, _, None))) => "link unreadable",
             (_, Some((_, _, Some(f)))) if f.ifindex == 0 => {
                 "link severed (interface deleted or re-created)"
             }
-            (Some(i), Some((_, old, _))) if old != i => "interface re-created",
-            (_, Some(_)) => "link lost",
-            (_, None) => "not attached",
+            (Some(i), Some((_, _, Some(f)))) if f.ifindex != i => "interface re-created",
+            (_, Some(_)) => "link runs another program",
         };
         if self.links.remove(iface).is_some() {
             // A severed link guards nothing and cannot take a program: drop
@@ -458,11 +465,20 @@ impl Gate {
                 let _ = std::fs::remove_file(&link_pin);
             }
             self.attached.retain(|(i, _)| i != iface);
-            tracing::warn!(interface = iface, cause, "XDP no longer guards the interface");
+            tracing::warn!(
+                interface = iface,
+                cause,
+                "XDP no longer guards the interface"
+            );
         }
         if now.is_none() {
-            if self.missing.insert(iface.to_owned()) {
-                tracing::warn!(interface = iface, cause, "interface gone; XDP re-attaches when it returns");
+            if self.unguarded.get(iface).map(String::as_str) != Some(cause) {
+                tracing::warn!(
+                    interface = iface,
+                    cause,
+                    "interface gone; XDP re-attaches when it returns"
+                );
+                self.unguarded.insert(iface.to_owned(), cause.to_owned());
             }
             return;
         }
@@ -475,10 +491,17 @@ impl Gate {
             Ok((link, mode)) => {
                 self.links.insert(iface.to_owned(), link);
                 self.attached.push((iface.to_owned(), mode));
-                self.missing.remove(iface);
+                self.unguarded.remove(iface);
                 tracing::warn!(interface = iface, mode, cause, "XDP re-attached");
             }
-            Err(e) => tracing::error!(interface = iface, cause, "re-attaching XDP: {e}"),
+            Err(e) => {
+                // Tried again every round; said again only when it changes.
+                let said = e.to_string();
+                if self.unguarded.get(iface) != Some(&said) {
+                    tracing::error!(interface = iface, cause, "re-attaching XDP: {said}");
+                    self.unguarded.insert(iface.to_owned(), said);
+                }
+            }
         }
     }
 
@@ -653,9 +676,9 @@ fn attach(
 /// The kernel id of a map this process holds.
 fn map_id(map: &aya::maps::Map) -> Option<u32> {
     use aya::maps::Map;
-    let data = match map {
-        Map::Array(d) | Map::HashMap(d) | Map::LpmTrie(d) | Map::PerCpuArray(d) => d,
-        _ => return None,
+    let (Map::Array(data) | Map::HashMap(data) | Map::LpmTrie(data) | Map::PerCpuArray(data)) = map
+    else {
+        return None;
     };
     data.info().ok().map(|i| i.id())
 }
@@ -737,7 +760,7 @@ pub fn status(dir: &Path, interfaces: &[String]) -> Status {
         .map(|i| i.id());
     let interfaces: Vec<InterfaceStatus> = interfaces
         .iter()
-        .map(|i| judge_link(i, facts.get(i).copied(), prog_id))
+        .map(|i| judge_link(i, sys::ifindex(i), facts.get(i).copied(), prog_id))
         .collect();
     let counts = Maps::from_pins(dir).ok().map(|m| m.counts());
     let mut maps_out = Vec::new();
@@ -788,4 +811,51 @@ pub fn detach(dir: &Path) -> Result<Vec<String>, XdpError> {
     // someone else pinned.
     let _ = std::fs::remove_dir(dir);
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{judge_link, sys::LinkFacts};
+
+    fn link(ifindex: u32, prog_id: u32) -> Option<LinkFacts> {
+        Some(LinkFacts {
+            link_type: super::sys::BPF_LINK_TYPE_XDP,
+            id: 7,
+            prog_id,
+            ifindex,
+        })
+    }
+
+    #[test]
+    fn an_interface_is_guarded_only_by_a_live_link_running_our_program() {
+        let state = |ifindex, l, prog| {
+            let s = judge_link("eth0", ifindex, l, prog);
+            assert_eq!(s.attached, s.state == "attached", "{s:?}");
+            s.state
+        };
+        assert_eq!(state(Some(3), link(3, 9), Some(9)), "attached");
+        // Without a pinned program to compare with, a live link counts.
+        assert_eq!(state(Some(3), link(3, 9), None), "attached");
+        assert_eq!(
+            state(Some(4), link(0, 9), Some(9)),
+            "link severed (interface deleted or re-created)"
+        );
+        assert_eq!(
+            state(None, link(0, 9), Some(9)),
+            "link severed (interface deleted or re-created)"
+        );
+        assert_eq!(state(None, None, Some(9)), "no such interface");
+        assert_eq!(state(Some(3), None, Some(9)), "not attached");
+        assert!(state(Some(4), link(3, 9), Some(9)).starts_with("link attached to another device"));
+        assert!(state(Some(3), link(3, 8), Some(9)).starts_with("link runs another program"));
+    }
+
+    #[test]
+    fn interface_indexes_and_missing_pins() {
+        assert_eq!(super::sys::ifindex("lo"), Some(1));
+        assert_eq!(super::sys::ifindex("no-such-if0"), None);
+        let e = super::sys::obj_get(std::path::Path::new("/sys/fs/bpf/no-such-pin-here"))
+            .expect_err("nothing pinned there");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
 }

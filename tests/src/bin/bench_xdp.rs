@@ -120,7 +120,10 @@ impl Setup {
                 "exact hit" => "ack, blocked host",
                 _ => continue,
             };
-            let frame = segment(src, 25, tcp::ACK | tcp::PSH).payload(100).build().bytes;
+            let frame = segment(src, 25, tcp::ACK | tcp::PSH)
+                .payload(100)
+                .build()
+                .bytes;
             out.push((case, frame, XDP_PASS, stat::PASS_NOT_OPENING));
         }
         out
