@@ -817,13 +817,13 @@ pub fn detach(dir: &Path) -> Result<Vec<String>, XdpError> {
 mod tests {
     use super::{judge_link, sys::LinkFacts};
 
-    fn link(ifindex: u32, prog_id: u32) -> Option<LinkFacts> {
-        Some(LinkFacts {
+    fn link(ifindex: u32, prog_id: u32) -> LinkFacts {
+        LinkFacts {
             link_type: super::sys::BPF_LINK_TYPE_XDP,
             id: 7,
             prog_id,
             ifindex,
-        })
+        }
     }
 
     #[test]
@@ -833,21 +833,22 @@ mod tests {
             assert_eq!(s.attached, s.state == "attached", "{s:?}");
             s.state
         };
-        assert_eq!(state(Some(3), link(3, 9), Some(9)), "attached");
+        assert_eq!(state(Some(3), Some(link(3, 9)), Some(9)), "attached");
         // Without a pinned program to compare with, a live link counts.
-        assert_eq!(state(Some(3), link(3, 9), None), "attached");
+        assert_eq!(state(Some(3), Some(link(3, 9)), None), "attached");
         assert_eq!(
-            state(Some(4), link(0, 9), Some(9)),
+            state(Some(4), Some(link(0, 9)), Some(9)),
             "link severed (interface deleted or re-created)"
         );
         assert_eq!(
-            state(None, link(0, 9), Some(9)),
+            state(None, Some(link(0, 9)), Some(9)),
             "link severed (interface deleted or re-created)"
         );
         assert_eq!(state(None, None, Some(9)), "no such interface");
         assert_eq!(state(Some(3), None, Some(9)), "not attached");
-        assert!(state(Some(4), link(3, 9), Some(9)).starts_with("link attached to another device"));
-        assert!(state(Some(3), link(3, 8), Some(9)).starts_with("link runs another program"));
+        assert!(state(Some(4), Some(link(3, 9)), Some(9))
+            .starts_with("link attached to another device"));
+        assert!(state(Some(3), Some(link(3, 8)), Some(9)).starts_with("link runs another program"));
     }
 
     #[test]
