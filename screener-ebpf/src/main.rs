@@ -4,7 +4,9 @@
 //! Contract:
 //! - It never returns `XDP_ABORTED`. Whatever it cannot parse (truncated
 //!   frames, unknown IP versions, more than two VLAN tags) passes and is
-//!   counted as unparseable.
+//!   counted as unparseable. One exception: an IPv6 packet with more
+//!   extension headers than the six it follows is judged on its source,
+//!   since Linux follows them and they could hide a SYN.
 //! - A packet is in scope when it is a TCP segment to a port in
 //!   `xdp.ports`, or, when the scope is "all", any IP packet.
 //! - A packet in scope is judged on its source only when it could open a
@@ -21,10 +23,9 @@
 //! promises (550 at RCPT, 521) reaches it, and a client already handed to
 //! the MTA that falls inside a newly blocked prefix finishes its mail. Its
 //! next SYN is dropped. With the "all" scope, everything that is not a TCP
-//! segment (UDP, ICMP, ESP, non-first fragments, IPv6 header chains longer
-//! than the parser follows) is judged on its source as before: it cannot
-//! be shown to belong to a connection. With a port list, only TCP is in
-//! scope, as before.
+//! segment (UDP, ICMP, ESP, non-first fragments) is judged on its source as
+//! before: it cannot be shown to belong to a connection. With a port list,
+//! only TCP is in scope, as before.
 //!
 //! THE COST OF AN ACK FLOOD. A blocked source may now send segments with
 //! ACK set and they reach the stack, where they meet what an ACK from any
