@@ -438,14 +438,18 @@ async fn xdp_cmd(cfg: &Config, x: XdpCmd) -> anyhow::Result<()> {
         XdpCmd::Status { json } => {
             // From the daemon when it runs (it holds the links, which guard
             // even while a pin is missing), else from the pins alone.
-            let st = match admin::call(&cfg.admin.socket, &Request::XdpStatus).await {
-                Ok(resp) if resp.ok => serde_json::from_value(resp.data)?,
-                Ok(resp) => bail!("{}", resp.error.unwrap_or_default()),
-                Err(admin::AdminError::NotRunning { .. }) => {
-                    xdp::status(&cfg.xdp.pin_path, &cfg.xdp.interfaces)
-                }
-                Err(e) => return Err(e.into()),
+            let asked = match admin::call(&cfg.admin.socket, &Request::XdpStatus).await {
+                Ok(resp) if resp.ok => serde_json::from_value(resp.data).map_err(|e| e.to_string()),
+                Ok(resp) => Err(resp.error.unwrap_or_default()),
+                Err(admin::AdminError::NotRunning { .. }) => Err(String::new()),
+                Err(e) => Err(e.to_string()),
             };
+            let st = asked.unwrap_or_else(|why| {
+                if !why.is_empty() {
+                    eprintln!("the daemon gave no status ({why}); reading the pins");
+                }
+                xdp::status(&cfg.xdp.pin_path, &cfg.xdp.interfaces)
+            });
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
                 return Ok(());
