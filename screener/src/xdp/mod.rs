@@ -125,7 +125,9 @@ pub struct Gate {
     /// Holds the program and the map handles it was built on; dropping it
     /// does not detach anything, the pins keep both alive.
     ebpf: Ebpf,
+    /// Typed handles on the maps, for every verdict change.
     pub maps: Maps,
+    /// Where everything is pinned (`xdp.pin_path`).
     pin_dir: PathBuf,
     /// The interfaces the configuration names, in its order.
     interfaces: Vec<String>,
@@ -151,14 +153,13 @@ struct HeldLink {
     fd: OwnedFd,
     /// The link's kernel id, to recognise its pin.
     id: u32,
-    /// The interface index it was attached to.
-    ifindex: u32,
 }
 
 /// Whether one configured interface has this program, as `xdp status` and
 /// `stats` report it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceStatus {
+    /// The name in `xdp.interfaces`.
     pub interface: String,
     /// The interface's index now; `None` when there is no such interface.
     pub ifindex: Option<u32>,
@@ -167,7 +168,9 @@ pub struct InterfaceStatus {
     /// `attached`, or why not: `no such interface`, `link severed
     /// (interface deleted or re-created)`, `not attached`, ...
     pub state: String,
+    /// The link found for it, if any, and the program that link runs.
     pub link_id: Option<u32>,
+    /// See `link_id`.
     pub program_id: Option<u32>,
 }
 
@@ -423,15 +426,15 @@ impl Gate {
         let held = self
             .links
             .get(iface)
-            .map(|l| (l.id, l.ifindex, sys::link_facts(l.fd.as_fd()).ok()));
+            .map(|l| (l.id, sys::link_facts(l.fd.as_fd()).ok()));
         let healthy = matches!(
             (now, held),
-            (Some(i), Some((_, _, Some(f)))) if f.ifindex == i && f.prog_id == self.prog_id
+            (Some(i), Some((_, Some(f)))) if f.ifindex == i && f.prog_id == self.prog_id
         );
         if healthy {
             self.unguarded.remove(iface);
             // The link guards; make sure its pin is there and is this link.
-            let (id, _, _) = held.expect("healthy implies held");
+            let (id, _) = held.expect("healthy implies held");
             let pinned = sys::pinned_link(&link_pin).ok().map(|(_, f)| f.id);
             if pinned != Some(id) {
                 let cause = if pinned.is_some() {
@@ -451,11 +454,11 @@ impl Gate {
         let cause = match (now, held) {
             (None, _) => "interface gone",
             (_, None) => "not attached",
-            (_, Some((_, _, None))) => "link unreadable",
-            (_, Some((_, _, Some(f)))) if f.ifindex == 0 => {
+            (_, Some((_, None))) => "link unreadable",
+            (_, Some((_, Some(f)))) if f.ifindex == 0 => {
                 "link severed (interface deleted or re-created)"
             }
-            (Some(i), Some((_, _, Some(f)))) if f.ifindex != i => "interface re-created",
+            (Some(i), Some((_, Some(f)))) if f.ifindex != i => "interface re-created",
             (_, Some(_)) => "link runs another program",
         };
         if self.links.remove(iface).is_some() {
@@ -588,11 +591,7 @@ fn mode_name(m: AyaMode) -> &'static str {
 /// Opens the link pinned at `path` to hold it.
 fn hold(path: &Path) -> Result<HeldLink, XdpError> {
     let (fd, facts) = sys::pinned_link(path).map_err(io("opening the pinned link", path))?;
-    Ok(HeldLink {
-        fd,
-        id: facts.id,
-        ifindex: facts.ifindex,
-    })
+    Ok(HeldLink { fd, id: facts.id })
 }
 
 /// Attaches `prog` to `iface`, or swaps it into the pinned link there when
@@ -686,8 +685,11 @@ fn map_id(map: &aya::maps::Map) -> Option<u32> {
 /// What `xdp status` reports.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
+    /// `xdp.pin_path`.
     pub pin_path: PathBuf,
+    /// Whether a pinned set (at least the settings map) is there.
     pub pinned: bool,
+    /// The pinned layout, or why it cannot be adopted.
     pub layout: Option<String>,
     /// True only when every configured interface runs the screener's
     /// program (and at least one is configured).
@@ -715,8 +717,11 @@ impl Status {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LinkStatus {
+    /// The interface named in the pin (`link_<interface>`).
     pub interface: String,
+    /// The link's kernel id.
     pub link_id: u32,
+    /// The program it runs.
     pub program_id: u32,
     /// The interface index the link is attached to; 0 once that interface
     /// is gone (the link is severed and guards nothing).
@@ -725,9 +730,13 @@ pub struct LinkStatus {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MapStatus {
+    /// The map's name and pin.
     pub name: String,
+    /// Its kernel id.
     pub id: u32,
+    /// Its size.
     pub max_entries: u32,
+    /// Entries it holds, for the block and allow maps.
     pub entries: Option<usize>,
 }
 
