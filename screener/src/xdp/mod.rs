@@ -386,9 +386,11 @@ impl Gate {
             let Some(map) = self.ebpf.map(name) else {
                 continue;
             };
-            let ours = map_id(map);
+            let Some(ours) = map_id(map) else {
+                continue;
+            };
             let pinned = aya::maps::MapInfo::from_pin(&path).ok().map(|i| i.id());
-            if pinned.is_some() && pinned == ours {
+            if pinned == Some(ours) {
                 continue;
             }
             if pinned.is_some() {
