@@ -145,12 +145,15 @@ pub mod stat {
     pub const PASS_EXPIRED: u32 = 5;
     /// Passed: the program has not been configured yet.
     pub const PASS_NOT_READY: u32 = 6;
+    /// Passed: a TCP segment in scope that cannot open a connection (ACK
+    /// set, or SYN clear), whatever its source.
+    pub const PASS_NOT_OPENING: u32 = 7;
     /// First of [`super::REASONS`] drop counters, indexed by reason.
     pub const DROP_BASE: u32 = 8;
     /// Size of the stats array.
     pub const LEN: u32 = DROP_BASE + super::REASONS;
 
-    pub const PASS_NAMES: [(u32, &str); 7] = [
+    pub const PASS_NAMES: [(u32, &str); 8] = [
         (PASS_NOT_IP, "passed_not_ip"),
         (PASS_UNPARSEABLE, "passed_unparseable"),
         (PASS_OUT_OF_SCOPE, "passed_out_of_scope"),
@@ -158,6 +161,7 @@ pub mod stat {
         (PASS_ALLOWED, "passed_allowed"),
         (PASS_EXPIRED, "passed_expired"),
         (PASS_NOT_READY, "passed_not_ready"),
+        (PASS_NOT_OPENING, "passed_not_opening"),
     ];
 }
 

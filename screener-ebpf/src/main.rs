@@ -1,30 +1,65 @@
-//! The XDP gate: drops packets from blocked sources before the network stack
-//! sees them.
+//! The XDP gate: drops the connection attempts of blocked sources before
+//! the network stack sees them.
 //!
 //! Contract:
 //! - It never returns `XDP_ABORTED`. Whatever it cannot parse (truncated
-//!   frames, unknown IP versions, more IPv6 extension headers than it
-//!   follows) passes and is counted as unparseable.
-//! - A packet is judged only when it is in scope: a TCP segment to a port in
-//!   `xdp.ports`, or every IP packet when the scope is "all".
-//! - A source is dropped when a live block entry covers it (exact IPv4 host,
-//!   IPv6 host prefix, or any CIDR) and no allow entry does.
+//!   frames, unknown IP versions, more than two VLAN tags) passes and is
+//!   counted as unparseable. One exception: an IPv6 packet with more
+//!   extension headers than the six it follows is judged on its source,
+//!   since Linux follows them and they could hide a SYN.
+//! - A packet is in scope when it is a TCP segment to a port in
+//!   `xdp.ports`, or, when the scope is "all", any IP packet.
+//! - A packet in scope is judged on its source only when it could open a
+//!   connection (see OPENERS). It is dropped when a live block entry
+//!   covers the source (exact IPv4 host, IPv6 host prefix, or any CIDR)
+//!   and no allow entry does.
 //!
-//! FRAGMENTS. A non-first fragment carries no TCP header, so it has no port:
-//! with a port scope it passes as out of scope. That opens nothing: the first
-//! fragment, which carries the ports, is judged and dropped, and the
-//! datagram cannot be reassembled without it. An IPv4 first fragment too
-//! short to carry the ports is judged on its source alone, since Linux
-//! reassembles it all the same. With the "all" scope every fragment is
-//! judged on its source address.
+//! OPENERS. What the gate keeps out is new connections: a TCP segment with
+//! SYN set and ACK clear. Every other TCP segment (ACK set: the handshake's
+//! last step, data, FIN, RST; or neither SYN nor ACK) passes whatever its
+//! source, so a connection that was open when its source got blocked runs
+//! to its end: the screener sees a blocked bot hang up (its slot is freed
+//! at once instead of at the command time limit), the reply its action
+//! promises (550 at RCPT, 521) reaches it, and a client already handed to
+//! the MTA that falls inside a newly blocked prefix finishes its mail. Its
+//! next SYN is dropped. With the "all" scope, everything that is not a TCP
+//! segment (UDP, ICMP, ESP, non-first fragments) is judged on its source as
+//! before: it cannot be shown to belong to a connection. With a port list,
+//! only TCP is in scope, as before.
+//!
+//! THE COST OF AN ACK FLOOD. A blocked source may now send segments with
+//! ACK set and they reach the stack, where they meet what an ACK from any
+//! other address meets: no socket matches, so the listener (or the closed
+//! port) answers with one RST, or, while SYN cookies are in use, the ACK is
+//! checked as a cookie (one hash) and then answered the same way. Nothing
+//! reaches the daemon: an ACK cannot create a connection, a session or a
+//! screening slot, which are what a blocked bot would cost. Dropping its
+//! ACKs would not help against floods either: a stateless flood is free to
+//! forge any source, so a list of the sources that misbehaved in SMTP does
+//! not stop it; that is the job of SYN cookies, `rp_filter`, conntrack
+//! (`ct state invalid drop`) or an upstream scrubber. What the block list
+//! buys, keeping a known bot's connection attempts (and its retries every
+//! few seconds) away from the listener and the daemon, is unchanged.
+//!
+//! FRAGMENTS. A non-first fragment carries no TCP header, so it has no port
+//! and no flags: with a port scope it passes as out of scope. That opens
+//! nothing: the first fragment, which carries the header, is judged like
+//! any segment, and the datagram cannot be reassembled without it. An
+//! IPv4 first fragment too short to carry the flags is judged on its ports
+//! if it has them, else on its source, since Linux reassembles it all the
+//! same. (Linux drops an IPv6 first fragment without the whole TCP header,
+//! RFC 7112.) With the "all" scope non-first fragments are judged on their
+//! source.
 //!
 //! COST. The miss path is what every good packet pays: one array lookup for
 //! the settings and one bit in the prefilter array (both inlined by the
 //! verifier); only when that bit is set do the hash and trie lookups run,
 //! and only for maps that hold entries (the daemon keeps the `FLAG_HAS_*`
-//! and `FLAG_PREFILTER_*` bits current). The allow tries are consulted only
-//! after a block entry matched, so allowing costs nothing on the miss path.
-//! Exactly one per-CPU counter is bumped per packet.
+//! and `FLAG_PREFILTER_*` bits current). A segment of an open connection,
+//! the bulk of a mail server's traffic, skips even the prefilter: its flags
+//! sit in the same bounds-checked read as its ports. The allow tries are
+//! consulted only after a block entry matched, so allowing costs nothing on
+//! the miss path. Exactly one per-CPU counter is bumped per packet.
 #![no_std]
 #![no_main]
 #![expect(
@@ -100,6 +135,7 @@ fn judge(ctx: &XdpContext) -> (u32, u32) {
         Parsed::NotIp => (XDP_PASS, stat::PASS_NOT_IP),
         Parsed::Unparseable => (XDP_PASS, stat::PASS_UNPARSEABLE),
         Parsed::OutOfScope => (XDP_PASS, stat::PASS_OUT_OF_SCOPE),
+        Parsed::NotOpening => (XDP_PASS, stat::PASS_NOT_OPENING),
         Parsed::V4(src) => judge_v4(ctx, cfg.flags, src),
         Parsed::V6(src) => judge_v6(ctx, cfg, src),
     }

@@ -1,7 +1,12 @@
 //! Packet parsing shared by the XDP program and its benchmark baseline:
 //! Ethernet, up to two VLAN tags, IPv4 with options, IPv6 with its
-//! extension headers, TCP ports. Every field is read through the one
-//! pointer `ptr_at` bounds-checked, which is what the verifier can follow.
+//! extension headers, the TCP ports and flags. Every field is read through
+//! the one pointer `ptr_at` bounds-checked, which is what the verifier can
+//! follow.
+//!
+//! The parser answers two questions: is the packet in scope, and could it
+//! open a connection. Only packets that could are judged on their source
+//! (see OPENERS in `main.rs`).
 
 use core::mem::size_of;
 
@@ -14,8 +19,16 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 const IPPROTO_TCP: u8 = 6;
-/// The TCP source and destination ports: all the program reads of TCP.
+/// The TCP source and destination ports: all a fragment's verdict needs.
 const TCP_PORTS: usize = 4;
+/// The TCP header up to and including its flags byte: the ports, the
+/// sequence and acknowledgment numbers, the data offset, the flags.
+const TCP_FLAGS_END: usize = 14;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// IPv4 "more fragments" flag and fragment offset (in the flags word).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers followed before giving up (counted unparseable).
 const MAX_EXT_HEADERS: usize = 6;
@@ -25,6 +38,9 @@ pub(crate) enum Parsed {
     NotIp,
     Unparseable,
     OutOfScope,
+    /// A TCP segment that cannot open a connection (ACK set, or SYN
+    /// clear): it passes whatever its source.
+    NotOpening,
     V4([u8; 4]),
     /// The source address where it sits in the packet (bounds-checked):
     /// copied only when a prefilter bit says it may be blocked.
@@ -93,35 +109,65 @@ fn parse_v4(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
     if ptr_at::<u8>(ctx, off + ihl - 1).is_none() {
         return Parsed::Unparseable;
     }
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    if all_ports {
-        return Parsed::V4(src);
-    }
+    let src = Parsed::V4([ip[12], ip[13], ip[14], ip[15]]);
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if ip[9] != IPPROTO_TCP || frag & 0x1fff != 0 {
-        // Not TCP, or a non-first fragment (no ports): see FRAGMENTS.
-        return Parsed::OutOfScope;
+    if ip[9] != IPPROTO_TCP || frag & IP_OFFSET != 0 {
+        // Not TCP, or a non-first fragment (no TCP header): see FRAGMENTS.
+        return not_tcp(all_ports, src);
     }
-    if frag & 0x2000 != 0 && ptr_at::<[u8; TCP_PORTS]>(ctx, off + ihl).is_none() {
-        // A first fragment too short to carry the ports: Linux would still
-        // reassemble it, so it is judged on its source (see FRAGMENTS).
-        return Parsed::V4(src);
+    let l4 = off + ihl;
+    if let Some(tcp) = ptr_at::<[u8; TCP_FLAGS_END]>(ctx, l4) {
+        return tcp_segment(cfg, all_ports, tcp, src);
     }
-    tcp_in_scope(ctx, cfg, off + ihl, Parsed::V4(src))
+    if frag & IP_MF == 0 {
+        // A whole datagram cut inside its TCP header: malformed.
+        return Parsed::Unparseable;
+    }
+    // A first fragment cut inside the TCP header. Linux reassembles it all
+    // the same, so it is judged on its ports when it carries them, else on
+    // its source alone (see FRAGMENTS).
+    match ptr_at::<[u8; TCP_PORTS]>(ctx, l4) {
+        // SAFETY: ptr_at checked both ports are inside the packet.
+        Some(p) if !all_ports && !port_in_scope(cfg, unsafe { &*p }) => Parsed::OutOfScope,
+        _ => src,
+    }
 }
 
+/// A packet that is not a TCP segment with its header: judged on its
+/// source in "all" scope, out of scope otherwise.
 #[inline(always)]
-fn tcp_in_scope(ctx: &XdpContext, cfg: &Config, l4: usize, src: Parsed) -> Parsed {
-    let Some(tcp) = ptr_at::<[u8; TCP_PORTS]>(ctx, l4) else {
-        return Parsed::Unparseable;
-    };
-    // SAFETY: ptr_at checked both ports are inside the packet.
-    let tcp = unsafe { &*tcp };
-    if cfg.port_enabled(u16::from_be_bytes([tcp[2], tcp[3]])) {
+fn not_tcp(all_ports: bool, src: Parsed) -> Parsed {
+    if all_ports {
         src
     } else {
         Parsed::OutOfScope
     }
+}
+
+#[inline(always)]
+fn port_in_scope(cfg: &Config, tcp: &[u8]) -> bool {
+    cfg.port_enabled(u16::from_be_bytes([tcp[2], tcp[3]]))
+}
+
+/// A TCP segment whose header, up to its flags, is in the packet: in scope
+/// by its destination port, and judged on its source only when it could
+/// open a connection (SYN without ACK).
+#[inline(always)]
+fn tcp_segment(
+    cfg: &Config,
+    all_ports: bool,
+    tcp: *const [u8; TCP_FLAGS_END],
+    src: Parsed,
+) -> Parsed {
+    // SAFETY: ptr_at checked the bytes are inside the packet.
+    let tcp = unsafe { &*tcp };
+    if !all_ports && !port_in_scope(cfg, tcp) {
+        return Parsed::OutOfScope;
+    }
+    if tcp[13] & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Parsed::NotOpening;
+    }
+    src
 }
 
 #[inline(always)]
@@ -134,18 +180,15 @@ fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
     if ip[0] >> 4 != 6 {
         return Parsed::Unparseable;
     }
-    let src = ip[8..24].as_ptr().cast::<[u8; 16]>();
-    if all_ports {
-        return Parsed::V6(src);
-    }
+    let src = Parsed::V6(ip[8..24].as_ptr().cast::<[u8; 16]>());
     let mut next = ip[6];
     let mut l4 = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src)),
+            IPPROTO_TCP => return tcp_v6(ctx, cfg, l4, all_ports, src),
             0 | 43 | 60 | 44 | 51 => {}
             // No next header, ESP, ICMPv6, UDP, ...: not TCP.
-            _ => return Parsed::OutOfScope,
+            _ => return not_tcp(all_ports, src),
         }
         // Every extension header we follow is at least 8 bytes.
         let Some(h) = ptr_at::<[u8; 8]>(ctx, l4) else {
@@ -154,10 +197,10 @@ fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
         // SAFETY: ptr_at checked the 8 bytes are inside the packet.
         let h = unsafe { &*h };
         let len = match next {
-            // Fragment header: a non-first fragment has no ports.
+            // Fragment header: a non-first fragment has no TCP header.
             44 => {
                 if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
-                    return Parsed::OutOfScope;
+                    return not_tcp(all_ports, src);
                 }
                 8
             }
@@ -171,7 +214,19 @@ fn parse_v6(ctx: &XdpContext, cfg: &Config, off: usize, all_ports: bool) -> Pars
         l4 += len;
     }
     if next == IPPROTO_TCP {
-        return tcp_in_scope(ctx, cfg, l4, Parsed::V6(src));
+        return tcp_v6(ctx, cfg, l4, all_ports, src);
     }
-    Parsed::Unparseable
+    // A longer chain than we follow, which Linux does follow: it could hide
+    // a SYN, so it is judged on its source (see OPENERS).
+    src
+}
+
+#[inline(always)]
+fn tcp_v6(ctx: &XdpContext, cfg: &Config, l4: usize, all_ports: bool, src: Parsed) -> Parsed {
+    // Linux drops an IPv6 first fragment that does not carry the whole TCP
+    // header (RFC 7112), so a short one needs no verdict of ours.
+    match ptr_at::<[u8; TCP_FLAGS_END]>(ctx, l4) {
+        Some(tcp) => tcp_segment(cfg, all_ports, tcp, src),
+        None => Parsed::Unparseable,
+    }
 }

@@ -73,11 +73,14 @@ pub fn parse_nets(nets: &[String]) -> Result<Vec<IpNet>, String> {
 #[derive(Serialize)]
 struct DaemonStats {
     uptime_secs: u64,
+    /// True only when every configured interface runs the program now.
     xdp_attached: bool,
     /// Configurations applied since start: 0 until the first reload.
     config_generation: u64,
     /// Keys changed in the file that take effect only on restart.
     config_restart_pending: Vec<&'static str>,
+    /// Each configured interface as the kernel sees it (none without XDP).
+    xdp_interfaces: Vec<xdp::InterfaceStatus>,
     #[serde(flatten)]
     verdicts: verdict::CountersSnapshot,
 }
@@ -146,7 +149,13 @@ impl Daemon {
             }
             Request::AllowList => self.list(false).await,
             Request::Stats => Ok(json(self.stats())),
-            Request::XdpStatus => Ok(json(xdp::status(&self.cfg().xdp.pin_path))),
+            Request::XdpStatus => {
+                let cfg = self.cfg();
+                let held = v.with_gate(|g| g.interfaces());
+                Ok(json(
+                    xdp::status(&cfg.xdp.pin_path, &cfg.xdp.interfaces).seen_by(held),
+                ))
+            }
             Request::XdpDetach => {
                 drop(v.take_gate());
                 let removed = xdp::detach(&self.cfg().xdp.pin_path).map_err(|e| e.to_string())?;
@@ -349,7 +358,14 @@ impl Daemon {
                 .map(Dnsbl::stats),
             daemon: DaemonStats {
                 uptime_secs: self.started.elapsed().as_secs(),
-                xdp_attached: self.verdicts.with_gate(|_| ()).is_some(),
+                xdp_attached: self
+                    .verdicts
+                    .with_gate(|g| g.attached_everywhere())
+                    .unwrap_or(false),
+                xdp_interfaces: self
+                    .verdicts
+                    .with_gate(|g| g.interfaces())
+                    .unwrap_or_default(),
                 config_generation: self.generation.load(Ordering::Relaxed),
                 config_restart_pending: self.restart_pending.lock().expect("restart lock").clone(),
                 verdicts: self.verdicts.counters(),
@@ -454,12 +470,14 @@ impl Daemon {
             return;
         }
         let cfg = new.clone();
-        match tokio::task::spawn_blocking(move || Gate::open(&cfg)).await {
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut gate = Gate::load(&cfg)?;
+            gate.attach()?;
+            Ok::<_, xdp::XdpError>(gate)
+        });
+        match opened.await {
             Ok(Ok(mut gate)) => {
                 let logger = gate.spawn_logger();
-                for (iface, mode) in &gate.attached {
-                    tracing::info!(interface = %iface, mode = %mode, "XDP gate up after reload");
-                }
                 self.verdicts.replace_gate(gate);
                 if let Some(old) =
                     std::mem::replace(&mut *self.xdp_logger.lock().expect("logger lock"), logger)
@@ -582,11 +600,9 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         tracing::info!("running without XDP (--no-xdp)");
         None
     } else {
-        let mut gate = Gate::open(&cfg).context("starting the XDP gate")?;
+        // Loaded, not yet attached: the maps are filled from the store first.
+        let mut gate = Gate::load(&cfg).context("loading the XDP gate")?;
         xdp_logger = gate.spawn_logger();
-        for (iface, mode) in &gate.attached {
-            tracing::info!(interface = %iface, mode = %mode, pin_path = %gate.pin_dir().display(), "XDP gate up");
-        }
         Some(gate)
     };
     let listener = admin::bind(&cfg.admin.socket)
@@ -602,6 +618,10 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             "kernel maps reconciled with the store"
         ),
         Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
+    }
+    if let Some(Err(e)) = verdicts.with_gate(Gate::attach) {
+        let _ = std::fs::remove_file(&socket);
+        return Err(e).context("attaching the XDP gate");
     }
     let cfg = verdicts.cfg();
     let dnsbl = build_dnsbl(&cfg)?;
@@ -669,6 +689,11 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         }
     });
 
+    let v = verdicts.clone();
+    let watchdog = xdp::spawn_watchdog(move || {
+        let _ = v.with_gate(Gate::watch);
+    });
+
     daemon.reload_imports(&daemon.cfg().import.lists);
 
     let mut term = signal(SignalKind::terminate())?;
@@ -703,6 +728,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();
+    watchdog.abort();
     for (_, i) in daemon.importers.lock().expect("importers lock").drain(..) {
         i.abort();
     }

@@ -436,8 +436,20 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
 async fn xdp_cmd(cfg: &Config, x: XdpCmd) -> anyhow::Result<()> {
     match x {
         XdpCmd::Status { json } => {
-            // Works without the daemon: it only reads the pins.
-            let st = xdp::status(&cfg.xdp.pin_path);
+            // From the daemon when it runs (it holds the links, which guard
+            // even while a pin is missing), else from the pins alone.
+            let asked = match admin::call(&cfg.admin.socket, &Request::XdpStatus).await {
+                Ok(resp) if resp.ok => serde_json::from_value(resp.data).map_err(|e| e.to_string()),
+                Ok(resp) => Err(resp.error.unwrap_or_default()),
+                Err(admin::AdminError::NotRunning { .. }) => Err(String::new()),
+                Err(e) => Err(e.to_string()),
+            };
+            let st = asked.unwrap_or_else(|why| {
+                if !why.is_empty() {
+                    eprintln!("the daemon gave no status ({why}); reading the pins");
+                }
+                xdp::status(&cfg.xdp.pin_path, &cfg.xdp.interfaces)
+            });
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
                 return Ok(());
@@ -445,19 +457,22 @@ async fn xdp_cmd(cfg: &Config, x: XdpCmd) -> anyhow::Result<()> {
             println!("pin path: {}", st.pin_path.display());
             if !st.pinned {
                 println!("nothing pinned: the XDP gate is not loaded");
-                return Ok(());
             }
             if let Some(l) = &st.layout {
                 println!("layout: {l}");
             }
-            if st.links.is_empty() {
-                println!("attached: nowhere");
-            }
-            for l in &st.links {
-                println!(
-                    "attached: {} (link {}, program {})",
-                    l.interface, l.link_id, l.program_id
-                );
+            for i in &st.interfaces {
+                if i.attached {
+                    println!(
+                        "interface {}: attached (ifindex {}, link {}, program {})",
+                        i.interface,
+                        i.ifindex.unwrap_or(0),
+                        i.link_id.unwrap_or(0),
+                        i.program_id.unwrap_or(0)
+                    );
+                } else {
+                    println!("interface {}: NOT GUARDED: {}", i.interface, i.state);
+                }
             }
             for m in &st.maps {
                 let n = m.entries.map_or_else(|| "-".into(), |n| n.to_string());

@@ -6,7 +6,10 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
     thread,
     time::Duration,
 };
@@ -67,50 +70,85 @@ impl NetNs {
             n,
         };
         sh(&["ip", "netns", "add", &name]);
+        ns.inns(&["ip", "link", "set", "lo", "up"]);
+        ns.plug();
+        ns
+    }
+
+    /// Runs `ip ARGS` (or another command) inside the namespace.
+    #[track_caller]
+    fn inns(&self, args: &[&str]) {
+        let mut v = vec!["ip", "netns", "exec", &self.name];
+        v.extend_from_slice(args);
+        sh(&v);
+    }
+
+    /// Creates the veth pair and gives both ends their addresses (see
+    /// [`NetNs`]). Addresses added with [`NetNs::add_addr`] are not
+    /// restored.
+    #[track_caller]
+    pub fn plug(&self) {
+        let (host_if, peer_if) = (&self.host_if, &self.peer_if);
         sh(&[
-            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+            "ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
         ]);
-        sh(&["ip", "link", "set", &peer_if, "netns", &name]);
-        let base = 16 * n;
+        sh(&["ip", "link", "set", peer_if, "netns", &self.name]);
+        let (n, base) = (self.n, 16 * self.n);
         sh(&[
             "ip",
             "addr",
             "add",
             &format!("192.0.2.{}/28", base + 1),
             "dev",
-            &host_if,
+            host_if,
         ]);
         for a in [
             format!("2001:db8:{n}::1/64"),
             format!("2001:db8:{n}:1::1/64"),
         ] {
-            sh(&["ip", "-6", "addr", "add", &a, "dev", &host_if, "nodad"]);
+            sh(&["ip", "-6", "addr", "add", &a, "dev", host_if, "nodad"]);
         }
-        sh(&["ip", "link", "set", &host_if, "up"]);
-        let inns = |args: &[&str]| {
-            let mut v = vec!["ip", "netns", "exec", &name];
-            v.extend_from_slice(args);
-            sh(&v);
-        };
-        inns(&["ip", "link", "set", "lo", "up"]);
+        sh(&["ip", "link", "set", host_if, "up"]);
         for last in [base + 2, base + 3] {
-            inns(&[
+            self.inns(&[
                 "ip",
                 "addr",
                 "add",
                 &format!("192.0.2.{last}/28"),
                 "dev",
-                &peer_if,
+                peer_if,
             ]);
         }
         for a in [
             format!("2001:db8:{n}::2/64"),
             format!("2001:db8:{n}:1::2/64"),
         ] {
-            inns(&["ip", "-6", "addr", "add", &a, "dev", &peer_if, "nodad"]);
+            self.inns(&["ip", "-6", "addr", "add", &a, "dev", peer_if, "nodad"]);
         }
-        inns(&["ip", "link", "set", &peer_if, "up"]);
-        ns
+        self.inns(&["ip", "link", "set", peer_if, "up"]);
+    }
+
+    /// Deletes the veth pair, as a driver reload or a VLAN or bond rebuild
+    /// deletes an interface: whatever was attached to the host side goes
+    /// with it.
+    #[track_caller]
+    pub fn unplug(&self) {
+        sh(&["ip", "link", "del", &self.host_if]);
+    }
+
+    /// [`NetNs::unplug`], then [`NetNs::plug`]: the interface comes back
+    /// under the same name as another device (a new index).
+    #[track_caller]
+    pub fn replug(&self) {
+        self.unplug();
+        self.plug();
+    }
+
+    /// The host-side interface's current index (`None` while unplugged).
+    pub fn host_ifindex(&self) -> Option<u32> {
+        std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", self.host_if))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     }
 
     /// Adds another address (`a/len`) inside the namespace.
@@ -184,6 +222,39 @@ impl NetNs {
     pub fn connects(&self, from: IpAddr, to: SocketAddr, timeout: Duration) -> bool {
         self.run(move || socket2_like::connect(&socket2_like::bind(from), to, timeout))
     }
+
+    /// Connection attempts from `from` to `to`, one after another on a
+    /// thread inside the namespace, until `stop` is set. Each gives up
+    /// after `patience` (below the kernel's one-second SYN retry, so one
+    /// attempt is one SYN) and records whether `armed()` held just before
+    /// it began and whether it connected (a SYN-ACK came back).
+    pub fn hammer(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+        patience: Duration,
+        armed: impl Fn() -> bool + Send + 'static,
+        stop: Arc<AtomicBool>,
+    ) -> thread::JoinHandle<std::io::Result<Vec<Attempt>>> {
+        crate::sys::on_netns_thread(&self.name, move || {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let armed = armed();
+                let connected = socket2_like::connect(&socket2_like::bind(from), to, patience);
+                out.push(Attempt { armed, connected });
+            }
+            out
+        })
+    }
+}
+
+/// One connection attempt of [`NetNs::hammer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// The condition the test watches held when the attempt began.
+    pub armed: bool,
+    /// The attempt connected: the SYN was answered.
+    pub connected: bool,
 }
 
 impl Drop for NetNs {

@@ -21,6 +21,24 @@ pub const TPID_8021Q: u16 = 0x8100;
 /// Tag protocol identifier of an 802.1ad (service, `QinQ` outer) tag.
 pub const TPID_8021AD: u16 = 0x88A8;
 
+/// TCP header flag bits (byte 13 of the header).
+pub mod tcp {
+    /// No more data from the sender.
+    pub const FIN: u8 = 0x01;
+    /// Synchronise sequence numbers: opens a connection.
+    pub const SYN: u8 = 0x02;
+    /// Reset the connection.
+    pub const RST: u8 = 0x04;
+    /// Push the data to the application.
+    pub const PSH: u8 = 0x08;
+    /// The acknowledgment number is valid: every segment after the SYN.
+    pub const ACK: u8 = 0x10;
+    /// ECN-echo (set on a SYN that negotiates ECN).
+    pub const ECE: u8 = 0x40;
+    /// Congestion window reduced (set on a SYN that negotiates ECN).
+    pub const CWR: u8 = 0x80;
+}
+
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
@@ -31,8 +49,9 @@ const IPPROTO_NONE: u8 = 59;
 /// What follows the IP header (and the IPv6 extension headers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
-    /// A TCP SYN from port 40000 to `dport`, 20-byte header.
-    TcpSyn(u16),
+    /// A TCP segment from port 40000 to `dport` with these header flags
+    /// (see [`tcp`]), 20-byte header.
+    Tcp { dport: u16, flags: u8 },
     /// A UDP datagram to `dport` with 4 bytes of payload.
     Udp(u16),
     /// An ICMP (`ICMPv6` over IPv6) echo request.
@@ -113,9 +132,13 @@ pub struct Frame {
     pub ip_end: usize,
     /// End of the L4 header (the TCP header for a SYN).
     pub l4_end: usize,
-    /// End of the TCP ports: a frame this long is enough to judge in a
-    /// port scope (or `l4_end` when the L4 header is shorter).
+    /// End of the TCP ports: a frame this long is enough to judge a
+    /// fragment in a port scope (or `l4_end` when the L4 header is shorter).
     pub ports_end: usize,
+    /// End of the TCP flags byte: a whole TCP segment is judged on its
+    /// flags, so it needs this much (or `l4_end` when the header is shorter
+    /// or not TCP).
+    pub flags_end: usize,
 }
 
 impl Frame {
@@ -144,7 +167,14 @@ pub struct FrameBuilder {
 /// documentation address of the same family.
 #[must_use]
 pub fn syn(src: IpAddr, dport: u16) -> FrameBuilder {
-    FrameBuilder::new(src, L4::TcpSyn(dport))
+    segment(src, dport, tcp::SYN)
+}
+
+/// A TCP segment from `src` to port `dport` with header `flags` (see
+/// [`tcp`]).
+#[must_use]
+pub fn segment(src: IpAddr, dport: u16, flags: u8) -> FrameBuilder {
+    FrameBuilder::new(src, L4::Tcp { dport, flags })
 }
 
 impl FrameBuilder {
@@ -235,7 +265,7 @@ impl FrameBuilder {
 
         let l4 = self.l4_bytes();
         let l4_proto = match self.l4 {
-            L4::TcpSyn(_) => IPPROTO_TCP,
+            L4::Tcp { .. } => IPPROTO_TCP,
             L4::Udp(_) => IPPROTO_UDP,
             L4::Icmp if self.src.is_ipv4() => IPPROTO_ICMP,
             L4::Icmp => IPPROTO_ICMPV6,
@@ -293,6 +323,13 @@ impl FrameBuilder {
         if l4.len() > 4 {
             boundaries.push(("tcp ports", ports_end));
         }
+        let flags_end = match self.l4 {
+            L4::Tcp { .. } => b.len() + l4.len().min(14),
+            _ => b.len() + l4.len(),
+        };
+        if matches!(self.l4, L4::Tcp { .. }) && l4.len() > 14 {
+            boundaries.push(("tcp flags", flags_end));
+        }
         b.extend(&l4);
         let l4_end = b.len();
         if !l4.is_empty() {
@@ -305,18 +342,25 @@ impl FrameBuilder {
             ip_end,
             l4_end,
             ports_end,
+            flags_end,
         }
     }
 
     fn l4_bytes(&self) -> Vec<u8> {
         let mut l4 = match self.l4 {
-            L4::TcpSyn(dport) => {
+            L4::Tcp { dport, flags } => {
                 let mut t = Vec::with_capacity(20);
                 t.extend(40000u16.to_be_bytes());
                 t.extend(dport.to_be_bytes());
                 t.extend(1u32.to_be_bytes()); // sequence
-                t.extend(0u32.to_be_bytes()); // ack
-                t.extend([0x50, 0x02]); // data offset 5, SYN
+                                              // The acknowledgment number, meaningful only with ACK.
+                let ack = if flags & tcp::ACK != 0 {
+                    0x0100_0001u32
+                } else {
+                    0
+                };
+                t.extend(ack.to_be_bytes());
+                t.extend([0x50, flags]); // data offset 5, the flags
                 t.extend(64240u16.to_be_bytes()); // window
                 t.extend([0, 0, 0, 0]); // checksum, urgent pointer
                 t
@@ -442,5 +486,20 @@ mod tests {
         let frag = ah + 24;
         assert_eq!(f.bytes[frag], 6);
         assert_eq!(f.l4_end, frag + 8 + 20);
+    }
+
+    #[test]
+    fn tcp_flags_sit_in_header_byte_13() {
+        let f = segment("203.0.113.7".parse().unwrap(), 25, tcp::ACK | tcp::FIN).build();
+        assert_eq!(f.bytes[f.ip_end + 13], 0x11);
+        assert_eq!(f.flags_end, f.ip_end + 14);
+        assert_eq!(&f.bytes[f.ip_end + 8..f.ip_end + 12], &[1, 0, 0, 1]);
+        let s = syn("2001:db8::7".parse().unwrap(), 25).build();
+        assert_eq!(s.bytes[s.ip_end + 13], tcp::SYN);
+        assert_eq!(
+            &s.bytes[s.ip_end + 8..s.ip_end + 12],
+            &[0; 4],
+            "no ACK number"
+        );
     }
 }

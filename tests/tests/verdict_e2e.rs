@@ -15,8 +15,10 @@ use integration_tests::{
 const DROPPED: Duration = Duration::from_secs(1);
 
 /// A daemon whose SMTP listener is on `ns`'s host side, with a 1 s greet
-/// wait and pregreeting clients rejected at once.
-fn screening_daemon(ns: &NetNs, tag: &str, extra: &[(&str, &str)]) -> (Daemon, u16, PinDir) {
+/// wait and pregreeting clients rejected at once. The pins come first so a
+/// caller's binding drops them after the daemon (which would pin again
+/// what it finds removed).
+fn screening_daemon(ns: &NetNs, tag: &str, extra: &[(&str, &str)]) -> (PinDir, Daemon, u16) {
     let pins = PinDir::new(&format!("{tag}{}", ns.n));
     let port = 2600 + u16::try_from(ns.n).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -37,7 +39,7 @@ fn screening_daemon(ns: &NetNs, tag: &str, extra: &[(&str, &str)]) -> (Daemon, u
         set(&cfg, section, line);
     }
     let child = start(&cfg, dir.path(), 0);
-    (Daemon { child, cfg, dir }, port, pins)
+    (pins, Daemon { child, cfg, dir }, port)
 }
 
 /// Connects from `from`, talks before the greeting ends, returns the reply.
@@ -58,7 +60,7 @@ fn connects_logged(d: &Daemon, ip: IpAddr) -> usize {
 #[test]
 fn a_pregreeting_bot_is_dropped_at_the_nic_on_its_next_syn() {
     let ns = NetNs::new();
-    let (d, port, _pins) = screening_daemon(&ns, "bot", &[]);
+    let (_pins, d, port) = screening_daemon(&ns, "bot", &[]);
     let to = SocketAddr::new(ns.host_v4(), port);
     let bot = ns.client_v4();
 
@@ -108,7 +110,7 @@ fn a_pregreeting_bot_is_dropped_at_the_nic_on_its_next_syn() {
 #[test]
 fn two_ipv6_bots_in_one_slash_64_make_one_entry() {
     let ns = NetNs::new();
-    let (d, port, _pins) = screening_daemon(&ns, "six", &[]);
+    let (_pins, d, port) = screening_daemon(&ns, "six", &[]);
     let to = SocketAddr::new(ns.host_v6(), port);
     let second: IpAddr = format!("2001:db8:{}::3", ns.n).parse().unwrap();
     ns.add_addr(&format!("{second}/64"));
@@ -130,7 +132,7 @@ fn two_ipv6_bots_in_one_slash_64_make_one_entry() {
 #[test]
 fn enough_bots_in_a_slash_24_block_the_slash_24() {
     let ns = NetNs::new();
-    let (d, port, _pins) = screening_daemon(&ns, "esc", &[("verdict", "escalate_v4_hosts = 3")]);
+    let (_pins, d, port) = screening_daemon(&ns, "esc", &[("verdict", "escalate_v4_hosts = 3")]);
     let to = SocketAddr::new(ns.host_v4(), port);
     for i in [4, 5, 6] {
         ns.add_addr(&format!("{}/28", ns.v4(i)));
@@ -153,7 +155,7 @@ fn enough_bots_in_a_slash_24_block_the_slash_24() {
 fn allowlisted_clients_are_never_blocked() {
     let ns = NetNs::new();
     let permit = format!("access_list = [\"permit {}/32\"]", ns.neighbour_v4());
-    let (d, port, _pins) = screening_daemon(
+    let (_pins, d, port) = screening_daemon(
         &ns,
         "allow",
         &[("screen", &permit), ("verdict", "escalate_v4_hosts = 1")],

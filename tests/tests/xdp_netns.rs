@@ -151,7 +151,10 @@ fn block_survives_kill_9_and_restart_adopts() {
     assert!(ns.connects(ns.neighbour_v4(), v4, THROUGH));
     // Without a daemon, status still reads the pins.
     let st = ok(&d.cfg, &["xdp", "status"]);
-    assert!(st.contains(&format!("attached: {}", ns.host_if)), "{st}");
+    assert!(
+        st.contains(&format!("interface {}: attached", ns.host_if)),
+        "{st}"
+    );
 
     let mut again = start(&d.cfg, d.dir.path(), 1);
     let list = ok(&d.cfg, &["block", "list", "--json"]);

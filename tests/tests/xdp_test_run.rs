@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use integration_tests::{
     boottime_secs, config, entry, mask_v4, mask_v6,
-    packet::{self, syn, Ext, FrameBuilder, L4, TPID_8021AD, TPID_8021Q},
+    packet::{self, segment, syn, tcp, Ext, FrameBuilder, L4, TPID_8021AD, TPID_8021Q},
     Gate, Ports, SMTP_PORTS, XDP_ABORTED, XDP_DROP, XDP_PASS,
 };
 use screener_common::{
@@ -434,10 +434,12 @@ fn parsing_and_scope() {
     ];
     for k in 2..=chain.len() {
         let build = |dport| chain[..k].iter().fold(syn(v6(BAD6), dport), |b, e| b.ext(*e));
-        let (action, counter, hit) = if k <= 6 { (XDP_DROP, pregreet, Some(0)) } else { (XDP_PASS, stat::PASS_UNPARSEABLE, None) };
-        rows.push(row(format!("v6 chain of {k} extension headers"), bytes(&build(25)), b6(), action, counter, hit));
-        let (action, counter) = if k <= 6 { (XDP_PASS, stat::PASS_OUT_OF_SCOPE) } else { (XDP_PASS, stat::PASS_UNPARSEABLE) };
-        rows.push(row(format!("v6 chain of {k} extension headers, SYN to 80"), bytes(&build(80)), b6(), action, counter, None));
+        rows.push(row(format!("v6 chain of {k} extension headers"), bytes(&build(25)), b6(), XDP_DROP, pregreet, Some(0)));
+        // Past the six headers the parser follows, the chain could hide a
+        // SYN that Linux would accept: judged on its source, port unseen.
+        let (action, counter, hit) = if k <= 6 { (XDP_PASS, stat::PASS_OUT_OF_SCOPE, None) } else { (XDP_DROP, pregreet, Some(0)) };
+        rows.push(row(format!("v6 chain of {k} extension headers, SYN to 80"), bytes(&build(80)), b6(), action, counter, hit));
+        rows.push(row(format!("v6 chain of {k} extension headers, SYN to 80 from unblocked"), bytes(&chain[..k].iter().fold(syn(v6(GOOD6), 80), |b, e| b.ext(*e))), b6(), XDP_PASS, if k <= 6 { stat::PASS_OUT_OF_SCOPE } else { stat::PASS_NO_MATCH }, None));
         rows.push(row(format!("v6 chain of {k} extension headers, all scope"), bytes(&build(80)), a6(), XDP_DROP, pregreet, Some(0)));
     }
     rows.push(row("v6 AH then ESP", bytes(&FrameBuilder::new(v6(BAD6), L4::Esp).ext(Ext::Ah { len4: 4 })), b6(), XDP_PASS, stat::PASS_OUT_OF_SCOPE, None));
@@ -614,10 +616,10 @@ fn truncated_frames() {
         setup.install(&mut g).unwrap();
         for (label, b) in &frames {
             let f = b.build();
-            // A port scope needs the ports, except in an IPv4 first
-            // fragment, which is judged on its source when they are cut off.
+            // A whole segment is judged on its flags, so it needs them; an
+            // IPv4 first fragment cut short is judged on its source.
             let first_fragment = label.contains("first fragment");
-            let needed = if setup.ports.is_some() && !first_fragment { f.ports_end } else { f.ip_end };
+            let needed = if first_fragment { f.ip_end } else { f.flags_end };
             // Every boundary is one of the lengths below, and the cut at
             // `needed` is one of them.
             assert!(f.boundaries.iter().any(|&(_, end)| end == needed), "{label}: {:?}", f.boundaries);
@@ -638,6 +640,105 @@ fn truncated_frames() {
     }
     assert!(runs > 500, "swept {runs} frames");
     assert!(failures.is_empty(), "{} cuts misjudged:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// ACK segments from a blocked source cut at every length: never dropped,
+/// unparseable until the flags are in the frame, then passed as segments
+/// that cannot open a connection.
+#[test]
+#[rustfmt::skip]
+fn truncated_ack_segments_always_pass() {
+    let mut g = Gate::load().expect("load the XDP program");
+    let frames = [
+        ("v4 ACK", segment(v4(BAD4), 25, tcp::ACK)),
+        ("v4 ACK with options", segment(v4(BAD4), 25, tcp::ACK | tcp::PSH).v4_options(3)),
+        ("v6 FIN ACK QinQ", segment(v6(BAD6), 25, tcp::FIN | tcp::ACK).vlan(TPID_8021AD, 5).vlan(TPID_8021Q, 6)),
+        (
+            "v6 RST behind extension headers",
+            segment(v6(BAD6), 25, tcp::RST)
+                .ext(Ext::HopByHop { len8: 1 })
+                .ext(Ext::Fragment { offset: 0, more: true })
+                .ext(Ext::DestOpts { len8: 0 }),
+        ),
+    ];
+    let puts = vec![
+        Put::Host4(BAD4, never()),
+        Put::Host6(mask_v6(BAD6, 64), never()),
+    ];
+    let mut failures = Vec::new();
+    for (scope, setup) in [("port scope", Setup::smtp(puts.clone())), ("all scope", Setup::all(puts.clone()))] {
+        setup.install(&mut g).unwrap();
+        for (label, b) in &frames {
+            let f = b.build();
+            for len in 14..=f.bytes.len() {
+                let before = g.stats(m::STATS).unwrap();
+                let action = g.run(&f.truncated(len)).unwrap();
+                let after = g.stats(m::STATS).unwrap();
+                let counter = if len >= f.flags_end { stat::PASS_NOT_OPENING } else { stat::PASS_UNPARSEABLE };
+                let moved: Vec<_> = (0..before.len()).filter(|&i| after[i] != before[i]).map(|i| (i, after[i] - before[i])).collect();
+                if action != XDP_PASS || moved != [(counter as usize, 1)] {
+                    failures.push(format!("{scope} {label} cut at {len} (flags end at {}): {} counters {moved:?}, want XDP_PASS [({counter}, 1)]", f.flags_end, name(action)));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cuts misjudged:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Only a segment that can open a connection (SYN without ACK) is judged:
+/// every segment of an open connection passes whatever its source, so a
+/// blocked client's hang-up, its last replies and a handed-off client's
+/// mail still flow. No lookup runs for them (no entry counts a hit).
+#[test]
+#[rustfmt::skip]
+fn only_connection_openers_are_judged() {
+    use tcp::{ACK, CWR, ECE, FIN, PSH, RST, SYN};
+    let pregreet = drop_reason(Reason::Pregreet);
+    let opening = [("SYN", SYN), ("SYN with ECE CWR (ECN setup)", SYN | ECE | CWR), ("SYN FIN", SYN | FIN), ("SYN RST", SYN | RST), ("SYN PSH (fast open data)", SYN | PSH)];
+    let not_opening = [
+        ("SYN ACK", SYN | ACK), ("ACK", ACK), ("PSH ACK (data)", PSH | ACK), ("FIN ACK", FIN | ACK),
+        ("RST", RST), ("RST ACK", RST | ACK), ("FIN without ACK", FIN), ("no flags", 0), ("ACK ECE", ACK | ECE),
+    ];
+    let mut rows = Vec::new();
+    for f in families() {
+        let n = f.name;
+        let host = || Setup::smtp(vec![f.host]);
+        let all = || Setup::all(vec![f.host]);
+        for (label, flags) in opening {
+            rows.push(row(format!("{n} {label} from blocked"), bytes(&segment(f.bad, 25, flags)), host(), XDP_DROP, pregreet, Some(0)));
+            rows.push(row(format!("{n} {label} from blocked, all scope"), bytes(&segment(f.bad, 80, flags)), all(), XDP_DROP, pregreet, Some(0)));
+            rows.push(row(format!("{n} {label} from unblocked"), bytes(&segment(f.good, 25, flags)), host(), XDP_PASS, stat::PASS_NO_MATCH, None));
+        }
+        for (label, flags) in not_opening {
+            rows.push(row(format!("{n} {label} from blocked"), bytes(&segment(f.bad, 25, flags)), host(), XDP_PASS, stat::PASS_NOT_OPENING, None));
+            rows.push(row(format!("{n} {label} from blocked, all scope"), bytes(&segment(f.bad, 80, flags)), all(), XDP_PASS, stat::PASS_NOT_OPENING, None));
+            rows.push(row(format!("{n} {label} from unblocked"), bytes(&segment(f.good, 25, flags)), host(), XDP_PASS, stat::PASS_NOT_OPENING, None));
+            rows.push(row(format!("{n} {label} to port 80"), bytes(&segment(f.bad, 80, flags)), host(), XDP_PASS, stat::PASS_OUT_OF_SCOPE, None));
+        }
+        // A source a CIDR covers, behind VLAN tags, with data.
+        let cidr = match f.host {
+            Put::Host4(..) => Put::Cidr4(mask_v4(BAD4, 24), 24, never()),
+            _ => Put::Cidr6(mask_v6(BAD6, 48), 48, never()),
+        };
+        let qinq = |flags| segment(f.bad, 587, flags).vlan(TPID_8021AD, 100).vlan(TPID_8021Q, 10).payload(200);
+        rows.push(row(format!("{n} QinQ ACK with data from a blocked CIDR"), bytes(&qinq(ACK | PSH)), Setup::smtp(vec![cidr]), XDP_PASS, stat::PASS_NOT_OPENING, None));
+        rows.push(row(format!("{n} QinQ SYN from a blocked CIDR"), bytes(&qinq(SYN)), Setup::smtp(vec![cidr]), XDP_DROP, pregreet, Some(0)));
+        // Not TCP: judged on its source with the "all" scope, as before.
+        rows.push(row(format!("{n} UDP from blocked, all scope"), bytes(&FrameBuilder::new(f.bad, L4::Udp(25))), all(), XDP_DROP, pregreet, Some(0)));
+    }
+    // IPv4 fragments: a first fragment carrying the flags is judged on them.
+    rows.push(row("v4 first fragment, ACK", bytes(&segment(v4(BAD4), 25, ACK).v4_fragment(0, true).payload(8)), Setup::smtp(vec![Put::Host4(BAD4, never())]), XDP_PASS, stat::PASS_NOT_OPENING, None));
+    rows.push(row("v4 first fragment, ACK, all scope", bytes(&segment(v4(BAD4), 25, ACK).v4_fragment(0, true).payload(8)), Setup::all(vec![Put::Host4(BAD4, never())]), XDP_PASS, stat::PASS_NOT_OPENING, None));
+    rows.push(row("v4 first fragment without the flags, ACK", bytes(&segment(v4(BAD4), 25, ACK).v4_fragment(0, true).l4_len(13)), Setup::smtp(vec![Put::Host4(BAD4, never())]), XDP_DROP, pregreet, Some(0)));
+    rows.push(row("v4 first fragment without the flags, to port 80", bytes(&segment(v4(BAD4), 80, ACK).v4_fragment(0, true).l4_len(13)), Setup::smtp(vec![Put::Host4(BAD4, never())]), XDP_PASS, stat::PASS_OUT_OF_SCOPE, None));
+    rows.push(row("v4 whole datagram cut inside the TCP header", bytes(&segment(v4(BAD4), 25, SYN).l4_len(13)), Setup::smtp(vec![Put::Host4(BAD4, never())]), XDP_PASS, stat::PASS_UNPARSEABLE, None));
+    // IPv6: the flags behind extension headers and a first fragment.
+    let b6 = || Setup::smtp(vec![Put::Host6(mask_v6(BAD6, 64), never())]);
+    let behind = |flags| segment(v6(BAD6), 25, flags).ext(Ext::HopByHop { len8: 0 }).ext(Ext::Fragment { offset: 0, more: true }).ext(Ext::DestOpts { len8: 1 });
+    rows.push(row("v6 ACK behind extension headers", bytes(&behind(ACK)), b6(), XDP_PASS, stat::PASS_NOT_OPENING, None));
+    rows.push(row("v6 SYN behind extension headers", bytes(&behind(SYN)), b6(), XDP_DROP, pregreet, Some(0)));
+    rows.push(row("v6 ACK behind extension headers, all scope", bytes(&behind(ACK)), Setup::all(vec![Put::Host6(mask_v6(BAD6, 64), never())]), XDP_PASS, stat::PASS_NOT_OPENING, None));
+    run_rows(&rows);
 }
 
 /// The kernel refuses frames shorter than an Ethernet header, so the
@@ -765,7 +866,7 @@ fn tiny_first_fragment_of_a_blocked_host_is_dropped() {
     Setup::smtp(vec![Put::Host4(BAD4, never())])
         .install(&mut g)
         .unwrap();
-    for carried in [4, 8, 16] {
+    for carried in [4, 8, 13, 16] {
         let first = syn(v4(BAD4), 25)
             .v4_fragment(0, true)
             .l4_len(carried)

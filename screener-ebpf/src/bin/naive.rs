@@ -63,6 +63,7 @@ fn judge(ctx: &XdpContext) -> (u32, u32) {
         Parsed::NotIp => return (XDP_PASS, stat::PASS_NOT_IP),
         Parsed::Unparseable => return (XDP_PASS, stat::PASS_UNPARSEABLE),
         Parsed::OutOfScope => return (XDP_PASS, stat::PASS_OUT_OF_SCOPE),
+        Parsed::NotOpening => return (XDP_PASS, stat::PASS_NOT_OPENING),
     };
     let Some(e) = entry else {
         return (XDP_PASS, stat::PASS_NO_MATCH);
