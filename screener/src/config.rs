@@ -221,7 +221,7 @@ impl FromStr for AccessRule {
             "reject" => AccessAction::Reject,
             other => return Err(format!("{other:?} is neither permit nor reject")),
         };
-        let net = parse_net(net)?;
+        let net = parse_cidr(net)?;
         Ok(AccessRule { action, net })
     }
 }
@@ -250,6 +250,25 @@ impl<'de> Deserialize<'de> for AccessRule {
     }
 }
 
+/// Parses a CIDR or a bare address (a host), refusing host bits under the
+/// mask: `192.0.2.1/24` is a typo for the network `192.0.2.0/24` or the
+/// host `192.0.2.1`, and guessing which would permit, reject or trust the
+/// wrong clients. Used for what an operator writes (the configuration, the
+/// admin commands); third-party lists go through [`parse_net`].
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        if net.trunc() != net {
+            return Err(format!(
+                "{s:?} has host bits set: write {} for the network or {} for the host",
+                net.trunc(),
+                net.addr()
+            ));
+        }
+        return Ok(net);
+    }
+    parse_net(s)
+}
+
 /// Parses a CIDR or a bare address (a host), normalising host bits away.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
@@ -258,6 +277,23 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<std::net::IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("{s:?} is not an address or CIDR"))
+}
+
+/// Serde adapter: a list of CIDRs written as strings, host bits refused.
+mod cidrs {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(nets.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| super::parse_cidr(n).map_err(serde::de::Error::custom))
+            .collect()
+    }
 }
 
 /// Outcomes that put the client into the kernel block maps.
@@ -299,6 +335,11 @@ pub struct Smtp {
     /// v2 by default: binary, unambiguous, and what Postfix reads.
     pub backend_proxy_protocol: ProxyVersion,
     pub upstream_proxy_protocol: Upstream,
+    /// Peers allowed to send a PROXY header (required with `haproxy`):
+    /// anyone else who reached the port could name any victim's address
+    /// and have it blocked at the NIC.
+    #[serde(with = "cidrs")]
+    pub upstream_proxy_trusted: Vec<IpNet>,
     /// `postscreen_upstream_proxy_timeout`: a balancer that sends no header
     /// in this time is not one.
     #[serde(with = "dur")]
@@ -323,6 +364,8 @@ impl Default for Smtp {
             backend: SocketAddr::from(([127, 0, 0, 1], 10025)),
             backend_proxy_protocol: ProxyVersion::V2,
             upstream_proxy_protocol: Upstream::None,
+            // No balancer: nobody may send a header.
+            upstream_proxy_trusted: Vec::new(),
             upstream_proxy_timeout: Duration::from_secs(5),
             backend_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
@@ -646,6 +689,16 @@ impl Config {
                 "must be a host name",
             ));
         }
+        if self.smtp.upstream_proxy_protocol == Upstream::Haproxy
+            && self.smtp.upstream_proxy_trusted.is_empty()
+        {
+            return Err(ConfigError::value(
+                "smtp.upstream_proxy_trusted",
+                "[]",
+                "list the load balancers' addresses (CIDRs) when upstream_proxy_protocol = \"haproxy\": \
+                 a PROXY header from anyone else is refused",
+            ));
+        }
         if s.greet_wait.is_zero() && !self.smtp.greet_banner.is_empty() {
             return Err(ConfigError::value(
                 "screen.greet_wait",
@@ -957,6 +1010,58 @@ ports = ["all"]
             assert!(msg.contains(key), "{text:?}: {msg}");
             assert!(msg.contains(value), "{text:?}: {msg}");
         }
+    }
+
+    #[test]
+    fn haproxy_mode_needs_trusted_proxies() {
+        let e = Config::from_toml("[smtp]\nupstream_proxy_protocol = \"haproxy\"").unwrap_err();
+        assert!(
+            e.to_string().contains("smtp.upstream_proxy_trusted"),
+            "{e}"
+        );
+        let c = Config::from_toml(
+            "[smtp]\nupstream_proxy_protocol = \"haproxy\"\n\
+             upstream_proxy_trusted = [\"192.0.2.0/28\", \"2001:db8::7\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.smtp.upstream_proxy_trusted,
+            vec![
+                "192.0.2.0/28".parse::<IpNet>().unwrap(),
+                "2001:db8::7/128".parse().unwrap()
+            ]
+        );
+        let shown = show(&c, Show::Effective, &["smtp.upstream_proxy_trusted".into()]).unwrap();
+        assert_eq!(
+            shown,
+            ["smtp.upstream_proxy_trusted = [\"192.0.2.0/28\", \"2001:db8::7/128\"]"]
+        );
+    }
+
+    #[test]
+    fn cidrs_with_host_bits_are_refused_naming_the_key() {
+        for (text, key) in [
+            (
+                "[screen]\naccess_list = [\"permit 192.0.2.1/24\"]",
+                "screen.access_list",
+            ),
+            (
+                "[smtp]\nupstream_proxy_trusted = [\"2001:db8::1/64\"]",
+                "smtp.upstream_proxy_trusted",
+            ),
+        ] {
+            let msg = Config::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{msg}");
+            assert!(msg.contains("host bits"), "{msg}");
+        }
+        assert_eq!(
+            parse_cidr("192.0.2.1/24").unwrap_err(),
+            "\"192.0.2.1/24\" has host bits set: write 192.0.2.0/24 for the network \
+             or 192.0.2.1 for the host"
+        );
+        assert_eq!(parse_cidr("192.0.2.1").unwrap().to_string(), "192.0.2.1/32");
+        // Third-party lists keep the lenient reading.
+        assert_eq!(parse_net("192.0.2.1/24").unwrap().to_string(), "192.0.2.0/24");
     }
 
     #[test]

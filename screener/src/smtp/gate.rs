@@ -4,6 +4,8 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use super::session::Todo;
 use super::Test;
 use crate::config::{AccessAction, AccessRule};
@@ -52,6 +54,15 @@ pub enum Admission {
     PassOld,
     /// Screen the client for these tests.
     Screen(Todo),
+}
+
+/// Whether `peer` may send a PROXY header (`smtp.upstream_proxy_trusted`).
+/// A header names the client the verdict falls on, so one from anyone else
+/// could get any address blocked at the NIC; such a connection is closed
+/// before its header is read.
+pub fn proxy_trusted(trusted: &[IpNet], peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    trusted.iter().any(|n| n.contains(&peer))
 }
 
 /// Decides what happens to a new connection from `ip`. `expires` is the
@@ -165,6 +176,29 @@ mod tests {
             admit(&p, mapped, Load::default(), None, NOW),
             Admission::Denylisted
         );
+    }
+
+    #[test]
+    fn only_trusted_peers_may_send_a_proxy_header() {
+        let trusted: Vec<IpNet> = vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "2001:db8:5::/64".parse().unwrap(),
+        ];
+        for (peer, ok) in [
+            ("127.0.0.1", true),
+            ("::ffff:127.0.0.1", true),
+            ("127.0.0.2", false),
+            ("2001:db8:5::9", true),
+            ("2001:db8:6::9", false),
+            ("192.0.2.9", false),
+        ] {
+            assert_eq!(
+                proxy_trusted(&trusted, peer.parse().unwrap()),
+                ok,
+                "{peer}"
+            );
+        }
+        assert!(!proxy_trusted(&[], "127.0.0.1".parse().unwrap()));
     }
 
     #[test]

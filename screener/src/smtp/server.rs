@@ -55,6 +55,9 @@ pub struct SmtpStats {
     pub handed_off: u64,
     /// Whether stress mode is on.
     pub stress: bool,
+    /// Connections closed in haproxy mode because the peer is not in
+    /// `smtp.upstream_proxy_trusted`.
+    pub proxy_untrusted: u64,
 }
 
 /// Failures per test.
@@ -81,6 +84,7 @@ struct Counters {
     pass_old: AtomicU64,
     fails: [AtomicU64; 6],
     rejects: AtomicU64,
+    proxy_untrusted: AtomicU64,
 }
 
 /// What a connection reads from the configuration, rebuilt on reload and
@@ -220,6 +224,7 @@ impl Server {
             screening: load.pre_queue as u64,
             handed_off: load.post_queue as u64,
             stress: load.stress,
+            proxy_untrusted: c.proxy_untrusted.load(Ordering::Relaxed),
         }
     }
 
@@ -543,6 +548,11 @@ async fn connection(
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
     let (client, server) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy {
+        if !gate::proxy_trusted(&settings.cfg.smtp.upstream_proxy_trusted, peer.ip()) {
+            shared.counters.proxy_untrusted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %Peer(peer), "PROXY header refused: {} is not in smtp.upstream_proxy_trusted; closed", Peer(peer));
+            return;
+        }
         // The reader stops exactly at the header's end, so a bot that
         // pregreets right behind it is still caught by the pregreet test.
         match proxy::read_header(&mut stream, settings.cfg.smtp.upstream_proxy_timeout).await {
