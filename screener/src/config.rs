@@ -439,6 +439,11 @@ pub struct Screen {
 
 const DAY: u64 = 86_400;
 
+/// The longest `greet_wait` / `stress_greet_wait`: real MTAs wait patiently
+/// (RFC 5321 gives the greeting 5 minutes), bots show themselves within
+/// seconds, and a minute is already far past either.
+const GREET_WAIT_MAX: Duration = Duration::from_secs(60);
+
 impl Default for Screen {
     fn default() -> Self {
         Screen {
@@ -699,12 +704,25 @@ impl Config {
                  a PROXY header from anyone else is refused",
             ));
         }
-        if s.greet_wait.is_zero() && !self.smtp.greet_banner.is_empty() {
-            return Err(ConfigError::value(
-                "screen.greet_wait",
-                "0s",
-                "must be positive while greet_banner is set",
-            ));
+        for (key, wait) in [
+            ("screen.greet_wait", s.greet_wait),
+            ("screen.stress_greet_wait", s.stress_greet_wait),
+        ] {
+            if wait.is_zero() && !self.smtp.greet_banner.is_empty() {
+                return Err(ConfigError::value(
+                    key,
+                    "0s",
+                    "must be positive while greet_banner is set (greet_banner = \"\" turns the test off)",
+                ));
+            }
+            if wait > GREET_WAIT_MAX {
+                return Err(ConfigError::value(
+                    key,
+                    crate::duration::Display(wait),
+                    "must be at most 1m: clients give up on a greeting after 5 minutes (RFC 5321), \
+                     and every waiting client holds a screening slot",
+                ));
+            }
         }
         for (key, v) in [
             ("screen.pre_queue_limit", s.pre_queue_limit),
@@ -911,7 +929,24 @@ pub fn set(text: &str, assignments: &[String]) -> Result<String, ConfigError> {
         if !doc.contains_key(section) {
             doc[section] = toml_edit::table();
         }
-        doc[section][key] = toml_edit::value(item);
+        // The file may hold anything under the section's name (`screen =
+        // "x"`): that is an error naming it, not a panic.
+        let Some(table) = doc
+            .get_mut(section)
+            .and_then(toml_edit::Item::as_table_like_mut)
+        else {
+            let found = doc
+                .get(section)
+                .map(|i| i.to_string().trim().to_owned())
+                .unwrap_or_default();
+            return Err(ConfigError::value(section, found, "expected a [section]"));
+        };
+        // Replacing the value in place keeps the comments above its key.
+        if let Some(slot) = table.get_mut(key) {
+            *slot = toml_edit::value(item);
+        } else {
+            table.insert(key, toml_edit::value(item));
+        }
     }
     let new_text = doc.to_string();
     Config::from_toml(&new_text)?;
@@ -1099,5 +1134,58 @@ ports = ["all"]
         let e = set(text, &["screen.greet_wait=soon".into()]).unwrap_err();
         assert!(e.to_string().contains("screen.greet_wait"), "{e}");
         assert!(set(text, &["screen.nope=1".into()]).is_err());
+    }
+
+    #[test]
+    fn set_on_a_section_that_is_no_table_is_an_error() {
+        for text in ["screen = \"x\"\n", "screen = 5\n", "screen = [1]\n"] {
+            let e = set(text, &["screen.greet_wait=2s".into()]).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("bad value for screen = "), "{text:?}: {msg}");
+            assert!(msg.contains("expected a [section]"), "{text:?}: {msg}");
+        }
+        // An inline table is a section.
+        let out = set("screen = { greet_wait = \"6s\" }\n", &["screen.greet_wait=2s".into()]).unwrap();
+        let c = Config::from_toml(&out).unwrap();
+        assert_eq!(c.screen.greet_wait, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn durations_are_bounded_naming_the_key_and_the_bound() {
+        for (text, key, bound) in [
+            (
+                "[screen]\ngreet_wait = \"18446744073709551615s\"",
+                "screen.greet_wait",
+                "at most 3650d",
+            ),
+            (
+                "[verdict]\nblock_ttl = \"99999999999999999999d\"",
+                "verdict.block_ttl",
+                "at most 3650d",
+            ),
+            (
+                "[screen]\ngreet_wait = \"61s\"",
+                "screen.greet_wait",
+                "at most 1m",
+            ),
+            (
+                "[screen]\nstress_greet_wait = \"3650d\"",
+                "screen.stress_greet_wait",
+                "at most 1m",
+            ),
+            (
+                "[screen]\ncache_retention_time = \"3651d\"",
+                "screen.cache_retention_time",
+                "at most 3650d",
+            ),
+        ] {
+            let msg = Config::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+            assert!(msg.contains(bound), "{text}: {msg}");
+        }
+        let e = set("", &["screen.greet_wait=18446744073709551615s".into()]).unwrap_err();
+        assert!(e.to_string().contains("at most 3650d"), "{e}");
+        assert!(Config::from_toml("[screen]\ngreet_wait = \"1m\"").is_ok());
+        assert!(Config::from_toml("[verdict]\nblock_ttl_max = \"3650d\"").is_ok());
     }
 }
