@@ -57,6 +57,41 @@ impl ConfigError {
     }
 }
 
+/// A value that works but is probably a mistake; `config check` prints it
+/// and the daemon logs it, naming the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// `section.key`.
+    pub key: String,
+    /// What the value does that the operator may not expect.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// The verbs of RFC 5321 and its common extensions: listing one in
+/// `forbidden_commands` would fail every real mail client.
+const SMTP_VERBS: [&str; 14] = [
+    "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
+    "STARTTLS", "AUTH", "BDAT",
+];
+
+/// Whether a hand-off to `backend` would reach the listener `listen`: the
+/// same address, or a wildcard listener on the backend's port with the
+/// backend on loopback.
+fn loops_back(listen: SocketAddr, backend: SocketAddr) -> bool {
+    let backend_ip = backend.ip().to_canonical();
+    listen.port() == backend.port()
+        && (listen.ip().to_canonical() == backend_ip
+            || (listen.ip().is_unspecified()
+                && backend_ip.is_loopback()
+                && listen.is_ipv4() == backend_ip.is_ipv4()))
+}
+
 /// What a failed test does to the client (postscreen's `*_action`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -831,7 +866,161 @@ impl Config {
                 ));
             }
         }
+        self.check_rejects_nobody()
+    }
+
+    /// Values that parse but would turn every client away, tie the daemon
+    /// in a loop, or block far more than one client at the NIC: each is
+    /// refused, naming the key and why.
+    fn check_rejects_nobody(&self) -> Result<(), ConfigError> {
+        let (smtp, s) = (&self.smtp, &self.screen);
+        if s.dnsbl_threshold < 1 {
+            return Err(ConfigError::value(
+                "screen.dnsbl_threshold",
+                s.dnsbl_threshold,
+                "must be at least 1 (as postscreen's): every client scores at least 0, \
+                 so a lower threshold rejects (and blocks) everyone",
+            ));
+        }
+        for (key, d, why) in [
+            (
+                "screen.command_time_limit",
+                s.command_time_limit,
+                "every command would time out",
+            ),
+            (
+                "screen.stress_command_time_limit",
+                s.stress_command_time_limit,
+                "every command would time out under stress",
+            ),
+            (
+                "smtp.backend_timeout",
+                smtp.backend_timeout,
+                "no hand-off to the backend could succeed",
+            ),
+            (
+                "smtp.upstream_proxy_timeout",
+                smtp.upstream_proxy_timeout,
+                "no PROXY header could arrive in time",
+            ),
+            (
+                "screen.dnsbl_timeout",
+                s.dnsbl_timeout,
+                "no DNSBL answer could arrive in time",
+            ),
+            (
+                "screen.cache_cleanup_interval",
+                s.cache_cleanup_interval,
+                "the cleanup would run without pause",
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::value(
+                    key,
+                    "0s",
+                    format!("must be positive: {why}"),
+                ));
+            }
+        }
+        if smtp.greet_banner.contains(|c: char| c.is_control()) {
+            return Err(ConfigError::value(
+                "smtp.greet_banner",
+                format!("{:?}", smtp.greet_banner),
+                "must be one line of text: a control character would break the greeting",
+            ));
+        }
+        if smtp.hostname.contains(|c: char| c.is_control()) {
+            return Err(ConfigError::value(
+                "smtp.hostname",
+                format!("{:?}", smtp.hostname),
+                "must be a host name",
+            ));
+        }
+        if let Some(l) = smtp.listen.iter().find(|l| loops_back(**l, smtp.backend)) {
+            return Err(ConfigError::value(
+                "smtp.backend",
+                smtp.backend,
+                format!("is smtp.listen {l} itself: every hand-off would connect back to the screener"),
+            ));
+        }
+        for c in &s.forbidden_commands {
+            if SMTP_VERBS.iter().any(|v| c.eq_ignore_ascii_case(v)) {
+                return Err(ConfigError::value(
+                    "screen.forbidden_commands",
+                    format!("{c:?}"),
+                    "is an SMTP command every mail client sends",
+                ));
+            }
+        }
+        if self.verdict.ipv6_prefix < 32 {
+            return Err(ConfigError::value(
+                "verdict.ipv6_prefix",
+                self.verdict.ipv6_prefix,
+                "must be 32..=128: one bot's verdict would block a whole provider's \
+                 (at 0, every) IPv6 client",
+            ));
+        }
         Ok(())
+    }
+
+    /// Values that work but are probably not what the operator meant.
+    /// `config check` prints them; the daemon logs them at start and on
+    /// reload.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut out = Vec::new();
+        let mut warn = |key: &str, message: String| {
+            out.push(ConfigWarning {
+                key: key.to_owned(),
+                message,
+            });
+        };
+        for rule in &self.screen.access_list {
+            if rule.net.prefix_len() == 0 {
+                let what = match rule.action {
+                    AccessAction::Permit => "permits every client: nobody after it is screened",
+                    AccessAction::Reject => {
+                        "rejects every client the rules before it do not permit \
+                         (and blocks them when denylist is in verdict.block_on)"
+                    }
+                };
+                warn("screen.access_list", format!("\"{rule}\" {what}"));
+            }
+        }
+        if self.smtp.upstream_proxy_protocol == Upstream::None
+            && !self.smtp.upstream_proxy_trusted.is_empty()
+        {
+            warn(
+                "smtp.upstream_proxy_trusted",
+                "is ignored: smtp.upstream_proxy_protocol is \"none\"".to_owned(),
+            );
+        }
+        let s = &self.screen;
+        for (key, ttl, on) in [
+            ("screen.greet_ttl", s.greet_ttl, !self.smtp.greet_banner.is_empty()),
+            ("screen.pipelining_ttl", s.pipelining_ttl, s.pipelining_enable),
+            (
+                "screen.non_smtp_command_ttl",
+                s.non_smtp_command_ttl,
+                s.non_smtp_command_enable,
+            ),
+            ("screen.bare_newline_ttl", s.bare_newline_ttl, s.bare_newline_enable),
+        ] {
+            if on && ttl.is_zero() {
+                warn(
+                    key,
+                    "is 0s: a pass is never remembered, every connection is screened again"
+                        .to_owned(),
+                );
+            }
+        }
+        out
+    }
+
+    /// Logs [`Config::warnings`] at WARN.
+    pub fn log_warnings(&self) {
+        for w in self.warnings() {
+            tracing::warn!(key = %w.key, "configuration: {w}");
+        }
     }
 
     /// The `220-` teaser with `$hostname` expanded; empty = pregreet off.
@@ -1045,6 +1234,98 @@ ports = ["all"]
             assert!(msg.contains(key), "{text:?}: {msg}");
             assert!(msg.contains(value), "{text:?}: {msg}");
         }
+    }
+
+    /// One case per key whose value would reject everyone, loop, or block
+    /// far more than a client: each is refused naming the key.
+    #[test]
+    fn values_that_reject_everyone_are_refused_naming_the_key() {
+        let cases = [
+            ("[screen]\ndnsbl_threshold = 0", "screen.dnsbl_threshold"),
+            ("[screen]\ndnsbl_threshold = -3", "screen.dnsbl_threshold"),
+            ("[screen]\npre_queue_limit = 0", "screen.pre_queue_limit"),
+            ("[screen]\npost_queue_limit = 0", "screen.post_queue_limit"),
+            (
+                "[screen]\nclient_connection_count_limit = 0",
+                "screen.client_connection_count_limit",
+            ),
+            ("[screen]\ncommand_count_limit = 0", "screen.command_count_limit"),
+            ("[screen]\ncommand_time_limit = \"0s\"", "screen.command_time_limit"),
+            (
+                "[screen]\nstress_command_time_limit = \"0s\"",
+                "screen.stress_command_time_limit",
+            ),
+            ("[screen]\ngreet_wait = \"0s\"", "screen.greet_wait"),
+            ("[screen]\nstress_greet_wait = \"0s\"", "screen.stress_greet_wait"),
+            ("[screen]\nline_length_limit = 100", "screen.line_length_limit"),
+            ("[screen]\ndnsbl_timeout = \"0s\"", "screen.dnsbl_timeout"),
+            (
+                "[screen]\ncache_cleanup_interval = \"0s\"",
+                "screen.cache_cleanup_interval",
+            ),
+            (
+                "[screen]\nforbidden_commands = [\"CONNECT\", \"ehlo\"]",
+                "screen.forbidden_commands",
+            ),
+            ("[smtp]\nhostname = \"\"", "smtp.hostname"),
+            ("[smtp]\nhostname = \"mx\\u0000\"", "smtp.hostname"),
+            ("[smtp]\nlisten = []", "smtp.listen"),
+            ("[smtp]\ngreet_banner = \"hi\\r\\n250 ok\"", "smtp.greet_banner"),
+            ("[smtp]\nbackend_timeout = \"0s\"", "smtp.backend_timeout"),
+            ("[smtp]\nupstream_proxy_timeout = \"0s\"", "smtp.upstream_proxy_timeout"),
+            (
+                "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"127.0.0.1:25\"",
+                "smtp.backend",
+            ),
+            (
+                "[smtp]\nlisten = [\"[::]:2525\"]\nbackend = \"[::1]:2525\"",
+                "smtp.backend",
+            ),
+            (
+                "[smtp]\nlisten = [\"192.0.2.1:25\"]\nbackend = \"192.0.2.1:25\"",
+                "smtp.backend",
+            ),
+            ("[verdict]\nipv6_prefix = 0", "verdict.ipv6_prefix"),
+            ("[verdict]\nipv6_prefix = 31", "verdict.ipv6_prefix"),
+            ("[verdict]\nblock_ttl = \"0s\"", "verdict.block_ttl_max"),
+            ("[xdp]\nmax_hosts = 0", "xdp.max_hosts"),
+            (
+                "[screen]\naccess_list = [\"reject 192.0.2.7/8\"]",
+                "screen.access_list",
+            ),
+        ];
+        for (text, key) in cases {
+            let msg = Config::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text:?}: {msg}");
+        }
+        // Neighbours of the refused values are fine.
+        for text in [
+            "[screen]\ndnsbl_threshold = 1",
+            "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"127.0.0.1:10025\"",
+            "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"[::1]:25\"",
+            "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"198.51.100.25:25\"",
+            "[smtp]\ngreet_banner = \"\"\n[screen]\ngreet_wait = \"0s\"",
+            "[verdict]\nipv6_prefix = 32",
+            "[screen]\nforbidden_commands = []",
+        ] {
+            assert!(Config::from_toml(text).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn suspicious_values_are_warnings_naming_the_key() {
+        let c = Config::from_toml(
+            "[smtp]\nupstream_proxy_trusted = [\"127.0.0.1\"]\n\
+             [screen]\naccess_list = [\"permit 192.0.2.0/24\", \"reject 0.0.0.0/0\"]\n\
+             greet_ttl = \"0s\"\n",
+        )
+        .unwrap();
+        let w: Vec<String> = c.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].starts_with("screen.access_list: \"reject 0.0.0.0/0\" rejects every client"));
+        assert!(w[1].starts_with("smtp.upstream_proxy_trusted: is ignored"));
+        assert!(w[2].starts_with("screen.greet_ttl: is 0s"));
+        assert!(Config::default().warnings().is_empty());
     }
 
     #[test]

@@ -340,6 +340,7 @@ impl Daemon {
                 return None;
             }
         };
+        new.log_warnings();
         let old = self.cfg();
         if new.verdict.ipv6_prefix != old.verdict.ipv6_prefix
             || new.xdp.pin_path != old.xdp.pin_path
@@ -408,6 +409,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
     }
     let cfg = verdicts.cfg();
+    cfg.log_warnings();
     let dnsbl = build_dnsbl(&cfg)?;
     if let Some(d) = &dnsbl {
         d.spawn_health_checks();

@@ -406,7 +406,11 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     match c {
         ConfigCmd::Check => {
-            Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            let cfg =
+                Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            for w in cfg.warnings() {
+                eprintln!("screener: warning: {w}");
+            }
             println!("{}: ok", p.display());
         }
         ConfigCmd::Show {

@@ -118,3 +118,31 @@ fn config_set_on_a_section_that_is_not_a_table_is_an_error() {
         "[screen]\ngreet_wait = \"6s\"\n"
     );
 }
+
+#[test]
+fn config_check_refuses_a_dnsbl_threshold_of_zero_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("screener.toml");
+    std::fs::write(
+        &cfg,
+        "[screen]\ndnsbl_sites = [\"bl.example\"]\ndnsbl_threshold = 0\n",
+    )
+    .unwrap();
+    let (code, out) = run(&cfg, &["config", "check"]);
+    refused(code, &out);
+    assert!(out.contains("screen.dnsbl_threshold"), "{out}");
+    assert!(out.contains("at least 1"), "{out}");
+
+    // A value that works but is suspicious passes, with a warning naming it.
+    std::fs::write(
+        &cfg,
+        "[screen]\naccess_list = [\"permit 192.0.2.0/24\", \"reject ::/0\"]\n",
+    )
+    .unwrap();
+    let (code, out) = run(&cfg, &["config", "check"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: screen.access_list: \"reject ::/0\" rejects every client"),
+        "{out}"
+    );
+}
