@@ -439,6 +439,13 @@ pub struct Screen {
     pub dnsbl_max_ttl: Duration,
     /// Query domain → public name shown in replies and logs.
     pub dnsbl_reply_map: BTreeMap<String, String>,
+    /// How often every list is asked for its RFC 5782 test points; a list
+    /// that starts listing the world is switched off within this time.
+    #[serde(with = "dur")]
+    pub dnsbl_health_interval: Duration,
+    /// Lists (query domains or public names) never health-checked: private
+    /// lists whose operator vouches for them.
+    pub dnsbl_health_skip: Vec<String>,
     /// Deep tests are off by default, as in postscreen: they cost a
     /// first-time client a dialogue.
     pub pipelining_enable: bool,
@@ -494,6 +501,10 @@ impl Default for Screen {
             dnsbl_min_ttl: Duration::from_secs(60),
             dnsbl_max_ttl: Duration::from_secs(3600),
             dnsbl_reply_map: BTreeMap::new(),
+            // Often enough to notice a list going rogue within the hour,
+            // rare enough to be invisible in the list's query volume.
+            dnsbl_health_interval: Duration::from_secs(600),
+            dnsbl_health_skip: Vec::new(),
             pipelining_enable: false,
             pipelining_action: Action::Enforce,
             pipelining_ttl: Duration::from_secs(30 * DAY),
@@ -793,12 +804,32 @@ impl Config {
                 "is above screen.dnsbl_max_ttl",
             ));
         }
+        let mut domains = Vec::new();
         for site in &s.dnsbl_sites {
-            if let Err(e) = site.parse::<crate::dnsbl::SiteSpec>() {
+            match site.parse::<crate::dnsbl::SiteSpec>() {
+                Ok(spec) => domains.push(spec.domain),
+                Err(e) => {
+                    return Err(ConfigError::value(
+                        "screen.dnsbl_sites",
+                        format!("{site:?}"),
+                        e.reason,
+                    ))
+                }
+            }
+        }
+        for (i, name) in s.dnsbl_health_skip.iter().enumerate() {
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
+            let known = domains.contains(&lower)
+                || s.dnsbl_reply_map
+                    .values()
+                    .any(|public| public.eq_ignore_ascii_case(name));
+            if !known {
+                // The value is not echoed: it may be a mistyped secret
+                // query domain.
                 return Err(ConfigError::value(
-                    "screen.dnsbl_sites",
-                    format!("{site:?}"),
-                    e.reason,
+                    "screen.dnsbl_health_skip",
+                    format!("entry {}", i + 1),
+                    "names no screen.dnsbl_sites domain and no dnsbl_reply_map public name",
                 ));
             }
         }
@@ -913,6 +944,12 @@ impl Config {
                 s.cache_cleanup_interval,
                 "the cleanup would run without pause",
             ),
+            (
+                "screen.dnsbl_health_interval",
+                s.dnsbl_health_interval,
+                "the checks would run without pause; list a site in \
+                 screen.dnsbl_health_skip to leave it unchecked",
+            ),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::value(
@@ -940,7 +977,9 @@ impl Config {
             return Err(ConfigError::value(
                 "smtp.backend",
                 smtp.backend,
-                format!("is smtp.listen {l} itself: every hand-off would connect back to the screener"),
+                format!(
+                    "is smtp.listen {l} itself: every hand-off would connect back to the screener"
+                ),
             ));
         }
         for c in &s.forbidden_commands {
@@ -996,14 +1035,26 @@ impl Config {
         }
         let s = &self.screen;
         for (key, ttl, on) in [
-            ("screen.greet_ttl", s.greet_ttl, !self.smtp.greet_banner.is_empty()),
-            ("screen.pipelining_ttl", s.pipelining_ttl, s.pipelining_enable),
+            (
+                "screen.greet_ttl",
+                s.greet_ttl,
+                !self.smtp.greet_banner.is_empty(),
+            ),
+            (
+                "screen.pipelining_ttl",
+                s.pipelining_ttl,
+                s.pipelining_enable,
+            ),
             (
                 "screen.non_smtp_command_ttl",
                 s.non_smtp_command_ttl,
                 s.non_smtp_command_enable,
             ),
-            ("screen.bare_newline_ttl", s.bare_newline_ttl, s.bare_newline_enable),
+            (
+                "screen.bare_newline_ttl",
+                s.bare_newline_ttl,
+                s.bare_newline_enable,
+            ),
         ] {
             if on && ttl.is_zero() {
                 warn(
@@ -1249,15 +1300,27 @@ ports = ["all"]
                 "[screen]\nclient_connection_count_limit = 0",
                 "screen.client_connection_count_limit",
             ),
-            ("[screen]\ncommand_count_limit = 0", "screen.command_count_limit"),
-            ("[screen]\ncommand_time_limit = \"0s\"", "screen.command_time_limit"),
+            (
+                "[screen]\ncommand_count_limit = 0",
+                "screen.command_count_limit",
+            ),
+            (
+                "[screen]\ncommand_time_limit = \"0s\"",
+                "screen.command_time_limit",
+            ),
             (
                 "[screen]\nstress_command_time_limit = \"0s\"",
                 "screen.stress_command_time_limit",
             ),
             ("[screen]\ngreet_wait = \"0s\"", "screen.greet_wait"),
-            ("[screen]\nstress_greet_wait = \"0s\"", "screen.stress_greet_wait"),
-            ("[screen]\nline_length_limit = 100", "screen.line_length_limit"),
+            (
+                "[screen]\nstress_greet_wait = \"0s\"",
+                "screen.stress_greet_wait",
+            ),
+            (
+                "[screen]\nline_length_limit = 100",
+                "screen.line_length_limit",
+            ),
             ("[screen]\ndnsbl_timeout = \"0s\"", "screen.dnsbl_timeout"),
             (
                 "[screen]\ncache_cleanup_interval = \"0s\"",
@@ -1270,9 +1333,15 @@ ports = ["all"]
             ("[smtp]\nhostname = \"\"", "smtp.hostname"),
             ("[smtp]\nhostname = \"mx\\u0000\"", "smtp.hostname"),
             ("[smtp]\nlisten = []", "smtp.listen"),
-            ("[smtp]\ngreet_banner = \"hi\\r\\n250 ok\"", "smtp.greet_banner"),
+            (
+                "[smtp]\ngreet_banner = \"hi\\r\\n250 ok\"",
+                "smtp.greet_banner",
+            ),
             ("[smtp]\nbackend_timeout = \"0s\"", "smtp.backend_timeout"),
-            ("[smtp]\nupstream_proxy_timeout = \"0s\"", "smtp.upstream_proxy_timeout"),
+            (
+                "[smtp]\nupstream_proxy_timeout = \"0s\"",
+                "smtp.upstream_proxy_timeout",
+            ),
             (
                 "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"127.0.0.1:25\"",
                 "smtp.backend",
@@ -1331,10 +1400,7 @@ ports = ["all"]
     #[test]
     fn haproxy_mode_needs_trusted_proxies() {
         let e = Config::from_toml("[smtp]\nupstream_proxy_protocol = \"haproxy\"").unwrap_err();
-        assert!(
-            e.to_string().contains("smtp.upstream_proxy_trusted"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("smtp.upstream_proxy_trusted"), "{e}");
         let c = Config::from_toml(
             "[smtp]\nupstream_proxy_protocol = \"haproxy\"\n\
              upstream_proxy_trusted = [\"192.0.2.0/28\", \"2001:db8::7\"]",
@@ -1377,7 +1443,10 @@ ports = ["all"]
         );
         assert_eq!(parse_cidr("192.0.2.1").unwrap().to_string(), "192.0.2.1/32");
         // Third-party lists keep the lenient reading.
-        assert_eq!(parse_net("192.0.2.1/24").unwrap().to_string(), "192.0.2.0/24");
+        assert_eq!(
+            parse_net("192.0.2.1/24").unwrap().to_string(),
+            "192.0.2.0/24"
+        );
     }
 
     #[test]
@@ -1426,7 +1495,11 @@ ports = ["all"]
             assert!(msg.contains("expected a [section]"), "{text:?}: {msg}");
         }
         // An inline table is a section.
-        let out = set("screen = { greet_wait = \"6s\" }\n", &["screen.greet_wait=2s".into()]).unwrap();
+        let out = set(
+            "screen = { greet_wait = \"6s\" }\n",
+            &["screen.greet_wait=2s".into()],
+        )
+        .unwrap();
         let c = Config::from_toml(&out).unwrap();
         assert_eq!(c.screen.greet_wait, Duration::from_secs(2));
     }

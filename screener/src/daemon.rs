@@ -547,7 +547,8 @@ fn build_dnsbl(cfg: &Config) -> anyhow::Result<Option<Dnsbl>> {
         min_ttl: s.dnsbl_min_ttl,
         max_ttl: s.dnsbl_max_ttl,
         reply_map: s.dnsbl_reply_map.clone(),
-        ..DnsblOptions::default()
+        health_interval: s.dnsbl_health_interval,
+        health_skip: s.dnsbl_health_skip.clone(),
     };
     Ok(Some(Dnsbl::new(opts).context("DNSBL settings")?))
 }

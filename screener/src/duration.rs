@@ -75,7 +75,9 @@ fn parse_unbounded(text: &str) -> Result<Duration, DurationError> {
         "w" => 604_800,
         _ => return Err(err()),
     };
-    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(too_long)
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(too_long)
 }
 
 /// Formats a duration in the largest unit that divides it exactly, so

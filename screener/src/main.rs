@@ -406,8 +406,7 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     match c {
         ConfigCmd::Check => {
-            let cfg =
-                Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            let cfg = Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
             for w in cfg.warnings() {
                 eprintln!("screener: warning: {w}");
             }

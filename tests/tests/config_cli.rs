@@ -41,7 +41,13 @@ fn a_ttl_beyond_ten_years_is_refused_before_anything_is_blocked() {
     std::fs::write(&list, "192.0.2.0/24\n").unwrap();
     let list = list.to_str().unwrap();
     for args in [
-        &["block", "add", "192.0.2.9", "--ttl", "18446744073709551615s"][..],
+        &[
+            "block",
+            "add",
+            "192.0.2.9",
+            "--ttl",
+            "18446744073709551615s",
+        ][..],
         &["block", "add", "192.0.2.9", "--ttl", "3651d"],
         &["import", list, "--ttl", "99999999999999999999d"],
     ] {

@@ -192,11 +192,7 @@ mod tests {
             ("2001:db8:6::9", false),
             ("192.0.2.9", false),
         ] {
-            assert_eq!(
-                proxy_trusted(&trusted, peer.parse().unwrap()),
-                ok,
-                "{peer}"
-            );
+            assert_eq!(proxy_trusted(&trusted, peer.parse().unwrap()), ok, "{peer}");
         }
         assert!(!proxy_trusted(&[], "127.0.0.1".parse().unwrap()));
     }

@@ -549,7 +549,10 @@ async fn connection(
     let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
     let (client, server) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy {
         if !gate::proxy_trusted(&settings.cfg.smtp.upstream_proxy_trusted, peer.ip()) {
-            shared.counters.proxy_untrusted.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .proxy_untrusted
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(client = %Peer(peer), "PROXY header refused: {} is not in smtp.upstream_proxy_trusted; closed", Peer(peer));
             return;
         }
