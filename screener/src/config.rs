@@ -420,6 +420,9 @@ fn default_hostname() -> String {
 #[serde(default, deny_unknown_fields)]
 pub struct Screen {
     pub access_list: Vec<AccessRule>,
+    /// Loopback and the host's own addresses are never screened or
+    /// blocked, like postscreen's `permit_mynetworks` (see `local.rs`).
+    pub permit_local: bool,
     /// postscreen's 6 s: long enough that real MTAs wait, short enough
     /// that bots (which pregreet within a second or two) show themselves.
     #[serde(with = "dur")]
@@ -490,6 +493,8 @@ impl Default for Screen {
     fn default() -> Self {
         Screen {
             access_list: Vec::new(),
+            // The host must never lock itself out.
+            permit_local: true,
             greet_wait: Duration::from_secs(6),
             greet_action: Action::Enforce,
             greet_ttl: Duration::from_secs(DAY),

@@ -341,6 +341,7 @@ impl Daemon {
             }
         };
         new.log_warnings();
+        crate::local::refresh();
         let old = self.cfg();
         if new.verdict.ipv6_prefix != old.verdict.ipv6_prefix
             || new.xdp.pin_path != old.xdp.pin_path
@@ -410,6 +411,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     }
     let cfg = verdicts.cfg();
     cfg.log_warnings();
+    crate::local::refresh();
     let dnsbl = build_dnsbl(&cfg)?;
     if let Some(d) = &dnsbl {
         d.spawn_health_checks();

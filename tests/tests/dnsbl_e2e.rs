@@ -97,6 +97,7 @@ hostname = "mx.example.com"
 backend = "{backend}"
 
 [screen]
+permit_local = false
 greet_wait = "3s"
 dnsbl_sites = [{sites}]
 dnsbl_threshold = 1

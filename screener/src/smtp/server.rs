@@ -103,6 +103,7 @@ impl Settings {
         let normal = Arc::new(Params::from_config(&cfg, false, Arc::clone(&keywords)));
         let gate = GateParams {
             access_list: s.access_list.clone(),
+            local: s.permit_local.then(crate::local::current),
             client_connection_count_limit: s.client_connection_count_limit,
             post_queue_limit: s.post_queue_limit,
             pre_queue_limit: s.pre_queue_limit,
