@@ -416,6 +416,10 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "postscreen's *_enable switches and permit_local: each a key of its own"
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Screen {

@@ -148,14 +148,16 @@ fn interface_addrs() -> io::Result<Vec<IpAddr>> {
             let ifa = &*p;
             if !ifa.ifa_addr.is_null() {
                 match i32::from((*ifa.ifa_addr).sa_family) {
+                    // Copied out unaligned: a `sockaddr` promises less
+                    // alignment than the struct its family names.
                     libc::AF_INET => {
-                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        let sin = ifa.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
                         out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
                             sin.sin_addr.s_addr,
                         ))));
                     }
                     libc::AF_INET6 => {
-                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        let sin6 = ifa.ifa_addr.cast::<libc::sockaddr_in6>().read_unaligned();
                         out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
                     }
                     _ => {}
