@@ -288,8 +288,9 @@ impl<'de> Deserialize<'de> for AccessRule {
 /// Parses a CIDR or a bare address (a host), refusing host bits under the
 /// mask: `192.0.2.1/24` is a typo for the network `192.0.2.0/24` or the
 /// host `192.0.2.1`, and guessing which would permit, reject or trust the
-/// wrong clients. Used for what an operator writes (the configuration, the
-/// admin commands); third-party lists go through [`parse_net`].
+/// wrong clients. Used for the configuration; the admin commands (which
+/// print the network they acted on) and third-party lists go through
+/// [`parse_net`].
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
         if net.trunc() != net {
@@ -1332,6 +1333,14 @@ ports = ["all"]
             ),
             ("[screen]\ndnsbl_timeout = \"0s\"", "screen.dnsbl_timeout"),
             (
+                "[screen]\ndnsbl_health_interval = \"0s\"",
+                "screen.dnsbl_health_interval",
+            ),
+            (
+                "[screen]\ndnsbl_sites = [\"bl.example\"]\ndnsbl_health_skip = [\"bl.exmaple\"]",
+                "screen.dnsbl_health_skip",
+            ),
+            (
                 "[screen]\ncache_cleanup_interval = \"0s\"",
                 "screen.cache_cleanup_interval",
             ),
@@ -1384,6 +1393,9 @@ ports = ["all"]
             "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"198.51.100.25:25\"",
             "[smtp]\ngreet_banner = \"\"\n[screen]\ngreet_wait = \"0s\"",
             "[verdict]\nipv6_prefix = 32",
+            "[screen]\ndnsbl_sites = [\"BL.example=127.0.0.2\", \"k3y.feed.example\"]\n\
+             dnsbl_reply_map = { \"k3y.feed.example\" = \"feed.example\" }\n\
+             dnsbl_health_skip = [\"bl.example.\", \"feed.example\"]",
             "[screen]\nforbidden_commands = []",
         ] {
             assert!(Config::from_toml(text).is_ok(), "{text}");

@@ -49,7 +49,7 @@ pub fn parse_nets(nets: &[String]) -> Result<Vec<IpNet>, String> {
         return Err("no CIDR given".into());
     }
     nets.iter()
-        .map(|n| config::parse_cidr(n).map_err(|e| format!("bad CIDR: {e}")))
+        .map(|n| config::parse_net(n).map_err(|e| format!("bad CIDR: {e}")))
         .collect()
 }
 

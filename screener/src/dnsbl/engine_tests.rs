@@ -640,6 +640,13 @@ async fn health_verdicts() {
             warnings: 1,
         },
         Case {
+            label: "every answer an error code (a public resolver): one warning per check",
+            site: "bl.example",
+            answer: |_| code([127, 255, 255, 254], 60),
+            off: (false, false),
+            warnings: 1,
+        },
+        Case {
             label: "DNS failure proves nothing",
             site: "bl.example",
             answer: |_| Answer::Failed(Failure::Transport),

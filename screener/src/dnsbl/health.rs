@@ -19,13 +19,13 @@
 //! list whose IPv6 side alone lists the world keeps scoring IPv4 clients.
 //!
 //! A missing should-be point is not harm: private lists, and lists that
-//! only hold one family, legitimately lack one. It is a WARN and counts in
-//! `health_warnings` when the list answers neither family's point (dead,
-//! private, or refusing us; a lasting outage shows as failures when
-//! clients are scored), or when a family that answered its point before
-//! stops answering it. A must-not point listed with an answer no entry
-//! counts (an error code, or an address the filters ignore) scores nobody;
-//! it is a WARN too.
+//! only hold one family, legitimately lack one. It is a WARN when the list
+//! answers neither family's point (dead, private, or refusing us; a
+//! lasting outage shows as failures when clients are scored), or when a
+//! family that answered its point before stops answering it. A must-not
+//! point listed with an answer no entry counts (an error code, or an
+//! address the filters ignore) scores nobody; it is a WARN too. A check
+//! with any such WARN counts once in `health_warnings`.
 //!
 //! A check that gets no answer (timeout, SERVFAIL) proves nothing: that
 //! family keeps its current state, so a DNS outage never switches lists
@@ -111,24 +111,28 @@ pub(super) async fn check(inner: &Inner, d: usize) {
     let (w4, p4, w6, p6) = futures::join!(ask(world4), ask(pos4), ask(world6), ask(pos6));
 
     let mut positives = Vec::new();
-    let (mut harm, mut switched_off) = (false, false);
+    let (mut harm, mut switched_off, mut odd) = (false, false, false);
     for (family, world, positive) in [(Family::V4, &w4, &p4), (Family::V6, &w6, &p6)] {
         let (world_point, pos_point) = points(family);
         let world = judge_world(inner, d, family, world_point, world);
         harm |= matches!(world, World::Harm(_));
+        odd |= matches!(world, World::Odd(_));
         switched_off |= apply_world(inner, d, family, world);
         positives.push((family, judge_positive(inner, d, pos_point, positive)));
     }
-    // Counted per check, not per family: a list listing the world usually
-    // does so in both.
-    if harm {
-        domain.health_failures.fetch_add(1, Ordering::Relaxed);
+    odd |= warn_missing(inner, d, &positives);
+    // Counted per check, not per family or finding: a list that breaks
+    // usually does so in both families at once.
+    for (happened, counter) in [
+        (harm, &domain.health_failures),
+        (switched_off, &domain.times_disabled),
+        (odd, &domain.health_warnings),
+        (true, &domain.health_checks),
+    ] {
+        if happened {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
-    if switched_off {
-        domain.times_disabled.fetch_add(1, Ordering::Relaxed);
-    }
-    warn_missing(inner, d, &positives);
-    domain.health_checks.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Judges the must-not test point's answer.
@@ -197,7 +201,6 @@ fn apply_world(inner: &Inner, d: usize, family: Family, world: World) -> bool {
     match world {
         World::Clear | World::Odd(_) => {
             if let World::Odd(reason) = &world {
-                domain.health_warnings.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     site = %site,
                     reason = %reason,
@@ -243,9 +246,9 @@ fn apply_world(inner: &Inner, d: usize, family: Family, world: World) -> bool {
 }
 
 /// Warns about missing should-be test points: when neither family has
-/// its point, or a family that had it lost it. A family that never had it
-/// simply holds no data of that family.
-fn warn_missing(inner: &Inner, d: usize, positives: &[(Family, Positive)]) {
+/// its point, or a family that had it lost it (true when it warned). A
+/// family that never had it simply holds no data of that family.
+fn warn_missing(inner: &Inner, d: usize, positives: &[(Family, Positive)]) -> bool {
     let domain = &inner.domains[d];
     let site = &domain.public;
     let missing: Vec<&String> = positives
@@ -265,27 +268,30 @@ fn warn_missing(inner: &Inner, d: usize, positives: &[(Family, Positive)]) {
         }
     }
     if missing.len() == positives.len() {
-        domain.health_warnings.fetch_add(1, Ordering::Relaxed);
         let reasons = join_reasons(&missing);
         tracing::warn!(
             site = %site,
             reason = %reasons,
             "DNSBL site {site}: {reasons}: a dead or private list, or one refusing us; still in use"
         );
+        true
     } else if !lost.is_empty() {
-        domain.health_warnings.fetch_add(1, Ordering::Relaxed);
         let reasons = join_reasons(&lost);
         tracing::warn!(
             site = %site,
             reason = %reasons,
             "DNSBL site {site} no longer answers its test point: {reasons}; still in use"
         );
-    } else if !missing.is_empty() {
-        tracing::debug!(
-            site = %site,
-            "DNSBL site {site}: {}: no data of that family",
-            join_reasons(&missing)
-        );
+        true
+    } else {
+        if !missing.is_empty() {
+            tracing::debug!(
+                site = %site,
+                "DNSBL site {site}: {}: no data of that family",
+                join_reasons(&missing)
+            );
+        }
+        false
     }
 }
 

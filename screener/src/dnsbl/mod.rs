@@ -209,7 +209,9 @@ struct Domain {
     dns_failures: AtomicU64,
     times_disabled: AtomicU64,
     health_failures: AtomicU64,
+    /// Checks that found something odd but harmless.
     health_warnings: AtomicU64,
+    /// Checks completed, so a test or an operator can tell one has run.
     health_checks: AtomicU64,
 }
 

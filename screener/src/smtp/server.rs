@@ -84,6 +84,7 @@ struct Counters {
     pass_old: AtomicU64,
     fails: [AtomicU64; 6],
     rejects: AtomicU64,
+    /// PROXY-mode connections from peers outside the trusted list.
     proxy_untrusted: AtomicU64,
 }
 
