@@ -7,7 +7,10 @@
 use std::{
     net::IpAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -36,11 +39,25 @@ pub struct Daemon {
     verdicts: Arc<Verdicts>,
     /// The SMTP screening server, for its counters and reloads.
     smtp: smtp::Server,
-    /// The DNSBL engine, for its counters (`None` without sites).
-    dnsbl: Option<Dnsbl>,
+    /// The DNSBL engine, for its counters (`None` without sites); replaced
+    /// when a reload changes the lists or the resolver.
+    dnsbl: RwLock<Option<Dnsbl>>,
     /// Where the configuration came from, for SIGHUP.
     cfg_path: PathBuf,
+    /// For `uptime_secs` in `stats`.
     started: Instant,
+    /// The watcher of each configured import list, so a reload starts the
+    /// new, stops the removed and leaves the unchanged ones running.
+    importers: Mutex<Vec<(config::ImportList, tokio::task::JoinHandle<()>)>>,
+    /// Configurations applied since start (0 = the one started with), so
+    /// `stats` says which is in force.
+    generation: AtomicU64,
+    /// Keys whose new values wait for a restart, as the last reload found
+    /// them; shown in `stats` so "reloaded" never hides "not applied".
+    restart_pending: Mutex<Vec<&'static str>>,
+    /// The task draining the program's log ring buffer; replaced with the
+    /// program when a reload loads a new instance.
+    xdp_logger: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Parses every CIDR first, so one bad value changes nothing.
@@ -57,6 +74,10 @@ pub fn parse_nets(nets: &[String]) -> Result<Vec<IpNet>, String> {
 struct DaemonStats {
     uptime_secs: u64,
     xdp_attached: bool,
+    /// Configurations applied since start: 0 until the first reload.
+    config_generation: u64,
+    /// Keys changed in the file that take effect only on restart.
+    config_restart_pending: Vec<&'static str>,
     #[serde(flatten)]
     verdicts: verdict::CountersSnapshot,
 }
@@ -320,53 +341,222 @@ impl Daemon {
         });
         Stats {
             smtp: self.smtp.stats(),
-            dnsbl: self.dnsbl.as_ref().map(Dnsbl::stats),
+            dnsbl: self
+                .dnsbl
+                .read()
+                .expect("dnsbl lock")
+                .as_ref()
+                .map(Dnsbl::stats),
             daemon: DaemonStats {
                 uptime_secs: self.started.elapsed().as_secs(),
                 xdp_attached: self.verdicts.with_gate(|_| ()).is_some(),
+                config_generation: self.generation.load(Ordering::Relaxed),
+                config_restart_pending: self.restart_pending.lock().expect("restart lock").clone(),
                 verdicts: self.verdicts.counters(),
             },
             kernel,
         }
     }
 
-    /// SIGHUP: a new configuration for what can change while running. A bad
-    /// file is refused and logged; the old configuration stays.
-    fn reload(&self) -> Option<Arc<Config>> {
-        let new = match Config::load(&self.cfg_path) {
-            Ok(c) => c,
-            Err(e) => {
+    /// SIGHUP: applies a new configuration. Everything that can fail (the
+    /// file, the DNSBL engine) is built first, so a bad file or site changes
+    /// nothing; then every group is applied: screening parameters, DNSBL
+    /// lists and resolver, import lists, listeners, XDP interfaces, ports
+    /// and log level. A key that needs a restart is named in a warning and
+    /// in `stats`.
+    async fn reload(self: &Arc<Self>) {
+        let path = self.cfg_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let new = match loaded {
+            Ok(Ok(c)) => Arc::new(c),
+            Ok(Err(e)) => {
                 tracing::error!("reload refused, keeping the running configuration: {e}");
-                return None;
+                return;
+            }
+            Err(e) => {
+                tracing::error!("reload refused: {e}");
+                return;
             }
         };
         new.log_warnings();
         crate::local::refresh();
         let old = self.cfg();
-        if new.verdict.ipv6_prefix != old.verdict.ipv6_prefix
-            || new.xdp.pin_path != old.xdp.pin_path
-            || new.admin.socket != old.admin.socket
-            || new.store.path != old.store.path
-        {
+        let dnsbl_changed = dnsbl_inputs(&old) != dnsbl_inputs(&new);
+        let dnsbl = if dnsbl_changed {
+            match build_dnsbl(&new) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let pending = restart_keys(&old, &new);
+        if !pending.is_empty() {
             tracing::warn!(
-                "verdict.ipv6_prefix, xdp.pin_path, store.path and admin.socket change only on restart"
+                "reload: {} changed but take effect only on restart; the running values stay",
+                pending.join(", ")
             );
         }
-        let ports = match &new.xdp.ports {
-            config::Ports::All => None,
-            config::Ports::List(p) => Some(p.clone()),
-        };
-        if let Some(Err(e)) = self
-            .verdicts
-            .with_gate(|g| g.maps.configure(g.maps.ipv6_prefix(), ports.as_deref()))
-        {
-            tracing::error!("applying xdp.ports: {e}");
-        }
-        let new = Arc::new(new);
+        *self.restart_pending.lock().expect("restart lock") = pending;
+
+        self.reload_xdp(&old, &new).await;
         self.verdicts.set_cfg(new.clone());
-        tracing::info!(config = %self.cfg_path.display(), "configuration reloaded");
-        Some(new)
+        if let Some(d) = dnsbl {
+            self.swap_dnsbl(d);
+        }
+        self.refresh_smtp(&new);
+        for e in self.smtp.apply_listen(&new.smtp.listen) {
+            tracing::error!("reload: {e}; the other listeners are in force");
+        }
+        self.reload_imports(&new.import.lists);
+        let n = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(config = %self.cfg_path.display(), generation = n, "configuration reloaded");
     }
+
+    /// Puts a newly built DNSBL engine in force, for the SMTP sessions and
+    /// the counters; the old one's health checks end with it.
+    fn swap_dnsbl(&self, dnsbl: Option<Dnsbl>) {
+        if let Some(d) = &dnsbl {
+            d.spawn_health_checks();
+        }
+        self.smtp.set_dnsbl(lookup(dnsbl.as_ref(), &self.verdicts));
+        let sites = dnsbl.as_ref().map_or(0, |d| d.stats().sites.len());
+        *self.dnsbl.write().expect("dnsbl lock") = dnsbl;
+        tracing::info!(sites, "DNSBL engine rebuilt");
+    }
+
+    /// Applies `xdp.*` changes: ports at once; interfaces, mode and log
+    /// level by loading a new program instance on the pinned maps and
+    /// swapping it into the links, as a restart does (no gap, no entry
+    /// lost). Without a gate (`--no-xdp`, after `xdp detach`) nothing here
+    /// applies.
+    async fn reload_xdp(&self, old: &Config, new: &Arc<Config>) {
+        if self.verdicts.with_gate(|_| ()).is_none() {
+            return;
+        }
+        if new.xdp.ports != old.xdp.ports {
+            let ports = match &new.xdp.ports {
+                config::Ports::All => None,
+                config::Ports::List(p) => Some(p.clone()),
+            };
+            if let Some(Err(e)) = self
+                .verdicts
+                .with_gate(|g| g.maps.configure(g.maps.ipv6_prefix(), ports.as_deref()))
+            {
+                tracing::error!("reload: applying xdp.ports: {e}");
+            }
+        }
+        if new.xdp.interfaces == old.xdp.interfaces
+            && new.xdp.mode == old.xdp.mode
+            && new.xdp.log_level == old.xdp.log_level
+        {
+            return;
+        }
+        let cfg = new.clone();
+        match tokio::task::spawn_blocking(move || Gate::open(&cfg)).await {
+            Ok(Ok(mut gate)) => {
+                let logger = gate.spawn_logger();
+                for (iface, mode) in &gate.attached {
+                    tracing::info!(interface = %iface, mode = %mode, "XDP gate up after reload");
+                }
+                self.verdicts.replace_gate(gate);
+                if let Some(old) =
+                    std::mem::replace(&mut *self.xdp_logger.lock().expect("logger lock"), logger)
+                {
+                    old.abort();
+                }
+            }
+            Ok(Err(e)) => tracing::error!(
+                "reload: applying xdp.interfaces/mode/log_level: {e}; the gate stays as it was"
+            ),
+            Err(e) => tracing::error!("reload: XDP: {e}"),
+        }
+    }
+
+    /// Starts watchers for new import lists, stops those of lists no
+    /// longer configured (their entries leave the kernel and the store),
+    /// leaves unchanged ones alone.
+    fn reload_imports(self: &Arc<Self>, lists: &[config::ImportList]) {
+        let mut running = self.importers.lock().expect("importers lock");
+        let mut kept = Vec::new();
+        for (list, task) in running.drain(..) {
+            if lists.contains(&list) {
+                kept.push((list, task));
+                continue;
+            }
+            task.abort();
+            let name = list.list_name();
+            if !lists.iter().any(|l| l.list_name() == name) {
+                let d = Arc::clone(self);
+                tokio::spawn(async move {
+                    match d.verdicts.import(&name, Vec::new(), None).await {
+                        Ok(c) => tracing::info!(
+                            list = %name,
+                            removed = c.removed,
+                            "import list no longer configured: its entries are removed"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(list = %name, "removing an unconfigured import list: {e}");
+                        }
+                    }
+                });
+            }
+        }
+        for list in lists {
+            if !kept.iter().any(|(l, _)| l == list) {
+                kept.push((list.clone(), self.spawn_importer(list.clone())));
+            }
+        }
+        *running = kept;
+    }
+
+    fn spawn_importer(self: &Arc<Self>, list: config::ImportList) -> tokio::task::JoinHandle<()> {
+        let d = Arc::clone(self);
+        tokio::spawn(async move { d.watch_list(list).await })
+    }
+}
+
+/// The settings the DNSBL engine is built from: a change in any of them
+/// means a new engine.
+fn dnsbl_inputs(c: &Config) -> impl PartialEq + '_ {
+    let s = &c.screen;
+    (
+        &s.dnsbl_sites,
+        &c.dns.nameservers,
+        s.dnsbl_timeout,
+        s.dnsbl_min_ttl,
+        s.dnsbl_max_ttl,
+        &s.dnsbl_reply_map,
+        s.dnsbl_health_interval,
+        &s.dnsbl_health_skip,
+    )
+}
+
+/// The keys that differ between `old` and `new` but apply only on restart.
+fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |changed: bool, key: &'static str| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    check(
+        new.verdict.ipv6_prefix != old.verdict.ipv6_prefix,
+        "verdict.ipv6_prefix",
+    );
+    check(new.xdp.pin_path != old.xdp.pin_path, "xdp.pin_path");
+    check(new.xdp.max_hosts != old.xdp.max_hosts, "xdp.max_hosts");
+    check(
+        new.xdp.max_prefixes != old.xdp.max_prefixes,
+        "xdp.max_prefixes",
+    );
+    check(new.xdp.max_allows != old.xdp.max_allows, "xdp.max_allows");
+    check(new.store.path != old.store.path, "store.path");
+    check(new.admin.socket != old.admin.socket, "admin.socket");
+    keys
 }
 
 fn names(nets: &[IpNet]) -> Vec<String> {
@@ -380,16 +570,24 @@ fn json(v: impl Serialize) -> serde_json::Value {
 /// Runs the daemon until SIGTERM or SIGINT. The XDP gate stays attached
 /// when it exits: only `screener xdp detach` opens it.
 pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<()> {
+    match crate::limits::raise_nofile() {
+        Ok((before, after)) if before != after => {
+            tracing::info!("open-file limit raised from {before} to {after}");
+        }
+        Ok((_, limit)) => tracing::info!("open-file limit {limit}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     let store_path = cfg.store.path.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
         .await?
         .context("opening the store")?;
+    let mut xdp_logger = None;
     let gate = if no_xdp {
         tracing::info!("running without XDP (--no-xdp)");
         None
     } else {
         let mut gate = Gate::open(&cfg).context("starting the XDP gate")?;
-        gate.spawn_logger();
+        xdp_logger = gate.spawn_logger();
         for (iface, mode) in &gate.attached {
             tracing::info!(interface = %iface, mode = %mode, pin_path = %gate.pin_dir().display(), "XDP gate up");
         }
@@ -417,24 +615,22 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         d.spawn_health_checks();
     }
     let (failures_tx, mut failures) = tokio::sync::mpsc::unbounded_channel();
-    let lookup = dnsbl.clone().map(|d| {
-        Arc::new(DnsblAdapter {
-            dnsbl: d,
-            verdicts: verdicts.clone(),
-        }) as Arc<dyn smtp::DnsblLookup>
-    });
     let server = smtp::Server::new(
         with_allows(&cfg, &verdicts),
         Some(verdicts.store().clone()),
-        lookup,
+        lookup(dnsbl.as_ref(), &verdicts),
         Some(failures_tx),
     );
     let daemon = Arc::new(Daemon {
         verdicts: verdicts.clone(),
         smtp: server.clone(),
-        dnsbl,
+        dnsbl: RwLock::new(dnsbl),
         cfg_path,
         started: Instant::now(),
+        importers: Mutex::new(Vec::new()),
+        generation: AtomicU64::new(0),
+        restart_pending: Mutex::new(Vec::new()),
+        xdp_logger: Mutex::new(xdp_logger),
     });
     let v = verdicts.clone();
     let verdict_task = tokio::spawn(async move {
@@ -479,11 +675,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         }
     });
 
-    let mut importers = Vec::new();
-    for list in daemon.cfg().import.lists.clone() {
-        let d = daemon.clone();
-        importers.push(tokio::spawn(async move { d.watch_list(list).await }));
-    }
+    daemon.reload_imports(&daemon.cfg().import.lists);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -503,12 +695,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
                     Err(e) => Err(anyhow::anyhow!("SMTP server task: {e}")),
                 };
             }
-            _ = hup.recv() => {
-                let d = daemon.clone();
-                if let Ok(Some(cfg)) = tokio::task::spawn_blocking(move || d.reload()).await {
-                    daemon.refresh_smtp(&cfg);
-                }
-            }
+            _ = hup.recv() => daemon.reload().await,
         }
     }
     tracing::info!("shutting down; the XDP gate stays attached");
@@ -522,7 +709,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();
-    for i in importers {
+    for (_, i) in daemon.importers.lock().expect("importers lock").drain(..) {
         i.abort();
     }
     let _ = std::fs::remove_file(&socket);
@@ -578,6 +765,16 @@ impl smtp::DnsblLookup for DnsblAdapter {
             })
         })
     }
+}
+
+/// The SMTP server's view of `dnsbl`, noting DNSWL-allowlisted clients.
+fn lookup(dnsbl: Option<&Dnsbl>, verdicts: &Arc<Verdicts>) -> Option<Arc<dyn smtp::DnsblLookup>> {
+    dnsbl.map(|d| {
+        Arc::new(DnsblAdapter {
+            dnsbl: d.clone(),
+            verdicts: verdicts.clone(),
+        }) as Arc<dyn smtp::DnsblLookup>
+    })
 }
 
 /// `cfg` with the allow entries as leading `permit` rules.

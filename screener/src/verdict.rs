@@ -208,6 +208,12 @@ impl Verdicts {
         self.gate.lock().expect("gate lock").as_mut().map(f)
     }
 
+    /// Puts a newly loaded gate in place of the current one (a reload
+    /// changed the interfaces, mode or log level).
+    pub fn replace_gate(&self, gate: Gate) {
+        *self.gate.lock().expect("gate lock") = Some(gate);
+    }
+
     /// Drops the gate handle (for `xdp detach`).
     pub fn take_gate(&self) -> Option<Gate> {
         self.gate.lock().expect("gate lock").take()

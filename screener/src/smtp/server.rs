@@ -49,6 +49,11 @@ pub struct SmtpStats {
     pub fails: FailCounts,
     /// Connections turned away: limits, denylist, and RCPTs refused.
     pub rejects: u64,
+    /// Of those, clients refused because the share of the open-file limit
+    /// for SMTP clients was in use.
+    pub refused_descriptors: u64,
+    /// How many SMTP clients the open-file limit leaves room for.
+    pub client_budget: u64,
     /// Clients being screened now.
     pub screening: u64,
     /// Clients handed to the backend now.
@@ -86,6 +91,9 @@ struct Counters {
     rejects: AtomicU64,
     /// PROXY-mode connections from peers outside the trusted list.
     proxy_untrusted: AtomicU64,
+    /// Clients refused because the open-file limit's share for SMTP
+    /// clients was used up.
+    refused_descriptors: AtomicU64,
 }
 
 /// What a connection reads from the configuration, rebuilt on reload and
@@ -96,6 +104,9 @@ struct Settings {
     stress: Arc<Params>,
     gate: GateParams,
     backend: Backend,
+    /// SMTP clients the open-file limit leaves room for (see
+    /// [`crate::limits`]); the next one is refused before descriptors run out.
+    client_budget: usize,
 }
 
 impl Settings {
@@ -116,7 +127,10 @@ impl Settings {
                 s.bare_newline_enable,
             ],
         };
+        let limit = crate::limits::nofile().map_or(1024, |(soft, _)| soft);
+        let client_budget = crate::limits::client_budget(limit, s.post_queue_limit);
         Settings {
+            client_budget,
             stress: Arc::new(Params::from_config(&cfg, true, keywords)),
             normal,
             gate,
@@ -145,11 +159,28 @@ struct Shared {
     counters: Counters,
     stress: AtomicBool,
     cache: Option<Store>,
-    dnsbl: Option<Arc<dyn DnsblLookup>>,
+    /// The DNSBL scorer; swapped when a reload changes the lists or the
+    /// resolver, so a newly listed site is scored, never awaited forever.
+    dnsbl: RwLock<Option<Arc<dyn DnsblLookup>>>,
     verdicts: Option<mpsc::UnboundedSender<Failure>>,
     /// Tasks alive, for the drain at shutdown.
     tasks: AtomicU64,
     idle: Notify,
+    /// Tells accept loops and connections that shutdown has begun; accept
+    /// loops started by a reload subscribe to the same signal.
+    stop: watch::Sender<bool>,
+    /// The accept loops by the address `smtp.listen` names, so a reload
+    /// binds only what is new and closes only what was removed.
+    listeners: Mutex<HashMap<SocketAddr, AcceptLoop>>,
+}
+
+/// One listening socket's accept loop.
+struct AcceptLoop {
+    /// The address actually bound (differs from the key for port 0).
+    local: SocketAddr,
+    /// Aborting it closes the listener; connections already accepted run
+    /// in tasks of their own and are not affected.
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The SMTP screening server; clones share one server.
@@ -173,6 +204,7 @@ impl Server {
         dnsbl: Option<Arc<dyn DnsblLookup>>,
         verdicts: Option<mpsc::UnboundedSender<Failure>>,
     ) -> Server {
+        warn_budget(&cfg);
         let keywords = Arc::new(Vec::new());
         Server {
             shared: Arc::new(Shared {
@@ -182,10 +214,12 @@ impl Server {
                 counters: Counters::default(),
                 stress: AtomicBool::new(false),
                 cache,
-                dnsbl,
+                dnsbl: RwLock::new(dnsbl),
                 verdicts,
                 tasks: AtomicU64::new(0),
                 idle: Notify::new(),
+                stop: watch::channel(false).0,
+                listeners: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -193,6 +227,7 @@ impl Server {
     /// Swaps the parameters for new connections; connections already open
     /// keep the ones they started with.
     pub fn reload(&self, cfg: Arc<Config>) {
+        warn_budget(&cfg);
         let keywords = Arc::clone(&self.shared.keywords.read().expect("keywords lock"));
         *self.shared.settings.write().expect("settings lock") =
             Arc::new(Settings::new(cfg, keywords));
@@ -223,6 +258,8 @@ impl Server {
                 denylist: f(5),
             },
             rejects: c.rejects.load(Ordering::Relaxed),
+            refused_descriptors: c.refused_descriptors.load(Ordering::Relaxed),
+            client_budget: self.settings().client_budget as u64,
             screening: load.pre_queue as u64,
             handed_off: load.post_queue as u64,
             stress: load.stress,
@@ -237,9 +274,12 @@ impl Server {
         let settings = self.settings();
         let mut listeners = Vec::new();
         for addr in &settings.cfg.smtp.listen {
-            listeners.push(bind(*addr).with_context(|| format!("smtp.listen {addr}"))?);
+            listeners.push((
+                *addr,
+                bind(*addr).with_context(|| format!("smtp.listen {addr}"))?,
+            ));
         }
-        self.serve(listeners, shutdown).await
+        self.serve_keyed(listeners, shutdown).await
     }
 
     /// Like [`Server::run`] on listeners bound by the caller (tests bind
@@ -249,19 +289,41 @@ impl Server {
         listeners: Vec<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let keyed = listeners
+            .into_iter()
+            .map(|l| Ok((l.local_addr()?, l)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        self.serve_keyed(keyed, shutdown).await
+    }
+
+    async fn serve_keyed(
+        &self,
+        listeners: Vec<(SocketAddr, TcpListener)>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let stop_rx = self.shared.stop.subscribe();
         let mut background = tokio::task::JoinSet::new();
         background.spawn(probe_loop(Arc::clone(&self.shared), stop_rx.clone()));
         if self.shared.cache.is_some() {
             background.spawn(cleanup_loop(Arc::clone(&self.shared), stop_rx.clone()));
         }
-        for l in listeners {
-            tracing::info!("smtp listening on {}", l.local_addr()?);
-            background.spawn(accept_loop(Arc::clone(&self.shared), l, stop_rx.clone()));
+        for (key, l) in listeners {
+            self.start_accepting(key, l)?;
         }
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = self.shared.stop.send(true);
         // Listeners close when their loops see the signal.
+        let loops: Vec<AcceptLoop> = self
+            .shared
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        for l in loops {
+            let _ = l.task.await;
+        }
         let grace = self.settings().cfg.smtp.shutdown_grace;
         let drained = timeout(grace + Duration::from_secs(1), async {
             loop {
@@ -283,8 +345,101 @@ impl Server {
         Ok(())
     }
 
+    fn start_accepting(&self, key: SocketAddr, listener: TcpListener) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        tracing::info!("smtp listening on {local}");
+        let task = tokio::spawn(accept_loop(
+            Arc::clone(&self.shared),
+            listener,
+            self.shared.stop.subscribe(),
+        ));
+        self.shared
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .insert(key, AcceptLoop { local, task });
+        Ok(())
+    }
+
+    /// Makes the listeners match `addrs` (a reload of `smtp.listen`): binds
+    /// the new addresses, closes the removed ones, leaves the others (and
+    /// every open connection) alone. Returns one message per address that
+    /// could not be bound; the rest is applied regardless.
+    pub fn apply_listen(&self, addrs: &[SocketAddr]) -> Vec<String> {
+        let removed: Vec<(SocketAddr, AcceptLoop)> = {
+            let mut map = self.shared.listeners.lock().expect("listeners lock");
+            let gone: Vec<SocketAddr> =
+                map.keys().filter(|k| !addrs.contains(k)).copied().collect();
+            gone.into_iter()
+                .filter_map(|k| map.remove(&k).map(|l| (k, l)))
+                .collect()
+        };
+        for (key, l) in removed {
+            l.task.abort();
+            tracing::info!(
+                "smtp no longer listening on {} (removed from smtp.listen as {key})",
+                l.local
+            );
+        }
+        let mut errors = Vec::new();
+        for addr in addrs {
+            if self
+                .shared
+                .listeners
+                .lock()
+                .expect("listeners lock")
+                .contains_key(addr)
+            {
+                continue;
+            }
+            match bind(*addr).and_then(|l| self.start_accepting(*addr, l)) {
+                Ok(()) => {}
+                Err(e) => errors.push(format!("smtp.listen {addr}: {e}")),
+            }
+        }
+        errors
+    }
+
+    /// The addresses the server listens on now.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self
+            .shared
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .values()
+            .map(|l| l.local)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Replaces the DNSBL scorer (a reload changed the lists or resolver).
+    pub fn set_dnsbl(&self, dnsbl: Option<Arc<dyn DnsblLookup>>) {
+        *self.shared.dnsbl.write().expect("dnsbl lock") = dnsbl;
+    }
+
     fn settings(&self) -> Arc<Settings> {
         Arc::clone(&self.shared.settings.read().expect("settings lock"))
+    }
+}
+
+/// Says so when the limits promise more clients than the open-file limit
+/// has room for: the excess is refused with `421` rather than served.
+fn warn_budget(cfg: &Config) {
+    let s = &cfg.screen;
+    let limit = crate::limits::nofile().map_or(1024, |(soft, _)| soft);
+    let budget = crate::limits::client_budget(limit, s.post_queue_limit);
+    if budget == 0 {
+        tracing::error!(
+            "the open-file limit ({limit}) leaves no descriptor for SMTP clients after the reserve of {}: every client is refused; raise LimitNOFILE / ulimit -n",
+            crate::limits::reserve(limit, s.post_queue_limit)
+        );
+    } else if s.pre_queue_limit + s.post_queue_limit > budget {
+        tracing::warn!(
+            "screen.pre_queue_limit + screen.post_queue_limit ({}) exceed the {budget} SMTP clients the open-file limit ({limit}) leaves room for; clients beyond it get 421",
+            s.pre_queue_limit + s.post_queue_limit
+        );
     }
 }
 
@@ -331,6 +486,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
+                    // Past the screening budget only known-good clients are
+                    // let in (see `connection`), and past their share nobody.
+                    let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
+                    let ceiling = settings.client_budget + settings.gate.post_queue_limit;
+                    if shared.tasks.load(Ordering::Acquire) >= ceiling as u64 {
+                        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+                        refuse_for_descriptors(&shared, &stream, peer, ceiling);
+                        continue;
+                    }
                     let local = stream.local_addr().unwrap_or(peer);
                     shared.tasks.fetch_add(1, Ordering::AcqRel);
                     let task_shared = Arc::clone(&shared);
@@ -351,6 +515,23 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             },
         }
     }
+}
+
+/// Turns a client away with `421` without waiting on it: the descriptor it
+/// holds is given back at once, so the reserve stays whole.
+fn refuse_for_descriptors(shared: &Shared, stream: &TcpStream, peer: SocketAddr, budget: usize) {
+    shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counters
+        .refused_descriptors
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        client = %Peer(peer),
+        "NOQUEUE: reject: CONNECT from {}: all {budget} client descriptors in use",
+        Peer(peer)
+    );
+    // A fresh socket's send buffer takes these few bytes without blocking.
+    let _ = stream.try_write(b"421 4.3.2 All screening ports are busy\r\n");
 }
 
 /// Refreshes the backend's EHLO keywords now and every few minutes.
@@ -631,6 +812,11 @@ async fn connection(
         }
         Admission::Screen(todo) => todo,
     };
+    // This connection counts in `tasks` already.
+    if shared.tasks.load(Ordering::Acquire) > settings.client_budget as u64 {
+        refuse_for_descriptors(shared, &stream, client, settings.client_budget);
+        return;
+    }
     slot.move_to(Queue::Pre);
     let params = Arc::clone(if stress {
         &settings.stress
@@ -688,7 +874,8 @@ async fn screen(
     let write_limit = params.command_time_limit;
     let mut session = Session::new(params, client, todo, Instant::now());
     let mut outputs = session.start(Instant::now());
-    let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), &shared.dnsbl) {
+    let lookup = shared.dnsbl.read().expect("dnsbl lock").clone();
+    let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), lookup) {
         (Some(deadline), Some(d)) => Some(d.score(client.ip().to_canonical(), deadline)),
         _ => None,
     };
