@@ -57,6 +57,41 @@ impl ConfigError {
     }
 }
 
+/// A value that works but is probably a mistake; `config check` prints it
+/// and the daemon logs it, naming the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// `section.key`.
+    pub key: String,
+    /// What the value does that the operator may not expect.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// The verbs of RFC 5321 and its common extensions: listing one in
+/// `forbidden_commands` would fail every real mail client.
+const SMTP_VERBS: [&str; 14] = [
+    "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
+    "STARTTLS", "AUTH", "BDAT",
+];
+
+/// Whether a hand-off to `backend` would reach the listener `listen`: the
+/// same address, or a wildcard listener on the backend's port with the
+/// backend on loopback.
+fn loops_back(listen: SocketAddr, backend: SocketAddr) -> bool {
+    let backend_ip = backend.ip().to_canonical();
+    listen.port() == backend.port()
+        && (listen.ip().to_canonical() == backend_ip
+            || (listen.ip().is_unspecified()
+                && backend_ip.is_loopback()
+                && listen.is_ipv4() == backend_ip.is_ipv4()))
+}
+
 /// What a failed test does to the client (postscreen's `*_action`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -221,7 +256,7 @@ impl FromStr for AccessRule {
             "reject" => AccessAction::Reject,
             other => return Err(format!("{other:?} is neither permit nor reject")),
         };
-        let net = parse_net(net)?;
+        let net = parse_cidr(net)?;
         Ok(AccessRule { action, net })
     }
 }
@@ -250,6 +285,26 @@ impl<'de> Deserialize<'de> for AccessRule {
     }
 }
 
+/// Parses a CIDR or a bare address (a host), refusing host bits under the
+/// mask: `192.0.2.1/24` is a typo for the network `192.0.2.0/24` or the
+/// host `192.0.2.1`, and guessing which would permit, reject or trust the
+/// wrong clients. Used for the configuration; the admin commands (which
+/// print the network they acted on) and third-party lists go through
+/// [`parse_net`].
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        if net.trunc() != net {
+            return Err(format!(
+                "{s:?} has host bits set: write {} for the network or {} for the host",
+                net.trunc(),
+                net.addr()
+            ));
+        }
+        return Ok(net);
+    }
+    parse_net(s)
+}
+
 /// Parses a CIDR or a bare address (a host), normalising host bits away.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
@@ -258,6 +313,23 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<std::net::IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("{s:?} is not an address or CIDR"))
+}
+
+/// Serde adapter: a list of CIDRs written as strings, host bits refused.
+mod cidrs {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(nets.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| super::parse_cidr(n).map_err(serde::de::Error::custom))
+            .collect()
+    }
 }
 
 /// Outcomes that put the client into the kernel block maps.
@@ -299,6 +371,11 @@ pub struct Smtp {
     /// v2 by default: binary, unambiguous, and what Postfix reads.
     pub backend_proxy_protocol: ProxyVersion,
     pub upstream_proxy_protocol: Upstream,
+    /// Peers allowed to send a PROXY header (required with `haproxy`):
+    /// anyone else who reached the port could name any victim's address
+    /// and have it blocked at the NIC.
+    #[serde(with = "cidrs")]
+    pub upstream_proxy_trusted: Vec<IpNet>,
     /// `postscreen_upstream_proxy_timeout`: a balancer that sends no header
     /// in this time is not one.
     #[serde(with = "dur")]
@@ -323,6 +400,8 @@ impl Default for Smtp {
             backend: SocketAddr::from(([127, 0, 0, 1], 10025)),
             backend_proxy_protocol: ProxyVersion::V2,
             upstream_proxy_protocol: Upstream::None,
+            // No balancer: nobody may send a header.
+            upstream_proxy_trusted: Vec::new(),
             upstream_proxy_timeout: Duration::from_secs(5),
             backend_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
@@ -338,10 +417,17 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "postscreen's *_enable switches and permit_local: each a key of its own"
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Screen {
     pub access_list: Vec<AccessRule>,
+    /// Loopback and the host's own addresses are never screened or
+    /// blocked, like postscreen's `permit_mynetworks` (see `local.rs`).
+    pub permit_local: bool,
     /// postscreen's 6 s: long enough that real MTAs wait, short enough
     /// that bots (which pregreet within a second or two) show themselves.
     #[serde(with = "dur")]
@@ -361,6 +447,13 @@ pub struct Screen {
     pub dnsbl_max_ttl: Duration,
     /// Query domain → public name shown in replies and logs.
     pub dnsbl_reply_map: BTreeMap<String, String>,
+    /// How often every list is asked for its RFC 5782 test points; a list
+    /// that starts listing the world is switched off within this time.
+    #[serde(with = "dur")]
+    pub dnsbl_health_interval: Duration,
+    /// Lists (query domains or public names) never health-checked: private
+    /// lists whose operator vouches for them.
+    pub dnsbl_health_skip: Vec<String>,
     /// Deep tests are off by default, as in postscreen: they cost a
     /// first-time client a dialogue.
     pub pipelining_enable: bool,
@@ -396,10 +489,17 @@ pub struct Screen {
 
 const DAY: u64 = 86_400;
 
+/// The longest `greet_wait` / `stress_greet_wait`: real MTAs wait patiently
+/// (RFC 5321 gives the greeting 5 minutes), bots show themselves within
+/// seconds, and a minute is already far past either.
+const GREET_WAIT_MAX: Duration = Duration::from_secs(60);
+
 impl Default for Screen {
     fn default() -> Self {
         Screen {
             access_list: Vec::new(),
+            // The host must never lock itself out.
+            permit_local: true,
             greet_wait: Duration::from_secs(6),
             greet_action: Action::Enforce,
             greet_ttl: Duration::from_secs(DAY),
@@ -411,6 +511,10 @@ impl Default for Screen {
             dnsbl_min_ttl: Duration::from_secs(60),
             dnsbl_max_ttl: Duration::from_secs(3600),
             dnsbl_reply_map: BTreeMap::new(),
+            // Often enough to notice a list going rogue within the hour,
+            // rare enough to be invisible in the list's query volume.
+            dnsbl_health_interval: Duration::from_secs(600),
+            dnsbl_health_skip: Vec::new(),
             pipelining_enable: false,
             pipelining_action: Action::Enforce,
             pipelining_ttl: Duration::from_secs(30 * DAY),
@@ -646,12 +750,35 @@ impl Config {
                 "must be a host name",
             ));
         }
-        if s.greet_wait.is_zero() && !self.smtp.greet_banner.is_empty() {
+        if self.smtp.upstream_proxy_protocol == Upstream::Haproxy
+            && self.smtp.upstream_proxy_trusted.is_empty()
+        {
             return Err(ConfigError::value(
-                "screen.greet_wait",
-                "0s",
-                "must be positive while greet_banner is set",
+                "smtp.upstream_proxy_trusted",
+                "[]",
+                "list the load balancers' addresses (CIDRs) when upstream_proxy_protocol = \"haproxy\": \
+                 a PROXY header from anyone else is refused",
             ));
+        }
+        for (key, wait) in [
+            ("screen.greet_wait", s.greet_wait),
+            ("screen.stress_greet_wait", s.stress_greet_wait),
+        ] {
+            if wait.is_zero() && !self.smtp.greet_banner.is_empty() {
+                return Err(ConfigError::value(
+                    key,
+                    "0s",
+                    "must be positive while greet_banner is set (greet_banner = \"\" turns the test off)",
+                ));
+            }
+            if wait > GREET_WAIT_MAX {
+                return Err(ConfigError::value(
+                    key,
+                    crate::duration::Display(wait),
+                    "must be at most 1m: clients give up on a greeting after 5 minutes (RFC 5321), \
+                     and every waiting client holds a screening slot",
+                ));
+            }
         }
         for (key, v) in [
             ("screen.pre_queue_limit", s.pre_queue_limit),
@@ -687,12 +814,32 @@ impl Config {
                 "is above screen.dnsbl_max_ttl",
             ));
         }
+        let mut domains = Vec::new();
         for site in &s.dnsbl_sites {
-            if let Err(e) = site.parse::<crate::dnsbl::SiteSpec>() {
+            match site.parse::<crate::dnsbl::SiteSpec>() {
+                Ok(spec) => domains.push(spec.domain),
+                Err(e) => {
+                    return Err(ConfigError::value(
+                        "screen.dnsbl_sites",
+                        format!("{site:?}"),
+                        e.reason,
+                    ))
+                }
+            }
+        }
+        for (i, name) in s.dnsbl_health_skip.iter().enumerate() {
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
+            let known = domains.contains(&lower)
+                || s.dnsbl_reply_map
+                    .values()
+                    .any(|public| public.eq_ignore_ascii_case(name));
+            if !known {
+                // The value is not echoed: it may be a mistyped secret
+                // query domain.
                 return Err(ConfigError::value(
-                    "screen.dnsbl_sites",
-                    format!("{site:?}"),
-                    e.reason,
+                    "screen.dnsbl_health_skip",
+                    format!("entry {}", i + 1),
+                    "names no screen.dnsbl_sites domain and no dnsbl_reply_map public name",
                 ));
             }
         }
@@ -760,7 +907,181 @@ impl Config {
                 ));
             }
         }
+        self.check_rejects_nobody()
+    }
+
+    /// Values that parse but would turn every client away, tie the daemon
+    /// in a loop, or block far more than one client at the NIC: each is
+    /// refused, naming the key and why.
+    fn check_rejects_nobody(&self) -> Result<(), ConfigError> {
+        let (smtp, s) = (&self.smtp, &self.screen);
+        if s.dnsbl_threshold < 1 {
+            return Err(ConfigError::value(
+                "screen.dnsbl_threshold",
+                s.dnsbl_threshold,
+                "must be at least 1 (as postscreen's): every client scores at least 0, \
+                 so a lower threshold rejects (and blocks) everyone",
+            ));
+        }
+        for (key, d, why) in [
+            (
+                "screen.command_time_limit",
+                s.command_time_limit,
+                "every command would time out",
+            ),
+            (
+                "screen.stress_command_time_limit",
+                s.stress_command_time_limit,
+                "every command would time out under stress",
+            ),
+            (
+                "smtp.backend_timeout",
+                smtp.backend_timeout,
+                "no hand-off to the backend could succeed",
+            ),
+            (
+                "smtp.upstream_proxy_timeout",
+                smtp.upstream_proxy_timeout,
+                "no PROXY header could arrive in time",
+            ),
+            (
+                "screen.dnsbl_timeout",
+                s.dnsbl_timeout,
+                "no DNSBL answer could arrive in time",
+            ),
+            (
+                "screen.cache_cleanup_interval",
+                s.cache_cleanup_interval,
+                "the cleanup would run without pause",
+            ),
+            (
+                "screen.dnsbl_health_interval",
+                s.dnsbl_health_interval,
+                "the checks would run without pause; list a site in \
+                 screen.dnsbl_health_skip to leave it unchecked",
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::value(
+                    key,
+                    "0s",
+                    format!("must be positive: {why}"),
+                ));
+            }
+        }
+        if smtp.greet_banner.contains(|c: char| c.is_control()) {
+            return Err(ConfigError::value(
+                "smtp.greet_banner",
+                format!("{:?}", smtp.greet_banner),
+                "must be one line of text: a control character would break the greeting",
+            ));
+        }
+        if smtp.hostname.contains(|c: char| c.is_control()) {
+            return Err(ConfigError::value(
+                "smtp.hostname",
+                format!("{:?}", smtp.hostname),
+                "must be a host name",
+            ));
+        }
+        if let Some(l) = smtp.listen.iter().find(|l| loops_back(**l, smtp.backend)) {
+            return Err(ConfigError::value(
+                "smtp.backend",
+                smtp.backend,
+                format!(
+                    "is smtp.listen {l} itself: every hand-off would connect back to the screener"
+                ),
+            ));
+        }
+        for c in &s.forbidden_commands {
+            if SMTP_VERBS.iter().any(|v| c.eq_ignore_ascii_case(v)) {
+                return Err(ConfigError::value(
+                    "screen.forbidden_commands",
+                    format!("{c:?}"),
+                    "is an SMTP command every mail client sends",
+                ));
+            }
+        }
+        if self.verdict.ipv6_prefix < 32 {
+            return Err(ConfigError::value(
+                "verdict.ipv6_prefix",
+                self.verdict.ipv6_prefix,
+                "must be 32..=128: one bot's verdict would block a whole provider's \
+                 (at 0, every) IPv6 client",
+            ));
+        }
         Ok(())
+    }
+
+    /// Values that work but are probably not what the operator meant.
+    /// `config check` prints them; the daemon logs them at start and on
+    /// reload.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut out = Vec::new();
+        let mut warn = |key: &str, message: String| {
+            out.push(ConfigWarning {
+                key: key.to_owned(),
+                message,
+            });
+        };
+        for rule in &self.screen.access_list {
+            if rule.net.prefix_len() == 0 {
+                let what = match rule.action {
+                    AccessAction::Permit => "permits every client: nobody after it is screened",
+                    AccessAction::Reject => {
+                        "rejects every client the rules before it do not permit \
+                         (and blocks them when denylist is in verdict.block_on)"
+                    }
+                };
+                warn("screen.access_list", format!("\"{rule}\" {what}"));
+            }
+        }
+        if self.smtp.upstream_proxy_protocol == Upstream::None
+            && !self.smtp.upstream_proxy_trusted.is_empty()
+        {
+            warn(
+                "smtp.upstream_proxy_trusted",
+                "is ignored: smtp.upstream_proxy_protocol is \"none\"".to_owned(),
+            );
+        }
+        let s = &self.screen;
+        for (key, ttl, on) in [
+            (
+                "screen.greet_ttl",
+                s.greet_ttl,
+                !self.smtp.greet_banner.is_empty(),
+            ),
+            (
+                "screen.pipelining_ttl",
+                s.pipelining_ttl,
+                s.pipelining_enable,
+            ),
+            (
+                "screen.non_smtp_command_ttl",
+                s.non_smtp_command_ttl,
+                s.non_smtp_command_enable,
+            ),
+            (
+                "screen.bare_newline_ttl",
+                s.bare_newline_ttl,
+                s.bare_newline_enable,
+            ),
+        ] {
+            if on && ttl.is_zero() {
+                warn(
+                    key,
+                    "is 0s: a pass is never remembered, every connection is screened again"
+                        .to_owned(),
+                );
+            }
+        }
+        out
+    }
+
+    /// Logs [`Config::warnings`] at WARN.
+    pub fn log_warnings(&self) {
+        for w in self.warnings() {
+            tracing::warn!(key = %w.key, "configuration: {w}");
+        }
     }
 
     /// The `220-` teaser with `$hostname` expanded; empty = pregreet off.
@@ -858,7 +1179,24 @@ pub fn set(text: &str, assignments: &[String]) -> Result<String, ConfigError> {
         if !doc.contains_key(section) {
             doc[section] = toml_edit::table();
         }
-        doc[section][key] = toml_edit::value(item);
+        // The file may hold anything under the section's name (`screen =
+        // "x"`): that is an error naming it, not a panic.
+        let Some(table) = doc
+            .get_mut(section)
+            .and_then(toml_edit::Item::as_table_like_mut)
+        else {
+            let found = doc
+                .get(section)
+                .map(|i| i.to_string().trim().to_owned())
+                .unwrap_or_default();
+            return Err(ConfigError::value(section, found, "expected a [section]"));
+        };
+        // Replacing the value in place keeps the comments above its key.
+        if let Some(slot) = table.get_mut(key) {
+            *slot = toml_edit::value(item);
+        } else {
+            table.insert(key, toml_edit::value(item));
+        }
     }
     let new_text = doc.to_string();
     Config::from_toml(&new_text)?;
@@ -959,6 +1297,179 @@ ports = ["all"]
         }
     }
 
+    /// One case per key whose value would reject everyone, loop, or block
+    /// far more than a client: each is refused naming the key.
+    #[test]
+    fn values_that_reject_everyone_are_refused_naming_the_key() {
+        let cases = [
+            ("[screen]\ndnsbl_threshold = 0", "screen.dnsbl_threshold"),
+            ("[screen]\ndnsbl_threshold = -3", "screen.dnsbl_threshold"),
+            ("[screen]\npre_queue_limit = 0", "screen.pre_queue_limit"),
+            ("[screen]\npost_queue_limit = 0", "screen.post_queue_limit"),
+            (
+                "[screen]\nclient_connection_count_limit = 0",
+                "screen.client_connection_count_limit",
+            ),
+            (
+                "[screen]\ncommand_count_limit = 0",
+                "screen.command_count_limit",
+            ),
+            (
+                "[screen]\ncommand_time_limit = \"0s\"",
+                "screen.command_time_limit",
+            ),
+            (
+                "[screen]\nstress_command_time_limit = \"0s\"",
+                "screen.stress_command_time_limit",
+            ),
+            ("[screen]\ngreet_wait = \"0s\"", "screen.greet_wait"),
+            (
+                "[screen]\nstress_greet_wait = \"0s\"",
+                "screen.stress_greet_wait",
+            ),
+            (
+                "[screen]\nline_length_limit = 100",
+                "screen.line_length_limit",
+            ),
+            ("[screen]\ndnsbl_timeout = \"0s\"", "screen.dnsbl_timeout"),
+            (
+                "[screen]\ndnsbl_health_interval = \"0s\"",
+                "screen.dnsbl_health_interval",
+            ),
+            (
+                "[screen]\ndnsbl_sites = [\"bl.example\"]\ndnsbl_health_skip = [\"bl.exmaple\"]",
+                "screen.dnsbl_health_skip",
+            ),
+            (
+                "[screen]\ncache_cleanup_interval = \"0s\"",
+                "screen.cache_cleanup_interval",
+            ),
+            (
+                "[screen]\nforbidden_commands = [\"CONNECT\", \"ehlo\"]",
+                "screen.forbidden_commands",
+            ),
+            ("[smtp]\nhostname = \"\"", "smtp.hostname"),
+            ("[smtp]\nhostname = \"mx\\u0000\"", "smtp.hostname"),
+            ("[smtp]\nlisten = []", "smtp.listen"),
+            (
+                "[smtp]\ngreet_banner = \"hi\\r\\n250 ok\"",
+                "smtp.greet_banner",
+            ),
+            ("[smtp]\nbackend_timeout = \"0s\"", "smtp.backend_timeout"),
+            (
+                "[smtp]\nupstream_proxy_timeout = \"0s\"",
+                "smtp.upstream_proxy_timeout",
+            ),
+            (
+                "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"127.0.0.1:25\"",
+                "smtp.backend",
+            ),
+            (
+                "[smtp]\nlisten = [\"[::]:2525\"]\nbackend = \"[::1]:2525\"",
+                "smtp.backend",
+            ),
+            (
+                "[smtp]\nlisten = [\"192.0.2.1:25\"]\nbackend = \"192.0.2.1:25\"",
+                "smtp.backend",
+            ),
+            ("[verdict]\nipv6_prefix = 0", "verdict.ipv6_prefix"),
+            ("[verdict]\nipv6_prefix = 31", "verdict.ipv6_prefix"),
+            ("[verdict]\nblock_ttl = \"0s\"", "verdict.block_ttl_max"),
+            ("[xdp]\nmax_hosts = 0", "xdp.max_hosts"),
+            (
+                "[screen]\naccess_list = [\"reject 192.0.2.7/8\"]",
+                "screen.access_list",
+            ),
+        ];
+        for (text, key) in cases {
+            let msg = Config::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text:?}: {msg}");
+        }
+        // Neighbours of the refused values are fine.
+        for text in [
+            "[screen]\ndnsbl_threshold = 1",
+            "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"127.0.0.1:10025\"",
+            "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"[::1]:25\"",
+            "[smtp]\nlisten = [\"0.0.0.0:25\"]\nbackend = \"198.51.100.25:25\"",
+            "[smtp]\ngreet_banner = \"\"\n[screen]\ngreet_wait = \"0s\"",
+            "[verdict]\nipv6_prefix = 32",
+            "[screen]\ndnsbl_sites = [\"BL.example=127.0.0.2\", \"k3y.feed.example\"]\n\
+             dnsbl_reply_map = { \"k3y.feed.example\" = \"feed.example\" }\n\
+             dnsbl_health_skip = [\"bl.example.\", \"feed.example\"]",
+            "[screen]\nforbidden_commands = []",
+        ] {
+            assert!(Config::from_toml(text).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn suspicious_values_are_warnings_naming_the_key() {
+        let c = Config::from_toml(
+            "[smtp]\nupstream_proxy_trusted = [\"127.0.0.1\"]\n\
+             [screen]\naccess_list = [\"permit 192.0.2.0/24\", \"reject 0.0.0.0/0\"]\n\
+             greet_ttl = \"0s\"\n",
+        )
+        .unwrap();
+        let w: Vec<String> = c.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].starts_with("screen.access_list: \"reject 0.0.0.0/0\" rejects every client"));
+        assert!(w[1].starts_with("smtp.upstream_proxy_trusted: is ignored"));
+        assert!(w[2].starts_with("screen.greet_ttl: is 0s"));
+        assert!(Config::default().warnings().is_empty());
+    }
+
+    #[test]
+    fn haproxy_mode_needs_trusted_proxies() {
+        let e = Config::from_toml("[smtp]\nupstream_proxy_protocol = \"haproxy\"").unwrap_err();
+        assert!(e.to_string().contains("smtp.upstream_proxy_trusted"), "{e}");
+        let c = Config::from_toml(
+            "[smtp]\nupstream_proxy_protocol = \"haproxy\"\n\
+             upstream_proxy_trusted = [\"192.0.2.0/28\", \"2001:db8::7\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.smtp.upstream_proxy_trusted,
+            vec![
+                "192.0.2.0/28".parse::<IpNet>().unwrap(),
+                "2001:db8::7/128".parse().unwrap()
+            ]
+        );
+        let shown = show(&c, Show::Effective, &["smtp.upstream_proxy_trusted".into()]).unwrap();
+        assert_eq!(
+            shown,
+            ["smtp.upstream_proxy_trusted = [\"192.0.2.0/28\", \"2001:db8::7/128\"]"]
+        );
+    }
+
+    #[test]
+    fn cidrs_with_host_bits_are_refused_naming_the_key() {
+        for (text, key) in [
+            (
+                "[screen]\naccess_list = [\"permit 192.0.2.1/24\"]",
+                "screen.access_list",
+            ),
+            (
+                "[smtp]\nupstream_proxy_trusted = [\"2001:db8::1/64\"]",
+                "smtp.upstream_proxy_trusted",
+            ),
+        ] {
+            let msg = Config::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{msg}");
+            assert!(msg.contains("host bits"), "{msg}");
+        }
+        assert_eq!(
+            parse_cidr("192.0.2.1/24").unwrap_err(),
+            "\"192.0.2.1/24\" has host bits set: write 192.0.2.0/24 for the network \
+             or 192.0.2.1 for the host"
+        );
+        assert_eq!(parse_cidr("192.0.2.1").unwrap().to_string(), "192.0.2.1/32");
+        // Third-party lists keep the lenient reading.
+        assert_eq!(
+            parse_net("192.0.2.1/24").unwrap().to_string(),
+            "192.0.2.0/24"
+        );
+    }
+
     #[test]
     fn show_lists_effective_nondefault_and_defaults() {
         let c = Config::from_toml("[screen]\ngreet_wait = \"2s\"").unwrap();
@@ -994,5 +1505,62 @@ ports = ["all"]
         let e = set(text, &["screen.greet_wait=soon".into()]).unwrap_err();
         assert!(e.to_string().contains("screen.greet_wait"), "{e}");
         assert!(set(text, &["screen.nope=1".into()]).is_err());
+    }
+
+    #[test]
+    fn set_on_a_section_that_is_no_table_is_an_error() {
+        for text in ["screen = \"x\"\n", "screen = 5\n", "screen = [1]\n"] {
+            let e = set(text, &["screen.greet_wait=2s".into()]).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("bad value for screen = "), "{text:?}: {msg}");
+            assert!(msg.contains("expected a [section]"), "{text:?}: {msg}");
+        }
+        // An inline table is a section.
+        let out = set(
+            "screen = { greet_wait = \"6s\" }\n",
+            &["screen.greet_wait=2s".into()],
+        )
+        .unwrap();
+        let c = Config::from_toml(&out).unwrap();
+        assert_eq!(c.screen.greet_wait, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn durations_are_bounded_naming_the_key_and_the_bound() {
+        for (text, key, bound) in [
+            (
+                "[screen]\ngreet_wait = \"18446744073709551615s\"",
+                "screen.greet_wait",
+                "at most 3650d",
+            ),
+            (
+                "[verdict]\nblock_ttl = \"99999999999999999999d\"",
+                "verdict.block_ttl",
+                "at most 3650d",
+            ),
+            (
+                "[screen]\ngreet_wait = \"61s\"",
+                "screen.greet_wait",
+                "at most 1m",
+            ),
+            (
+                "[screen]\nstress_greet_wait = \"3650d\"",
+                "screen.stress_greet_wait",
+                "at most 1m",
+            ),
+            (
+                "[screen]\ncache_retention_time = \"3651d\"",
+                "screen.cache_retention_time",
+                "at most 3650d",
+            ),
+        ] {
+            let msg = Config::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+            assert!(msg.contains(bound), "{text}: {msg}");
+        }
+        let e = set("", &["screen.greet_wait=18446744073709551615s".into()]).unwrap_err();
+        assert!(e.to_string().contains("at most 3650d"), "{e}");
+        assert!(Config::from_toml("[screen]\ngreet_wait = \"1m\"").is_ok());
+        assert!(Config::from_toml("[verdict]\nblock_ttl_max = \"3650d\"").is_ok());
     }
 }

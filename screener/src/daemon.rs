@@ -394,6 +394,8 @@ impl Daemon {
                 return;
             }
         };
+        new.log_warnings();
+        crate::local::refresh();
         let old = self.cfg();
         let dnsbl_changed = dnsbl_inputs(&old) != dnsbl_inputs(&new);
         let dnsbl = if dnsbl_changed {
@@ -546,6 +548,8 @@ fn dnsbl_inputs(c: &Config) -> impl PartialEq + '_ {
         s.dnsbl_min_ttl,
         s.dnsbl_max_ttl,
         &s.dnsbl_reply_map,
+        s.dnsbl_health_interval,
+        &s.dnsbl_health_skip,
     )
 }
 
@@ -624,6 +628,8 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         return Err(e).context("attaching the XDP gate");
     }
     let cfg = verdicts.cfg();
+    cfg.log_warnings();
+    crate::local::refresh();
     let dnsbl = build_dnsbl(&cfg)?;
     if let Some(d) = &dnsbl {
         d.spawn_health_checks();
@@ -756,7 +762,8 @@ fn build_dnsbl(cfg: &Config) -> anyhow::Result<Option<Dnsbl>> {
         min_ttl: s.dnsbl_min_ttl,
         max_ttl: s.dnsbl_max_ttl,
         reply_map: s.dnsbl_reply_map.clone(),
-        ..DnsblOptions::default()
+        health_interval: s.dnsbl_health_interval,
+        health_skip: s.dnsbl_health_skip.clone(),
     };
     Ok(Some(Dnsbl::new(opts).context("DNSBL settings")?))
 }

@@ -1,19 +1,61 @@
 //! Durations as operators write them: `30s`, `10m`, `1h`, `7d` (also `ms` and
 //! `w`, and a bare number meaning seconds, as postscreen's time parameters).
+//!
+//! BOUNDED. Every duration is at most [`MAX`] (ten years). Durations are
+//! added to clock readings and Unix times all over the daemon (deadlines,
+//! expiries, kernel entries counted in 32-bit boot-time seconds); a bound
+//! at parse time keeps every one of those sums far from overflow, so an
+//! absurd value is an error naming itself, never a panic or a wrapped
+//! expiry later.
 
 use std::{fmt, time::Duration};
 
+/// The longest duration accepted anywhere: ten years.
+pub const MAX: Duration = Duration::from_secs(3650 * 86_400);
+
 /// Why a duration did not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("bad duration {value:?}: expected a number with a unit such as 30s, 10m, 1h or 7d")]
-pub struct DurationError {
-    /// The text that was given.
-    pub value: String,
+pub enum DurationError {
+    /// Not a number with a known unit.
+    #[error("bad duration {value:?}: expected a number with a unit such as 30s, 10m, 1h or 7d")]
+    Syntax {
+        /// The text that was given.
+        value: String,
+    },
+    /// Longer than [`MAX`].
+    #[error("duration {value:?} is too long: at most 3650d (ten years)")]
+    TooLong {
+        /// The text that was given.
+        value: String,
+    },
 }
 
-/// Parses `30s`, `10m`, `1h`, `7d`, `2w`, `500ms` or `45` (seconds).
+impl DurationError {
+    /// The text that was given.
+    pub fn value(&self) -> &str {
+        match self {
+            DurationError::Syntax { value } | DurationError::TooLong { value } => value,
+        }
+    }
+}
+
+/// Parses `30s`, `10m`, `1h`, `7d`, `2w`, `500ms` or `45` (seconds), at
+/// most [`MAX`].
 pub fn parse(text: &str) -> Result<Duration, DurationError> {
-    let err = || DurationError {
+    let d = parse_unbounded(text)?;
+    if d > MAX {
+        return Err(DurationError::TooLong {
+            value: text.to_owned(),
+        });
+    }
+    Ok(d)
+}
+
+fn parse_unbounded(text: &str) -> Result<Duration, DurationError> {
+    let too_long = || DurationError::TooLong {
+        value: text.to_owned(),
+    };
+    let err = || DurationError::Syntax {
         value: text.to_owned(),
     };
     let t = text.trim();
@@ -22,7 +64,8 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
     if num.is_empty() {
         return Err(err());
     }
-    let n: u64 = num.parse().map_err(|_| err())?;
+    // All digits: the only way this fails is a number beyond u64.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
     let secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "" | "s" => 1,
@@ -32,7 +75,9 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
         "w" => 604_800,
         _ => return Err(err()),
     };
-    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(err)
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(too_long)
 }
 
 /// Formats a duration in the largest unit that divides it exactly, so
@@ -92,19 +137,35 @@ mod tests {
 
     #[test]
     fn rejects_garbage_naming_it() {
-        for bad in [
-            "",
-            "s",
-            "10x",
-            "-1s",
-            "1.5h",
-            "99999999999999999999d",
-            "1 h",
-        ] {
+        for bad in ["", "s", "10x", "-1s", "1.5h", "1 h", "ms"] {
             let e = parse(bad).unwrap_err();
-            assert_eq!(e.value, bad);
+            assert!(matches!(e, DurationError::Syntax { .. }), "{bad}: {e}");
+            assert_eq!(e.value(), bad);
             assert!(e.to_string().contains(&format!("{bad:?}")));
         }
+    }
+
+    #[test]
+    fn refuses_more_than_ten_years_saying_the_bound() {
+        for bad in [
+            "18446744073709551615s",
+            "18446744073709551616s",
+            "99999999999999999999d",
+            "3651d",
+            "522w",
+            "315360000001",
+            "315360000001000ms",
+            "18446744073709551615ms",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(matches!(e, DurationError::TooLong { .. }), "{bad}: {e}");
+            assert_eq!(e.value(), bad);
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("{bad:?}")), "{msg}");
+            assert!(msg.contains("at most 3650d"), "{msg}");
+        }
+        assert_eq!(parse("3650d"), Ok(MAX));
+        assert_eq!(parse("315360000s"), Ok(MAX));
     }
 
     #[test]

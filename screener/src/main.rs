@@ -60,7 +60,7 @@ enum Command {
         #[arg(long, default_value = "drop", value_parser = ["drop", "cidr"])]
         format: String,
         /// How long the entries live (30s, 10m, 1h, 7d); default: until re-imported.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<Duration>,
         /// List name; importing the same name again replaces the list.
         #[arg(long)]
@@ -113,7 +113,7 @@ enum BlockCmd {
         #[command(flatten)]
         nets: Nets,
         /// How long (30s, 10m, 1h, 7d); default verdict.block_ttl.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<Duration>,
         /// Why (free text; pregreet, dnsbl, ... are counted under their own name).
         #[arg(long)]
@@ -174,8 +174,17 @@ enum XdpCmd {
     Detach,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    duration::parse(s).map_err(|e| e.to_string())
+/// A `--ttl`: whole seconds from 1s up to the bound every duration has
+/// (ten years), so the daemon's expiry arithmetic can never overflow or
+/// wrap, and what is printed is what the kernel gets.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = duration::parse(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
+        return Err(format!(
+            "bad TTL {s:?}: a whole number of seconds, at least 1s"
+        ));
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
@@ -397,7 +406,10 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     match c {
         ConfigCmd::Check => {
-            Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            let cfg = Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            for w in cfg.warnings() {
+                eprintln!("screener: warning: {w}");
+            }
             println!("{}: ok", p.display());
         }
         ConfigCmd::Show {

@@ -233,6 +233,9 @@ impl Verdicts {
     /// Why `net` must not be blocked, if it must not.
     fn protection(&self, net: &IpNet) -> Option<String> {
         let cfg = self.cfg();
+        if let Some(why) = crate::local::protects(&cfg, net) {
+            return Some(why);
+        }
         for rule in &cfg.screen.access_list {
             if rule.action == AccessAction::Permit && overlaps(&rule.net, net) {
                 return Some(format!("access list permits {}", rule.net));

@@ -34,6 +34,12 @@ pub fn write_config(dir: &Path, ns: &NetNs, pins: &PinDir, mode: &str, port: u16
 listen = ["127.0.0.1:0"]
 hostname = "mx.example.com"
 
+# The host side of the veth is a local address, and the clients share its
+# /24 and IPv6 /64s: with local addresses permitted no verdict on them
+# could be made.
+[screen]
+permit_local = false
+
 [xdp]
 interfaces = ["{iface}"]
 mode = "{mode}"

@@ -338,6 +338,8 @@ pub fn test_config(backend: SocketAddr) -> screener::config::Config {
     cfg.smtp.backend = backend;
     cfg.smtp.shutdown_grace = Duration::from_secs(2);
     cfg.screen.greet_wait = Duration::from_secs(1);
+    // The bots are loopback addresses, which are local: screen them.
+    cfg.screen.permit_local = false;
     cfg.screen.pipelining_enable = true;
     cfg.screen.non_smtp_command_enable = true;
     cfg.screen.bare_newline_enable = true;

@@ -60,7 +60,7 @@ fn write_config(dir: &Path, smtp: SocketAddr, backend: SocketAddr) -> std::path:
         &cfg,
         format!(
             "[smtp]\nlisten = [\"{smtp}\"]\nhostname = \"mx.example.com\"\nbackend = \"{backend}\"\n\
-             [screen]\ngreet_wait = \"60s\"\npre_queue_limit = 5000\n\
+             [screen]\ngreet_wait = \"60s\"\npre_queue_limit = 5000\npermit_local = false\n\
              [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
             d = dir.display()
         ),

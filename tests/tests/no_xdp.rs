@@ -56,7 +56,7 @@ fn cache_commands_go_through_the_daemon() {
         &cfg,
         format!(
             "[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:9\"\n\
-             [screen]\ngreet_wait = \"1s\"\n\
+             [screen]\ngreet_wait = \"1s\"\npermit_local = false\n\
              [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
             d = dir.path().display()
         ),

@@ -36,6 +36,12 @@ impl Loopback {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("screener.toml");
         let listen: Vec<String> = smtp.iter().map(|a| format!("\"{a}\"")).collect();
+        // The clients are loopback addresses, which are local: screen them.
+        let extra = if extra.contains("[screen]\n") {
+            extra.replacen("[screen]\n", "[screen]\npermit_local = false\n", 1)
+        } else {
+            format!("{extra}\n[screen]\npermit_local = false\n")
+        };
         std::fs::write(
             &cfg,
             format!(

@@ -205,6 +205,7 @@ fn upstream_proxy_header_reaches_postfix() {
     let pf = Postfix::start(Upstream::Haproxy, false);
     let mut cfg = test_config(pf.addr);
     cfg.smtp.upstream_proxy_protocol = screener::config::Upstream::Haproxy;
+    cfg.smtp.upstream_proxy_trusted = vec!["127.0.0.1/32".parse().unwrap()];
     cfg.screen.pipelining_enable = false;
     cfg.screen.non_smtp_command_enable = false;
     cfg.screen.bare_newline_enable = false;

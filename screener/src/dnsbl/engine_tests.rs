@@ -440,7 +440,9 @@ fn bad_options_are_errors_naming_the_option() {
     let cases: [(&str, Spoil); 3] = [
         ("dnsbl_timeout", |o| o.timeout = Duration::ZERO),
         ("dnsbl_min_ttl", |o| o.min_ttl = Duration::from_secs(7200)),
-        ("health_interval", |o| o.health_interval = Duration::ZERO),
+        ("dnsbl_health_interval", |o| {
+            o.health_interval = Duration::ZERO;
+        }),
     ];
     for (name, spoil) in cases {
         let mut o = opts(&["a.example"]);
@@ -488,74 +490,168 @@ async fn health_checks_switch_a_world_listing_site_off_and_on_again() {
     task.abort();
 }
 
+/// Names of the RFC 5782 test points under any domain.
+const V4_WORLD: &str = "1.0.0.127.";
+const V4_POS: &str = "2.0.0.127.";
+/// `::ffff:7f00:1` and `::ffff:7f00:2` by nibbles.
+const V6_WORLD: &str = "1.0.0.0.0.0.f.7.f.f.f.f.";
+const V6_POS: &str = "2.0.0.0.0.0.f.7.f.f.f.f.";
+
 #[tokio::test(start_paused = true)]
+#[expect(clippy::too_many_lines, reason = "one row per case")]
 async fn health_verdicts() {
     struct Case {
         label: &'static str,
         site: &'static str,
         answer: fn(&str) -> Answer,
-        disabled: bool,
+        /// Switched off for IPv4, for IPv6.
+        off: (bool, bool),
+        /// Health warnings after one check.
+        warnings: u64,
     }
     let cases = [
         Case {
-            label: "RFC 5782 compliant list",
+            label: "RFC 5782 compliant IPv4 list",
             site: "bl.example",
             answer: |n| healthy(n, &nx(60)),
-            disabled: false,
+            off: (false, false),
+            warnings: 0,
         },
         Case {
-            label: "127.0.0.2 not listed",
+            label: "compliant in both families",
+            site: "bl.example",
+            answer: |n| {
+                if n.starts_with(V4_POS) || n.starts_with(V6_POS) {
+                    listed(2, 60)
+                } else {
+                    nx(60)
+                }
+            },
+            off: (false, false),
+            warnings: 0,
+        },
+        Case {
+            label: "private list: no test point at all is a warning, not a switch-off",
             site: "bl.example",
             answer: |_| nx(60),
-            disabled: true,
+            off: (false, false),
+            warnings: 1,
         },
         Case {
-            label: "127.0.0.2 answered with an error code",
+            label: "127.0.0.2 answered with an error code: a warning",
             site: "bl.example",
-            answer: |_| code([127, 255, 255, 254], 60),
-            disabled: true,
+            answer: |n| {
+                if n.starts_with(V4_POS) {
+                    code([127, 255, 255, 254], 60)
+                } else {
+                    nx(60)
+                }
+            },
+            off: (false, false),
+            warnings: 1,
         },
         Case {
             label: "an error code named by the filter is usable",
             site: "odd.example=127.0.0.255",
             answer: |n| {
-                if n.starts_with("2.0.0.127.") {
+                if n.starts_with(V4_POS) {
                     code([127, 0, 0, 255], 60)
                 } else {
                     nx(60)
                 }
             },
-            disabled: false,
+            off: (false, false),
+            warnings: 0,
         },
         Case {
-            label: "IPv6 test point ::ffff:7f00:1 listed by an IPv6 list",
+            label: "IPv6-only list: judged on the IPv6 points, no IPv4 point needed",
             site: "bl.example",
             answer: |n| {
-                if n.starts_with("2.0.0.127.") || n.contains(".f.f.f.f.") {
+                if n.starts_with(V6_POS) {
                     listed(2, 60)
                 } else {
                     nx(60)
                 }
             },
-            disabled: true,
+            off: (false, false),
+            warnings: 0,
         },
         Case {
-            label: "IPv4-only list: IPv6 test points not listed",
+            label: "127.0.0.1 listed: IPv4 off",
             site: "bl.example",
             answer: |n| {
-                if n.starts_with("2.0.0.127.") {
+                if n.starts_with(V4_WORLD) || n.starts_with(V4_POS) {
                     listed(2, 60)
                 } else {
                     nx(60)
                 }
             },
-            disabled: false,
+            off: (true, false),
+            warnings: 0,
+        },
+        Case {
+            label: "::ffff:7f00:1 listed: IPv6 off, IPv4 still on",
+            site: "bl.example",
+            answer: |n| {
+                if n.starts_with(V4_POS) || n.starts_with(V6_WORLD) || n.starts_with(V6_POS) {
+                    listed(2, 60)
+                } else {
+                    nx(60)
+                }
+            },
+            off: (false, true),
+            warnings: 0,
+        },
+        Case {
+            label: "lists everything: both off",
+            site: "bl.example",
+            answer: |_| listed(2, 60),
+            off: (true, true),
+            warnings: 0,
+        },
+        Case {
+            label: "127.0.0.1 listed with an answer the filter ignores: a warning",
+            site: "bl.example=127.0.0.[2..11]",
+            answer: |n| {
+                if n.starts_with(V4_WORLD) {
+                    listed(100, 60)
+                } else if n.starts_with(V4_POS) {
+                    listed(2, 60)
+                } else {
+                    nx(60)
+                }
+            },
+            off: (false, false),
+            warnings: 1,
+        },
+        Case {
+            label: "127.0.0.1 listed with an error code: scores nobody, a warning",
+            site: "bl.example",
+            answer: |n| {
+                if n.starts_with(V4_WORLD) {
+                    code([127, 255, 255, 254], 60)
+                } else if n.starts_with(V4_POS) {
+                    listed(2, 60)
+                } else {
+                    nx(60)
+                }
+            },
+            off: (false, false),
+            warnings: 1,
+        },
+        Case {
+            label: "every answer an error code (a public resolver): one warning per check",
+            site: "bl.example",
+            answer: |_| code([127, 255, 255, 254], 60),
+            off: (false, false),
+            warnings: 1,
         },
         Case {
             label: "DNS failure proves nothing",
             site: "bl.example",
             answer: |_| Answer::Failed(Failure::Transport),
-            disabled: false,
+            off: (false, false),
+            warnings: 0,
         },
     ];
     for case in &cases {
@@ -563,18 +659,109 @@ async fn health_verdicts() {
         let source = Scripted::new(move |n| (answer(n), Duration::ZERO));
         let dnsbl = engine(opts(&[case.site]), &source);
         dnsbl.check_health().await;
+        let stats = dnsbl.stats();
+        let site = stats.sites.values().next().unwrap();
         assert_eq!(
-            !dnsbl.stats().disabled_sites.is_empty(),
-            case.disabled,
+            (site.disabled_ipv4, site.disabled_ipv6),
+            case.off,
             "{}",
             case.label
         );
+        assert_eq!(site.disabled, case.off.0 || case.off.1, "{}", case.label);
+        assert_eq!(
+            stats.disabled_sites.is_empty(),
+            !site.disabled,
+            "{}",
+            case.label
+        );
+        assert_eq!(site.health_warnings, case.warnings, "{}", case.label);
+        assert_eq!(stats.health_warnings, case.warnings, "{}", case.label);
     }
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_family_switched_off_is_not_asked_the_other_still_is() {
+    // The IPv6 side lists the world; the IPv4 side is sane. Both sides
+    // list the clients, had they been asked.
+    let source = Scripted::new(|n| {
+        let lists = n.starts_with(V4_POS)
+            || n.starts_with(V6_WORLD)
+            || n.starts_with(V6_POS)
+            || n.ends_with(".8.b.d.0.1.0.0.2.bl.example.")
+            || n == qname("bl.example");
+        (if lists { listed(2, 60) } else { nx(60) }, Duration::ZERO)
+    });
+    let (logs, _guard) = Logs::capture();
+    let dnsbl = engine(opts(&["bl.example*3"]), &source);
+    dnsbl.check_health().await;
+    let text = logs.text();
+    assert!(
+        text.contains("disabled for IPv6 clients: test point ::ffff:7f00:1 is listed"),
+        "{text}"
+    );
+    assert_eq!(dnsbl.score(client(), far()).await.score, 3);
+    let v6: IpAddr = "2001:db8::1".parse().unwrap();
+    assert_eq!(dnsbl.score(v6, far()).await.score, 0);
+    assert_eq!(
+        source.count("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.example."),
+        0,
+        "an IPv6 client is not asked about"
+    );
+    // An IPv4-mapped client is an IPv4 client.
+    let mapped: IpAddr = "::ffff:192.0.2.10".parse().unwrap();
+    assert_eq!(dnsbl.score(mapped, far()).await.score, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_family_that_loses_its_test_point_is_warned_about_once_per_check() {
+    let source = Scripted::new(|n| (healthy(n, &nx(60)), Duration::ZERO));
+    let (logs, _guard) = Logs::capture();
+    let dnsbl = engine(opts(&["bl.example"]), &source);
+    dnsbl.check_health().await;
+    assert_eq!(dnsbl.stats().health_warnings, 0);
+    // The IPv4 point goes away; the list had it, so that is news.
+    source.set(|_| (nx(60), Duration::ZERO));
+    dnsbl.check_health().await;
+    assert_eq!(dnsbl.stats().health_warnings, 1);
+    assert!(dnsbl.stats().disabled_sites.is_empty());
+    assert!(
+        logs.text().contains("test point 127.0.0.2 is not listed"),
+        "{}",
+        logs.text()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn skipped_sites_are_never_checked_nor_switched_off() {
+    let source = Scripted::new(|_| (listed(2, 60), Duration::ZERO));
+    let mut o = opts(&["world.example*2", "k3y.feed.example", "other.example"]);
+    o.reply_map
+        .insert("k3y.feed.example".into(), "feed.example".into());
+    o.health_skip = vec!["WORLD.example.".into(), "feed.example".into()];
+    let dnsbl = engine(o, &source);
+    dnsbl.check_health().await;
+    let stats = dnsbl.stats();
+    assert_eq!(stats.disabled_sites, ["other.example"]);
+    assert!(stats.sites["world.example"].health_skipped);
+    assert!(stats.sites["feed.example"].health_skipped);
+    assert!(!stats.sites["other.example"].health_skipped);
+    assert_eq!(source.count("1.0.0.127.world.example."), 0);
+    assert_eq!(source.count("1.0.0.127.k3y.feed.example."), 0);
+    assert_eq!(dnsbl.score(client(), far()).await.score, 3);
+
+    // A skip name that is no site is refused without echoing it.
+    let mut o = opts(&["k3y.feed.example"]);
+    o.health_skip = vec!["k3y.fed.example".into()];
+    let Err(err) = Dnsbl::with_source(o, Arc::clone(&source) as _, 10) else {
+        panic!("unknown skip name accepted");
+    };
+    assert!(err.to_string().starts_with("dnsbl_health_skip"), "{err}");
+    assert!(!err.to_string().contains("k3y"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_dns_outage_leaves_a_disabled_site_disabled() {
-    let source = Scripted::new(|_| (nx(60), Duration::ZERO));
+    let source = Scripted::new(|_| (listed(2, 60), Duration::ZERO));
     let dnsbl = engine(opts(&["bl.example"]), &source);
     dnsbl.check_health().await;
     assert_eq!(dnsbl.stats().disabled_sites, ["bl.example"]);
@@ -582,6 +769,7 @@ async fn a_dns_outage_leaves_a_disabled_site_disabled() {
     dnsbl.check_health().await;
     assert_eq!(dnsbl.stats().disabled_sites, ["bl.example"]);
     assert_eq!(dnsbl.stats().sites["bl.example"].health_failures, 1);
+    assert_eq!(dnsbl.stats().sites["bl.example"].times_disabled, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -17,8 +17,9 @@
 //! behind a wildcard, a list shut down by answering everything) would
 //! reject all mail. [`Dnsbl::spawn_health_checks`] asks each list for the
 //! RFC 5782 test points at start-up and every `health_interval`; a list
-//! that fails is switched off, logged as an error and shown in the stats,
-//! until it passes again (see `health.rs`).
+//! that lists the must-not point of an address family is switched off for
+//! that family, logged as an error and shown in the stats, until it stops
+//! (see `health.rs`). Nothing else switches a list off.
 //!
 //! SECRET DOMAINS. `reply_map` gives a list's query domain a public name;
 //! replies, logs and stats only ever use the public name. hickory's own
@@ -79,8 +80,12 @@ pub struct DnsblOptions {
     pub max_ttl: Duration,
     /// `dnsbl_reply_map`: query domain → public name.
     pub reply_map: BTreeMap<String, String>,
-    /// How often the RFC 5782 test points are checked.
+    /// `dnsbl_health_interval`: how often the RFC 5782 test points are
+    /// checked.
     pub health_interval: Duration,
+    /// `dnsbl_health_skip`: lists never checked (query domains or public
+    /// names), for private lists whose operator knows better.
+    pub health_skip: Vec<String>,
 }
 
 impl Default for DnsblOptions {
@@ -99,6 +104,8 @@ impl Default for DnsblOptions {
             // Often enough to notice a list going rogue within the hour,
             // rare enough to be invisible in the list's query volume.
             health_interval: Duration::from_secs(600),
+            // Every list is checked.
+            health_skip: Vec::new(),
         }
     }
 }
@@ -134,13 +141,20 @@ pub struct DnsblStats {
     pub error_answers: u64,
     /// All lists' DNS failures together.
     pub dns_failures: u64,
-    /// Public names of the lists switched off by the health check.
+    /// Public names of the lists the health check has switched off for
+    /// IPv4 clients, IPv6 clients or both.
     pub disabled_sites: Vec<String>,
+    /// All lists' health warnings together.
+    pub health_warnings: u64,
     /// Per list, by public name.
     pub sites: BTreeMap<String, SiteStats>,
 }
 
 /// One list's counters.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent flags of one JSON record in `stats`"
+)]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SiteStats {
     /// Lookups sent.
@@ -149,12 +163,23 @@ pub struct SiteStats {
     pub error_answers: u64,
     /// Timeouts, SERVFAILs, transport errors.
     pub dns_failures: u64,
-    /// Whether the health check has switched it off.
+    /// Whether the health check has switched it off for either family.
     pub disabled: bool,
-    /// How many times the health check has switched it off.
+    /// Switched off for IPv4 clients: it lists 127.0.0.1.
+    pub disabled_ipv4: bool,
+    /// Switched off for IPv6 clients: it lists `::ffff:7f00:1`.
+    pub disabled_ipv6: bool,
+    /// How many times the health check has switched a family off.
     pub times_disabled: u64,
-    /// Failed health checks.
+    /// Health checks that found a family listing the world.
     pub health_failures: u64,
+    /// Health checks that found something odd but harmless (a missing
+    /// positive test point, an uncounted answer for a must-not one).
+    pub health_warnings: u64,
+    /// In `dnsbl_health_skip`: never checked.
+    pub health_skipped: bool,
+    /// Health checks completed (with or without an answer).
+    pub health_checks: u64,
 }
 
 /// The DNSBL engine; cheap to clone.
@@ -171,13 +196,57 @@ struct Domain {
     public: String,
     /// Indices into `Inner::entries` of the entries with this domain.
     entries: Vec<usize>,
-    /// Cleared by a failed health check, set again by a passed one.
-    enabled: AtomicBool,
+    /// Per [`Family`]: cleared by a health check that finds the family
+    /// listing the world, set again by one that does not.
+    enabled: [AtomicBool; 2],
+    /// Per [`Family`]: a health check has seen the positive test point,
+    /// so losing it is worth a warning.
+    served: [AtomicBool; 2],
+    /// In `dnsbl_health_skip`: never checked, never switched off.
+    health_skip: bool,
     queries: AtomicU64,
     error_answers: AtomicU64,
     dns_failures: AtomicU64,
     times_disabled: AtomicU64,
     health_failures: AtomicU64,
+    /// Checks that found something odd but harmless.
+    health_warnings: AtomicU64,
+    /// Checks completed, so a test or an operator can tell one has run.
+    health_checks: AtomicU64,
+}
+
+/// An address family, judged apart by the health checks: a list may hold
+/// one family only, or break for one only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family a (canonical) client address is queried in.
+    fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// Index into the per-family arrays of [`Domain`].
+    fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+
+    /// As logs say it.
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
 }
 
 /// An answer being fetched, shared by every caller waiting for it.
@@ -249,7 +318,7 @@ impl Dnsbl {
             return Err(bad("dnsbl_min_ttl", "is larger than dnsbl_max_ttl"));
         }
         if opts.health_interval.is_zero() {
-            return Err(bad("health_interval", "must be more than 0"));
+            return Err(bad("dnsbl_health_interval", "must be more than 0"));
         }
         let mut reply_map = BTreeMap::new();
         for (domain, public) in &opts.reply_map {
@@ -276,6 +345,31 @@ impl Dnsbl {
             reply_map.insert(domain, public.clone());
         }
 
+        // Skip names may be query domains or public names.
+        let mut skip = Vec::new();
+        for (i, name) in opts.health_skip.iter().enumerate() {
+            let by_public = reply_map
+                .iter()
+                .find(|(_, public)| public.eq_ignore_ascii_case(name))
+                .map(|(domain, _)| domain.clone());
+            let domain = by_public.or_else(|| {
+                spec::normalize_domain(name)
+                    .ok()
+                    .filter(|d| opts.sites.iter().any(|s| &s.domain == d))
+            });
+            let Some(domain) = domain else {
+                // Not echoed: a mistyped secret domain must not reach a log.
+                return Err(bad(
+                    "dnsbl_health_skip",
+                    &format!(
+                        "entry {} names no dnsbl_sites domain and no dnsbl_reply_map public name",
+                        i + 1
+                    ),
+                ));
+            };
+            skip.push(domain);
+        }
+
         let mut domains: Vec<Domain> = Vec::new();
         let mut entry_domain = Vec::new();
         for (i, site) in opts.sites.iter().enumerate() {
@@ -289,12 +383,16 @@ impl Dnsbl {
                         .cloned()
                         .unwrap_or_else(|| site.domain.clone()),
                     entries: Vec::new(),
-                    enabled: AtomicBool::new(true),
+                    enabled: [AtomicBool::new(true), AtomicBool::new(true)],
+                    served: [AtomicBool::new(false), AtomicBool::new(false)],
+                    health_skip: skip.contains(&site.domain),
                     queries: AtomicU64::new(0),
                     error_answers: AtomicU64::new(0),
                     dns_failures: AtomicU64::new(0),
                     times_disabled: AtomicU64::new(0),
                     health_failures: AtomicU64::new(0),
+                    health_warnings: AtomicU64::new(0),
+                    health_checks: AtomicU64::new(0),
                 });
                 domains.len() - 1
             };
@@ -334,6 +432,7 @@ impl Dnsbl {
         let inner = &self.inner;
         // A dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
+        let family = Family::of(ip).index();
         let mut answers: Vec<Option<Answer>> = vec![None; inner.domains.len()];
         let mut waits: Vec<(usize, Pending)> = Vec::new();
         let mut to_start = Vec::new();
@@ -341,7 +440,7 @@ impl Dnsbl {
             let now = Instant::now();
             let mut cache = inner.lock_cache();
             for (d, domain) in inner.domains.iter().enumerate() {
-                if !domain.enabled.load(Ordering::Relaxed) {
+                if !domain.enabled[family].load(Ordering::Relaxed) {
                     continue;
                 }
                 match cache.slots.get(&(d, ip)) {
@@ -396,7 +495,7 @@ impl Dnsbl {
             .entries
             .iter()
             .zip(&inner.entry_domain)
-            .filter(|(_, &d)| inner.domains[d].enabled.load(Ordering::Relaxed))
+            .filter(|(_, &d)| inner.domains[d].enabled[family].load(Ordering::Relaxed))
             .map(|(site, &d)| Tally {
                 site,
                 public: &inner.domains[d].public,
@@ -439,17 +538,25 @@ impl Dnsbl {
             ..DnsblStats::default()
         };
         for domain in &inner.domains {
-            let disabled = !domain.enabled.load(Ordering::Relaxed);
+            let off = |f: Family| !domain.enabled[f.index()].load(Ordering::Relaxed);
+            let (off4, off6) = (off(Family::V4), off(Family::V6));
+            let warnings = domain.health_warnings.load(Ordering::Relaxed);
             let site = stats.sites.entry(domain.public.clone()).or_default();
             site.queries += domain.queries.load(Ordering::Relaxed);
             site.error_answers += domain.error_answers.load(Ordering::Relaxed);
             site.dns_failures += domain.dns_failures.load(Ordering::Relaxed);
             site.times_disabled += domain.times_disabled.load(Ordering::Relaxed);
             site.health_failures += domain.health_failures.load(Ordering::Relaxed);
-            site.disabled |= disabled;
+            site.health_warnings += warnings;
+            site.health_checks += domain.health_checks.load(Ordering::Relaxed);
+            site.health_skipped |= domain.health_skip;
+            site.disabled_ipv4 |= off4;
+            site.disabled_ipv6 |= off6;
+            site.disabled |= off4 || off6;
             stats.error_answers += domain.error_answers.load(Ordering::Relaxed);
             stats.dns_failures += domain.dns_failures.load(Ordering::Relaxed);
-            if disabled {
+            stats.health_warnings += warnings;
+            if (off4 || off6) && !stats.disabled_sites.contains(&domain.public) {
                 stats.disabled_sites.push(domain.public.clone());
             }
         }

@@ -290,6 +290,53 @@ async fn an_ipv6_world_listing_is_caught_by_the_ipv6_test_points() {
 }
 
 #[tokio::test]
+async fn an_ipv6_only_list_stays_on_and_lists_ipv6_clients() {
+    const SOA: &str = "$SOA 600 ns.example. hostmaster.example. 1 600 300 86400 120\n";
+    let v6 = format!("{SOA}$TTL 900\n:127.0.0.2:listed\n::ffff:7f00:2\n2001:db8::66\n");
+    let server = Rbldnsd::start(&[("v6.example:ip6trie", "v6", &v6)]);
+    let dnsbl = Dnsbl::new(opts(server.addr, &["v6.example*2"])).unwrap();
+    dnsbl.check_health().await;
+    let stats = dnsbl.stats();
+    assert!(stats.disabled_sites.is_empty(), "{stats:?}");
+    assert_eq!(
+        stats.health_warnings, 0,
+        "no IPv4 data is no fault: {stats:?}"
+    );
+    assert_eq!(dnsbl.score(ip("2001:db8::66"), soon()).await.score, 2);
+    assert_eq!(dnsbl.score(ip("2001:db8::67"), soon()).await.score, 0);
+}
+
+#[tokio::test]
+async fn a_private_list_without_test_points_stays_on_with_a_warning() {
+    const SOA: &str = "$SOA 600 ns.example. hostmaster.example. 1 600 300 86400 120\n";
+    let private = format!("{SOA}$TTL 900\n:127.0.0.2:listed\n192.0.2.66\n");
+    let server = Rbldnsd::start(&[("private.example:ip4set", "private", &private)]);
+    let dnsbl = Dnsbl::new(opts(server.addr, &["private.example*4"])).unwrap();
+    dnsbl.check_health().await;
+    let stats = dnsbl.stats();
+    assert!(stats.disabled_sites.is_empty(), "{stats:?}");
+    assert_eq!(
+        stats.sites["private.example"].health_warnings, 1,
+        "{stats:?}"
+    );
+    assert_eq!(dnsbl.score(ip("192.0.2.66"), soon()).await.score, 4);
+}
+
+#[tokio::test]
+async fn a_list_that_lists_127_0_0_1_is_switched_off() {
+    const SOA: &str = "$SOA 600 ns.example. hostmaster.example. 1 600 300 86400 120\n";
+    let rogue = format!("{SOA}$TTL 900\n:127.0.0.2:listed\n127.0.0.1\n127.0.0.2\n192.0.2.66\n");
+    let server = Rbldnsd::start(&[("rogue.example:ip4set", "rogue", &rogue)]);
+    let dnsbl = Dnsbl::new(opts(server.addr, &["rogue.example*4"])).unwrap();
+    assert_eq!(dnsbl.score(ip("192.0.2.66"), soon()).await.score, 4);
+    dnsbl.check_health().await;
+    let stats = dnsbl.stats();
+    assert_eq!(stats.disabled_sites, ["rogue.example"]);
+    assert!(stats.sites["rogue.example"].disabled_ipv4, "{stats:?}");
+    assert_eq!(dnsbl.score(ip("192.0.2.67"), soon()).await.score, 0);
+}
+
+#[tokio::test]
 async fn a_zone_the_server_does_not_serve_fails_open() {
     let server = standard_zones();
     let dnsbl = Dnsbl::new(opts(server.addr, &["bl.example", "nosuch.example*9"])).unwrap();

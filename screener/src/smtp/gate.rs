@@ -3,16 +3,24 @@
 //! allowlist (cache) and pre-queue limit.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
 
 use super::session::Todo;
 use super::Test;
 use crate::config::{AccessAction, AccessRule};
+use crate::local::HostAddrs;
 
 /// The limits and switches admission looks at.
 #[derive(Clone, Debug)]
 pub struct GateParams {
     /// Permanent access list, first match wins.
     pub access_list: Vec<AccessRule>,
+    /// The host's own addresses, permitted ahead of the access list as
+    /// postscreen's `permit_mynetworks`; `None` when `screen.permit_local`
+    /// is off.
+    pub local: Option<Arc<HostAddrs>>,
     /// Most simultaneous connections from one address.
     pub client_connection_count_limit: usize,
     /// Most clients handed to the backend at once.
@@ -54,6 +62,15 @@ pub enum Admission {
     Screen(Todo),
 }
 
+/// Whether `peer` may send a PROXY header (`smtp.upstream_proxy_trusted`).
+/// A header names the client the verdict falls on, so one from anyone else
+/// could get any address blocked at the NIC; such a connection is closed
+/// before its header is read.
+pub fn proxy_trusted(trusted: &[IpNet], peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    trusted.iter().any(|n| n.contains(&peer))
+}
+
 /// Decides what happens to a new connection from `ip`. `expires` is the
 /// cached record (unix seconds per test, 0 never passed).
 pub fn admit(
@@ -76,6 +93,9 @@ pub fn admit(
         };
     }
     let ip = ip.to_canonical();
+    if p.local.as_ref().is_some_and(|l| l.contains(ip)) {
+        return Admission::Allowlisted;
+    }
     if let Some(rule) = p.access_list.iter().find(|r| r.net.contains(&ip)) {
         return if rule.action == AccessAction::Permit {
             Admission::Allowlisted
@@ -110,6 +130,7 @@ mod tests {
                 "permit 192.0.2.0/25".parse().unwrap(),
                 "reject 192.0.2.0/24".parse().unwrap(),
             ],
+            local: None,
             client_connection_count_limit: 2,
             post_queue_limit: 3,
             pre_queue_limit: 4,
@@ -165,6 +186,73 @@ mod tests {
             admit(&p, mapped, Load::default(), None, NOW),
             Admission::Denylisted
         );
+    }
+
+    #[test]
+    fn local_addresses_are_permitted_ahead_of_the_access_list() {
+        let mut p = params();
+        p.access_list.push("reject 0.0.0.0/0".parse().unwrap());
+        p.access_list.push("reject ::/0".parse().unwrap());
+        let host: IpAddr = "198.51.100.25".parse().unwrap();
+        let admit_ =
+            |p: &GateParams, ip: &str| admit(p, ip.parse().unwrap(), Load::default(), None, NOW);
+        for ip in [
+            "127.0.0.1",
+            "127.0.1.1",
+            "::1",
+            "198.51.100.25",
+            "::ffff:198.51.100.25",
+        ] {
+            assert_eq!(
+                admit_(&p, ip),
+                Admission::Denylisted,
+                "{ip} without permit_local"
+            );
+        }
+        p.local = Some(Arc::new(HostAddrs::from_addrs([host])));
+        for ip in [
+            "127.0.0.1",
+            "127.0.1.1",
+            "::1",
+            "198.51.100.25",
+            "::ffff:198.51.100.25",
+        ] {
+            assert_eq!(admit_(&p, ip), Admission::Allowlisted, "{ip}");
+        }
+        assert_eq!(admit_(&p, "198.51.100.26"), Admission::Denylisted);
+        // The limits still come first.
+        assert!(matches!(
+            admit(
+                &p,
+                "127.0.0.1".parse().unwrap(),
+                Load {
+                    client: 2,
+                    ..Load::default()
+                },
+                None,
+                NOW
+            ),
+            Admission::Busy { .. }
+        ));
+    }
+
+    #[test]
+    fn only_trusted_peers_may_send_a_proxy_header() {
+        let trusted: Vec<IpNet> = vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "2001:db8:5::/64".parse().unwrap(),
+        ];
+        for (peer, ok) in [
+            ("127.0.0.1", true),
+            ("::ffff:127.0.0.1", true),
+            ("127.0.0.2", false),
+            ("2001:db8:5::9", true),
+            ("2001:db8:6::9", false),
+            ("192.0.2.9", false),
+        ] {
+            assert_eq!(proxy_trusted(&trusted, peer.parse().unwrap()), ok, "{peer}");
+        }
+        assert!(!proxy_trusted(&[], "127.0.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct SmtpStats {
     pub handed_off: u64,
     /// Whether stress mode is on.
     pub stress: bool,
+    /// Connections closed in haproxy mode because the peer is not in
+    /// `smtp.upstream_proxy_trusted`.
+    pub proxy_untrusted: u64,
 }
 
 /// Failures per test.
@@ -86,6 +89,8 @@ struct Counters {
     pass_old: AtomicU64,
     fails: [AtomicU64; 6],
     rejects: AtomicU64,
+    /// PROXY-mode connections from peers outside the trusted list.
+    proxy_untrusted: AtomicU64,
     /// Clients refused because the open-file limit's share for SMTP
     /// clients was used up.
     refused_descriptors: AtomicU64,
@@ -110,6 +115,7 @@ impl Settings {
         let normal = Arc::new(Params::from_config(&cfg, false, Arc::clone(&keywords)));
         let gate = GateParams {
             access_list: s.access_list.clone(),
+            local: s.permit_local.then(crate::local::current),
             client_connection_count_limit: s.client_connection_count_limit,
             post_queue_limit: s.post_queue_limit,
             pre_queue_limit: s.pre_queue_limit,
@@ -257,6 +263,7 @@ impl Server {
             screening: load.pre_queue as u64,
             handed_off: load.post_queue as u64,
             stress: load.stress,
+            proxy_untrusted: c.proxy_untrusted.load(Ordering::Relaxed),
         }
     }
 
@@ -724,6 +731,14 @@ async fn connection(
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
     let (client, server) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy {
+        if !gate::proxy_trusted(&settings.cfg.smtp.upstream_proxy_trusted, peer.ip()) {
+            shared
+                .counters
+                .proxy_untrusted
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %Peer(peer), "PROXY header refused: {} is not in smtp.upstream_proxy_trusted; closed", Peer(peer));
+            return;
+        }
         // The reader stops exactly at the header's end, so a bot that
         // pregreets right behind it is still caught by the pregreet test.
         match proxy::read_header(&mut stream, settings.cfg.smtp.upstream_proxy_timeout).await {
