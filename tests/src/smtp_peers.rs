@@ -64,6 +64,44 @@ impl Postfix {
     /// self-signed certificate.
     #[track_caller]
     pub fn start(upstream: Upstream, tls: bool) -> Postfix {
+        let mut main = String::from(
+            "myhostname = backend.test\n\
+             mydestination = backend.test\n\
+             local_recipient_maps =\n\
+             local_transport = discard\n\
+             default_transport = discard\n",
+        );
+        if upstream == Upstream::Haproxy {
+            main.push_str("smtpd_upstream_proxy_protocol = haproxy\n");
+        }
+        Postfix::launch(&main, tls)
+    }
+
+    /// Starts a sending MTA: mail its smtpd takes from loopback is relayed
+    /// to `relay` (no MX lookup), from the source address `bind`, with
+    /// opportunistic TLS (`smtp_tls_security_level = may`), one connection
+    /// per message (no connection cache).
+    #[track_caller]
+    pub fn start_sender(relay: SocketAddr, bind: std::net::Ipv4Addr) -> Postfix {
+        let main = format!(
+            "myhostname = sender.test\n\
+             mydestination =\n\
+             relayhost = [{ip}]:{port}\n\
+             smtp_bind_address = {bind}\n\
+             smtp_host_lookup = native\n\
+             smtp_tls_security_level = may\n\
+             smtp_tls_loglevel = 1\n\
+             smtp_connection_cache_on_demand = no\n",
+            ip = relay.ip(),
+            port = relay.port(),
+        );
+        Postfix::launch(&main, false)
+    }
+
+    /// Writes `main.cf` (the common settings plus `extra`) and `master.cf`
+    /// into a fresh directory and starts the instance.
+    #[track_caller]
+    fn launch(extra: &str, tls: bool) -> Postfix {
         let postfix = require("postfix", "postfix");
         let dir = tempfile::Builder::new()
             .prefix("screener-postfix")
@@ -85,26 +123,19 @@ impl Postfix {
              data_directory = {d}\n\
              maillog_file = {root}/maillog\n\
              maillog_file_prefixes = {root}\n\
-             myhostname = backend.test\n\
              mydomain = test\n\
-             mydestination = backend.test\n\
-             local_recipient_maps =\n\
-             local_transport = discard\n\
-             default_transport = discard\n\
              inet_interfaces = 127.0.0.1\n\
              inet_protocols = ipv4\n\
              mynetworks = 127.0.0.0/8\n\
              smtpd_client_port_logging = yes\n\
              smtpd_upstream_proxy_timeout = 10s\n\
              alias_maps =\n\
-             alias_database =\n",
+             alias_database =\n\
+             {extra}",
             q = root.join("queue").display(),
             d = root.join("data").display(),
             root = root.display(),
         );
-        if upstream == Upstream::Haproxy {
-            main.push_str("smtpd_upstream_proxy_protocol = haproxy\n");
-        }
         if tls {
             let openssl = require("openssl", "openssl");
             let st = Command::new(openssl)
@@ -174,6 +205,37 @@ impl Postfix {
             TcpStream::connect(addr).is_ok()
         });
         pf
+    }
+
+    /// Hands one message to this instance with its `sendmail` (the
+    /// instance's own configuration directory), for it to deliver or relay.
+    #[track_caller]
+    pub fn sendmail(&self, from: &str, to: &str, subject: &str) {
+        use std::io::Write as _;
+        let sendmail = require("sendmail", "postfix");
+        let mut child = Command::new(sendmail)
+            .arg("-C")
+            .arg(self.dir.path())
+            .args(["-f", from, to])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run sendmail");
+        let msg = format!("From: <{from}>\nTo: <{to}>\nSubject: {subject}\n\nHello.\n");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(msg.as_bytes())
+            .expect("write to sendmail");
+        let out = child.wait_with_output().expect("wait for sendmail");
+        assert!(
+            out.status.success(),
+            "sendmail: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Everything Postfix logged so far.

@@ -425,13 +425,15 @@ impl Session {
             // Bytes kept while only the DNSBL was awaited.
             self.lines(now);
         } else {
-            self.pass_and_handoff(Plan::Greeting);
+            self.pass_and_handoff(Plan::Greeting, "");
         }
     }
 
-    fn pass_and_handoff(&mut self, plan: Plan) {
+    /// Records the passes (`PASS NEW`, with `note` after the client in the
+    /// log line) and hands the client over.
+    fn pass_and_handoff(&mut self, plan: Plan, note: &str) {
         if self.clean() && self.passed.iter().any(Option::is_some) {
-            tracing::info!(client = %Peer(self.client), "PASS NEW {}", Peer(self.client));
+            tracing::info!(client = %Peer(self.client), "PASS NEW {}{note}", Peer(self.client));
             self.out.push(Output::Pass(self.passed));
         }
         self.state = State::HandedOff;
@@ -633,12 +635,20 @@ impl Session {
             // Plaintext sent after STARTTLS and before its reply is the
             // command-injection attack: it never reaches the backend.
             self.inbuf.clear();
-            let ehlo = self.helo.clone().unwrap_or_default();
-            self.state = State::HandedOff;
-            self.out.push(Output::Handoff(Plan::StartTls {
-                ehlo,
+            // What follows is encrypted end to end and never seen here, so
+            // the deep tests are judged on the plaintext dialogue up to this
+            // command (postscreen runs them inside TLS; we leave TLS to the
+            // MTA). Without this, a TLS sender would never be remembered and
+            // would wait out the greet wait on every connection.
+            self.deep_passes();
+            let plan = Plan::StartTls {
+                ehlo: self.helo.clone().unwrap_or_default(),
                 starttls: line.to_vec(),
-            }));
+            };
+            self.pass_and_handoff(
+                plan,
+                " (deep tests on the plaintext dialogue before STARTTLS)",
+            );
         }
     }
 
@@ -648,15 +658,7 @@ impl Session {
             self.send(format!("{reply}\r\n"));
             return;
         }
-        for (test, t) in [
-            (Test::Pipelining, self.p.pipelining),
-            (Test::NonSmtpCommand, self.p.non_smtp_command),
-            (Test::BareNewline, self.p.bare_newline),
-        ] {
-            if self.todo.has(test) && !self.failed[test.index()] {
-                self.passed[test.index()] = Some(t.ttl);
-            }
-        }
+        self.deep_passes();
         if self.p.deep_test_handoff == Handoff::Reconnect && self.clean() {
             if self.passed.iter().any(Option::is_some) {
                 tracing::info!(client = %Peer(self.client), "PASS NEW {}", Peer(self.client));
@@ -676,7 +678,21 @@ impl Session {
             rcpt: line.to_vec(),
             rest: std::mem::take(&mut self.inbuf),
         };
-        self.pass_and_handoff(plan);
+        self.pass_and_handoff(plan, "");
+    }
+
+    /// Marks every deep test still to do and not failed as passed, with its
+    /// lifetime.
+    fn deep_passes(&mut self) {
+        for (test, t) in [
+            (Test::Pipelining, self.p.pipelining),
+            (Test::NonSmtpCommand, self.p.non_smtp_command),
+            (Test::BareNewline, self.p.bare_newline),
+        ] {
+            if self.todo.has(test) && !self.failed[test.index()] {
+                self.passed[test.index()] = Some(t.ttl);
+            }
+        }
     }
 
     fn noqueue(&self, reply: &str, rcpt: &[u8]) {
@@ -1130,7 +1146,37 @@ mod tests {
                 starttls: b"STARTTLS".to_vec()
             })
         );
-        assert_eq!(r.pass(), None, "the deep tests did not finish");
+        // The plaintext dialogue up to STARTTLS is all the deep tests can
+        // see: the client is remembered, pregreet and deep tests alike.
+        let pass = r.pass().expect("PASS NEW at the STARTTLS hand-off");
+        assert_eq!(
+            pass[Test::Pregreet.index()],
+            Some(Duration::from_secs(86_400))
+        );
+        for t in [Test::Pipelining, Test::NonSmtpCommand, Test::BareNewline] {
+            assert_eq!(
+                pass[t.index()],
+                Some(Duration::from_secs(30 * 86_400)),
+                "{t:?}"
+            );
+        }
+        assert_eq!(pass[Test::Dnsbl.index()], None, "no DNSBL configured");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starttls_after_a_failure_is_not_remembered() {
+        let tls = |p: &mut Params| {
+            deep(p);
+            p.bare_newline.action = Action::Ignore;
+            p.ehlo_keywords = Arc::new(vec!["STARTTLS".into()]);
+        };
+        let mut r = Run::start(params(tls), Todo::ALL);
+        r.wait(6).await;
+        r.say(b"EHLO c\n");
+        assert_eq!(r.say(b"STARTTLS\r\n"), "");
+        assert!(matches!(r.handoff(), Some(Plan::StartTls { .. })));
+        assert_eq!(r.fails(), [FailedTest::BareNewline]);
+        assert_eq!(r.pass(), None, "an ignored failure is never allowlisted");
     }
 
     #[tokio::test(start_paused = true)]
