@@ -448,6 +448,29 @@ impl Bot {
         String::from_utf8_lossy(&got).into_owned()
     }
 
+    /// Reads until the last line of a reply with `code` (`"250"`: a line
+    /// starting `250 `) has arrived whole; returns everything read.
+    pub fn read_reply(&mut self, code: &str) -> String {
+        use std::io::Read as _;
+        let last = format!("{code} ");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&got);
+            let done = text
+                .split_inclusive("\r\n")
+                .any(|l| l.starts_with(&last) && l.ends_with("\r\n"));
+            if done {
+                break;
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
     /// Reads everything until the peer closes (or 30 s pass).
     pub fn read_to_close(&mut self) -> String {
         self.read_until("\u{0}never")

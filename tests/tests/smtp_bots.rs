@@ -46,11 +46,19 @@ fn misbehaving_clients_get_postscreens_outcome() {
     let pf = Postfix::start(Upstream::Haproxy, false);
     let scr = screener(&pf);
 
-    // Pregreet (enforce): talks first, then is refused at RCPT.
+    // Pregreet (enforce): talks first; what it said is its first command
+    // after the 220, then it is refused at RCPT.
     let mut bot = Bot::connect([127, 0, 1, 1], scr.addr);
-    bot.send(b"EHLO bot.example\r\n");
-    greeted(&mut bot);
-    assert_eq!(envelope(&mut bot), "550 5.5.1 Protocol error\r\n");
+    bot.send(b"HELO bot.example\r\n");
+    let got = bot.read_until("250 screener.test\r\n");
+    assert_eq!(
+        got,
+        "220-screener.test ESMTP\r\n220 screener.test ESMTP\r\n250 screener.test\r\n"
+    );
+    bot.send(b"MAIL FROM:<spam@example.org>\r\n");
+    assert_eq!(bot.read_until("\r\n"), "250 2.1.0 Ok\r\n");
+    bot.send(b"RCPT TO:<rcpt@backend.test>\r\n");
+    assert_eq!(bot.read_until("\r\n"), "550 5.5.1 Protocol error\r\n");
     reported(&scr, [127, 0, 1, 1], FailedTest::Pregreet);
 
     // Pipelining without PIPELINING (enforce).

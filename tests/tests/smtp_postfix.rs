@@ -332,3 +332,45 @@ fn wait_sent(pf: &Postfix, n: usize) {
         },
     );
 }
+
+/// Under `greet_action = "ignore"` with no deep test pending, a client that
+/// talks before its greeting still delivers: what it said early reaches
+/// Postfix after Postfix's own greeting, in order.
+#[test]
+fn early_talker_delivers_under_ignore() {
+    use integration_tests::smtp_peers::Bot;
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let mut cfg = test_config(pf.addr);
+    cfg.screen.greet_action = screener::config::Action::Ignore;
+    cfg.screen.pipelining_enable = false;
+    cfg.screen.non_smtp_command_enable = false;
+    cfg.screen.bare_newline_enable = false;
+    let scr = Screener::start(cfg, None);
+    let mut bot = Bot::connect([127, 0, 0, 10], scr.addr);
+    bot.send(b"EHLO early.example\r\n");
+    let got = bot.read_reply("250");
+    assert!(
+        got.starts_with("220-screener.test ESMTP\r\n220 backend.test ESMTP"),
+        "{got:?}"
+    );
+    assert!(
+        got.contains("\r\n250-backend.test\r\n"),
+        "Postfix answered the early EHLO: {got:?}"
+    );
+    for (line, want) in [
+        (&b"MAIL FROM:<sender@example.org>\r\n"[..], "250 "),
+        (b"RCPT TO:<rcpt@backend.test>\r\n", "250 "),
+        (b"DATA\r\n", "354 "),
+        (b"Subject: early\r\n\r\nHello.\r\n.\r\n", "250 2.0.0 Ok: queued as"),
+    ] {
+        bot.send(line);
+        let reply = bot.read_until("\r\n");
+        assert!(reply.starts_with(want), "{line:?}: {reply:?}");
+    }
+    bot.send(b"QUIT\r\n");
+    bot.read_to_close();
+    pf.wait_log(&[": client=", "[127.0.0.10]"]);
+    wait_sent(&pf, 1);
+    assert_eq!(scr.failures().len(), 0, "ignore reports nothing for blocking");
+    assert_eq!(scr.server.stats().fails.pregreet, 1);
+}

@@ -607,8 +607,7 @@ async fn connection(
                 stream,
                 client,
                 server,
-                Plan::Greeting,
-                Vec::new(),
+                Plan::Greeting { early: Vec::new() },
                 stop,
             ))
             .await;
@@ -702,10 +701,6 @@ async fn screen(
                     }
                 }
                 Output::Handoff(plan) => {
-                    let rest = match &plan {
-                        Plan::Replay { rest, .. } => rest.clone(),
-                        _ => Vec::new(),
-                    };
                     // Boxed: a client still in the tests need not carry the relay's
                     // state (and buffers) inside its own future.
                     Box::pin(hand_off(
@@ -716,7 +711,6 @@ async fn screen(
                         client,
                         server,
                         plan,
-                        rest,
                         stop.clone(),
                     ))
                     .await;
@@ -769,7 +763,6 @@ async fn hand_off(
     client: SocketAddr,
     server: SocketAddr,
     plan: Plan,
-    rest: Vec<u8>,
     mut stop: watch::Receiver<bool>,
 ) {
     {
@@ -808,7 +801,10 @@ async fn hand_off(
     if client_stream.write_all(&to_client).await.is_err() {
         return;
     }
-    if !rest.is_empty() && conn.stream.write_all(&rest).await.is_err() {
+    // What the client sent before it was greeted, or past its RCPT line,
+    // follows the backend's reply in the order it was sent.
+    let rest = plan.client_bytes();
+    if !rest.is_empty() && conn.stream.write_all(rest).await.is_err() {
         return;
     }
     let grace = settings.cfg.smtp.shutdown_grace;

@@ -45,8 +45,13 @@ pub struct DnsblScore {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
     /// Straight after the early phase: the backend's greeting completes
-    /// ours, then the two sides are spliced.
-    Greeting,
+    /// ours, `early` follows it to the backend, then the two sides are
+    /// spliced.
+    Greeting {
+        /// Whole command lines the client sent before it was greeted, in
+        /// order: the backend reads them as the client's first commands.
+        early: Vec<u8>,
+    },
     /// After the deep tests: replay these command lines (CRLF excluded),
     /// answer the client's RCPT with the backend's reply, send `rest`, splice.
     Replay {
@@ -96,6 +101,18 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Todo(pub [bool; Test::COUNT]);
 
+impl Plan {
+    /// Client bytes the backend gets once the plan is carried out, before
+    /// the two sides are spliced.
+    pub fn client_bytes(&self) -> &[u8] {
+        match self {
+            Plan::Greeting { early } => early,
+            Plan::Replay { rest, .. } => rest,
+            Plan::StartTls { .. } => &[],
+        }
+    }
+}
+
 impl Todo {
     /// Every test (a client never seen before).
     pub const ALL: Todo = Todo([true; Test::COUNT]);
@@ -144,8 +161,12 @@ pub struct Session {
     passed: [Option<Duration>; Test::COUNT],
     /// Reply to every RCPT TO after an `enforce` failure.
     reject: Option<String>,
-    /// Client input not yet consumed as lines (deep phase).
+    /// Client input not yet consumed as lines: what it sent before the
+    /// greeting (bounded), then the deep phase's input.
     inbuf: Vec<u8>,
+    /// Input sent before the greeting went past the bound and the excess
+    /// was thrown away: only whole lines of what was kept are used.
+    early_cut: bool,
     /// Command lines seen in the deep phase.
     commands: u32,
     /// The whole next command line must arrive before this.
@@ -182,6 +203,7 @@ impl Session {
             passed: [None; Test::COUNT],
             reject: None,
             inbuf: Vec::new(),
+            early_cut: false,
             commands: 0,
             command_deadline,
             last: "CONNECT",
@@ -244,7 +266,10 @@ impl Session {
     /// Bytes from the client.
     pub fn input(&mut self, bytes: &[u8], now: Instant) -> Vec<Output> {
         match self.state {
-            State::Early { .. } => self.pregreet(bytes, now),
+            State::Early { .. } => {
+                self.keep_early(bytes);
+                self.pregreet(bytes, now);
+            }
             State::Deep => {
                 self.inbuf.extend_from_slice(bytes);
                 self.lines(now);
@@ -346,16 +371,47 @@ impl Session {
         }
     }
 
-    fn pregreet(&mut self, bytes: &[u8], now: Instant) {
-        if self.p.greet_banner.is_empty() {
-            // No teaser was sent, only the DNSBL is awaited: keep the bytes
-            // for the deep tests or the backend.
-            self.inbuf.extend_from_slice(bytes);
+    /// Keeps what the client sent before its greeting, as postscreen leaves
+    /// it in the socket for the next stage: the dummy engine reads it as the
+    /// first commands after our `220 `, or the backend after its own.
+    /// Bounded by one longest command line with its CRLF: a client that
+    /// talks that much before being greeted is a bot, not a slow sender.
+    fn keep_early(&mut self, bytes: &[u8]) {
+        let room = (self.p.line_length_limit + 2).saturating_sub(self.inbuf.len());
+        if bytes.len() > room {
+            self.early_cut = true;
+        }
+        self.inbuf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// At the end of the early phase: a cut keeps only the whole lines
+    /// before it, since a line's head would join whatever the client sends
+    /// next. A single line longer than the bound stays whole-less, for the
+    /// dummy engine to refuse as too long.
+    fn trim_early(&mut self) {
+        if !self.early_cut {
             return;
         }
-        // Everything a client says before the greeting is junk; only the
-        // first burst is logged and judged.
-        if self.failed[Test::Pregreet.index()] {
+        let kept = self
+            .inbuf
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        tracing::debug!(
+            client = %Peer(self.client),
+            "early input from {} over {} bytes: {kept} bytes of whole lines kept",
+            Peer(self.client),
+            self.p.line_length_limit + 2
+        );
+        if kept > 0 {
+            self.inbuf.truncate(kept);
+        }
+    }
+
+    fn pregreet(&mut self, bytes: &[u8], now: Instant) {
+        // No teaser was sent (only the DNSBL is awaited): nothing to judge.
+        // Only the first burst is logged and judged.
+        if self.p.greet_banner.is_empty() || self.failed[Test::Pregreet.index()] {
             return;
         }
         tracing::info!(
@@ -415,6 +471,7 @@ impl Session {
         if self.state == State::Closed {
             return;
         }
+        self.trim_early();
         let deep = self.todo.has(Test::Pipelining)
             || self.todo.has(Test::NonSmtpCommand)
             || self.todo.has(Test::BareNewline);
@@ -422,10 +479,16 @@ impl Session {
             self.send(format!("220 {} ESMTP\r\n", self.p.hostname));
             self.state = State::Deep;
             self.command_deadline = now + self.p.command_time_limit;
-            // Bytes kept while only the DNSBL was awaited.
+            // What the client said before it was greeted comes first.
             self.lines(now);
         } else {
-            self.pass_and_handoff(Plan::Greeting, "");
+            // After a cut only whole lines go to the backend: the head of
+            // one longer than the bound would merge with what follows.
+            let mut early = std::mem::take(&mut self.inbuf);
+            if self.early_cut && !early.contains(&b'\n') {
+                early.clear();
+            }
+            self.pass_and_handoff(Plan::Greeting { early }, "");
         }
     }
 
@@ -839,7 +902,7 @@ mod tests {
         r.wait(5).await;
         assert_eq!(r.handoff(), None, "the greet wait is 6 s");
         r.wait(1).await;
-        assert_eq!(r.handoff(), Some(Plan::Greeting));
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
         let pass = r.pass().expect("PASS NEW");
         assert_eq!(
             pass[Test::Pregreet.index()],
@@ -863,9 +926,12 @@ mod tests {
         let mut r = Run::start(params(|_| {}), Todo::ALL);
         assert_eq!(r.say(b"HELO bot\r\n"), "", "enforce waits quietly");
         r.wait(6).await;
-        assert!(r.text().ends_with("220 mx.example ESMTP\r\n"));
-        // The pregreet bytes are gone; the dialogue starts afresh.
-        assert!(r.say(b"HELO bot\r\n").starts_with("250 "));
+        // The early bytes are the first command after the 220.
+        assert!(
+            r.text().ends_with("220 mx.example ESMTP\r\n250 mx.example\r\n"),
+            "{}",
+            r.text()
+        );
         assert!(r.say(b"MAIL FROM:<a@example.org>\r\n").starts_with("250 "));
         assert_eq!(
             r.say(b"RCPT TO:<b@example.net>\r\n"),
@@ -884,11 +950,75 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pregreet_ignore_still_hands_off_without_pass() {
         let mut r = Run::start(params(|p| p.greet_action = Action::Ignore), Todo::ALL);
-        r.say(b"x");
-        r.wait(6).await;
+        r.say(b"EHLO c");
+        r.wait(1).await;
+        r.say(b"\r\nMAIL FROM:<a@example.org>\r\n");
+        r.wait(5).await;
         assert_eq!(r.fails(), [FailedTest::Pregreet]);
         assert_eq!(r.pass(), None);
-        assert_eq!(r.handoff(), Some(Plan::Greeting));
+        // Every burst is kept, in order, for the backend.
+        assert_eq!(
+            r.handoff(),
+            Some(Plan::Greeting {
+                early: b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n".to_vec()
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_bytes_are_bounded_to_whole_lines() {
+        // Past the bound only the whole lines before the cut are kept.
+        let mut r = Run::start(params(|p| p.greet_action = Action::Ignore), Todo::ALL);
+        r.say(b"EHLO c\r\n");
+        r.say(&[b'A'; 3000]);
+        r.wait(6).await;
+        assert_eq!(
+            r.handoff(),
+            Some(Plan::Greeting {
+                early: b"EHLO c\r\n".to_vec()
+            })
+        );
+
+        // One line longer than the bound: nothing for the backend.
+        let mut r = Run::start(params(|p| p.greet_action = Action::Ignore), Todo::ALL);
+        r.say(&[b'A'; 3000]);
+        r.say(b"\r\n");
+        r.wait(6).await;
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
+
+        // The dummy engine refuses it as too long, after its 220.
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.say(&[b'A'; 3000]);
+        r.wait(6).await;
+        assert!(
+            r.text()
+                .ends_with("220 mx.example ESMTP\r\n421 4.5.0 mx.example Error: command too long\r\n"),
+            "{}",
+            r.text()
+        );
+        assert!(r.closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_bytes_before_the_deep_tests() {
+        // Without a teaser only the DNSBL is awaited: early bytes are no
+        // failure, and the dummy engine answers them after its 220.
+        let mut r = Run::start(
+            params(|p| {
+                deep(p);
+                p.greet_banner = String::new();
+                p.dnsbl_enable = true;
+            }),
+            Todo::ALL,
+        );
+        assert_eq!(r.text(), "");
+        r.say(b"EHLO c\r\n");
+        r.wait(6).await;
+        assert_eq!(r.fails(), []);
+        assert_eq!(
+            r.text(),
+            "220 mx.example ESMTP\r\n250-mx.example\r\n250-SIZE 1000\r\n250 8BITMIME\r\n"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1107,7 +1237,7 @@ mod tests {
         );
         r.wait(1).await;
         r.out.extend(r.s.dnsbl(score(-2), Instant::now()));
-        assert_eq!(r.handoff(), Some(Plan::Greeting));
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
     }
 
     #[tokio::test(start_paused = true)]

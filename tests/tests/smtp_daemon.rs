@@ -1,0 +1,132 @@
+//! The SMTP side of `screener run`, seen from clients in a network
+//! namespace (documentation addresses, so no address is local to the host):
+//! what an early talker gets under the default configuration, and that
+//! failures queued right before SIGTERM all become blocks.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use integration_tests::{
+    daemon::{blocked, cli, set, stats},
+    netns::{screener_bin, spawn_logged, wait_for, ChildGuard, NetNs},
+    smtp_peers::{free_port, Bot, Postfix, Upstream},
+};
+
+/// A daemon without XDP listening on the namespace's host address, in
+/// front of `backend`, with its working directory.
+struct Run {
+    cfg: PathBuf,
+    dir: tempfile::TempDir,
+    child: ChildGuard,
+    smtp: SocketAddr,
+}
+
+impl Run {
+    /// Writes the configuration (defaults except the addresses, a 2 s greet
+    /// wait and whatever `edit` adds) and starts the daemon.
+    #[track_caller]
+    fn start(ns: &NetNs, backend: SocketAddr, edit: impl FnOnce(&Path)) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let smtp = SocketAddr::new(ns.host_v4(), free_port());
+        let cfg = dir.path().join("screener.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[smtp]\nlisten = [\"{smtp}\"]\nhostname = \"mx.example.com\"\n\
+                 backend = \"{backend}\"\n\
+                 [screen]\ngreet_wait = \"2s\"\n\
+                 [store]\npath = \"{d}/screener.redb\"\n\
+                 [admin]\nsocket = \"{d}/admin.sock\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        edit(&cfg);
+        let child = launch(&cfg, dir.path(), 0, |_| {});
+        Run {
+            cfg,
+            dir,
+            child,
+            smtp,
+        }
+    }
+
+    /// The log of the `n`-th start.
+    fn log(&self, n: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("daemon{n}.log"))).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    #[track_caller]
+    fn stop(&mut self) {
+        let child = self.child.0.as_mut().expect("running");
+        let pid = i32::try_from(child.id()).unwrap();
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        wait_for("the daemon to exit", Duration::from_secs(60), || {
+            child.try_wait().unwrap().is_some()
+        });
+        assert!(child.try_wait().unwrap().unwrap().success());
+    }
+}
+
+/// Starts `screener run --no-xdp` on `cfg` (log `daemon<n>.log`), with
+/// `pre` applied to the command, and waits for its admin socket.
+#[track_caller]
+fn launch(cfg: &Path, dir: &Path, n: u32, pre: impl FnOnce(&mut Command)) -> ChildGuard {
+    let mut cmd = Command::new(screener_bin());
+    cmd.arg("-c").arg(cfg).args(["run", "--no-xdp"]);
+    pre(&mut cmd);
+    let child = spawn_logged(&mut cmd, &dir.join(format!("daemon{n}.log")));
+    wait_for("the admin socket", Duration::from_secs(20), || {
+        cli(cfg, &["stats", "--json"]).0
+    });
+    child
+}
+
+/// A client in the namespace, from `from`.
+#[track_caller]
+fn bot(ns: &NetNs, from: IpAddr, to: SocketAddr) -> Bot {
+    let stream = ns
+        .tcp_from(from, to, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{from} cannot reach {to}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    Bot { stream }
+}
+
+/// Under the default `greet_action = "enforce"`, a client that talks before
+/// its greeting gets its early EHLO answered after the `220 `, and is
+/// refused at RCPT with `550 5.5.1`, logged as `NOQUEUE`.
+#[test]
+fn early_talker_is_answered_and_refused_at_rcpt() {
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let ns = NetNs::new();
+    let run = Run::start(&ns, pf.addr, |_| {});
+    let mut c = bot(&ns, ns.client_v4(), run.smtp);
+    c.send(b"EHLO early.example\r\n");
+    let got = c.read_reply("250");
+    assert!(
+        got.starts_with("220-mx.example.com ESMTP\r\n220 mx.example.com ESMTP\r\n250-mx.example.com\r\n"),
+        "{got:?}"
+    );
+    c.send(b"MAIL FROM:<a@example.org>\r\n");
+    assert_eq!(c.read_until("\r\n"), "250 2.1.0 Ok\r\n");
+    c.send(b"RCPT TO:<b@backend.test>\r\n");
+    assert_eq!(c.read_until("\r\n"), "550 5.5.1 Protocol error\r\n");
+    c.send(b"QUIT\r\n");
+    assert_eq!(c.read_to_close(), "221 2.0.0 Bye\r\n");
+    let client = ns.client_v4();
+    wait_for("the NOQUEUE line", Duration::from_secs(10), || {
+        run.log(0).lines().any(|l| {
+            l.contains(&format!("NOQUEUE: reject: RCPT from [{client}]:"))
+                && l.contains("550 5.5.1 Protocol error; from=<a@example.org>, to=<b@backend.test>, proto=ESMTP, helo=<early.example>")
+        })
+    });
+    assert!(!pf.log().contains(&client.to_string()), "{}", pf.log());
+}
