@@ -283,3 +283,33 @@ fn reload_applies_to_new_connections_only() {
     old.send(b"NOOP\r\n");
     assert_eq!(old.read_until("\r\n"), "250 2.0.0 Ok\r\n");
 }
+
+/// 200 connections from one address, opened one after the other while the
+/// earlier ones stay open, with a limit of 50: exactly the 51st and later
+/// are refused, the first 50 are screened. The cache lookup (an await
+/// before admission) must not reorder them.
+#[test]
+fn per_client_limit_in_arrival_order() {
+    let port = integration_tests::smtp_peers::free_port();
+    let mut cfg = test_config(([127, 0, 0, 1], port).into());
+    cfg.screen.greet_wait = Duration::from_secs(120);
+    cfg.screen.client_connection_count_limit = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let store = screener::store::Store::open(&dir.path().join("cache.redb")).expect("store");
+    let scr = Screener::start(cfg, Some(store));
+    let mut bots: Vec<Bot> = (0..200)
+        .map(|_| Bot::connect([127, 0, 6, 1], scr.addr))
+        .collect();
+    let firsts: Vec<String> = bots.iter_mut().map(|b| b.read_until("\r\n")).collect();
+    let refused: Vec<usize> = firsts
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.as_str() == "421 4.7.0 Error: too many connections\r\n")
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(refused, (51..=200).collect::<Vec<_>>(), "{firsts:?}");
+    for f in &firsts[..50] {
+        assert_eq!(f, "220-screener.test ESMTP\r\n");
+    }
+    assert_eq!(scr.server.stats().screening, 50);
+}

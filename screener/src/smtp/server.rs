@@ -325,11 +325,18 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
                     let local = stream.local_addr().unwrap_or(peer);
+                    // Counted now, before any await: connection tasks reach
+                    // admission in no set order, the accept queue is FIFO.
+                    // Behind a load balancer the client is known only from
+                    // its PROXY header.
+                    let upstream = shared.settings.read().expect("settings lock").cfg.smtp.upstream_proxy_protocol;
+                    let slot = (upstream == Upstream::None)
+                        .then(|| Slot::claim(&shared, peer.ip().to_canonical()));
                     shared.tasks.fetch_add(1, Ordering::AcqRel);
                     let task_shared = Arc::clone(&shared);
                     let stop = stop.clone();
                     tokio::spawn(async move {
-                        connection(&task_shared, stream, peer, local, stop).await;
+                        connection(&task_shared, stream, peer, local, slot, stop).await;
                         if task_shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
                             task_shared.idle.notify_waiters();
                         }
@@ -412,12 +419,33 @@ enum Queue {
 
 /// A connection's place in the counters; dropping it gives the place back.
 struct Slot {
+    /// Where the counters live.
     shared: Arc<Shared>,
+    /// The client, counted in `per_client`.
     ip: IpAddr,
+    /// Connections from the same address already open when this one was
+    /// counted: the per-client limit judges arrival order, not the order in
+    /// which connection tasks happen to reach admission.
+    earlier: usize,
+    /// The queue it counts in now.
     queue: Queue,
 }
 
 impl Slot {
+    /// Counts a new connection from `ip`.
+    fn claim(shared: &Arc<Shared>, ip: IpAddr) -> Slot {
+        let mut load = shared.load.lock().expect("load lock");
+        let n = load.per_client.entry(ip).or_insert(0);
+        let earlier = *n;
+        *n += 1;
+        Slot {
+            shared: Arc::clone(shared),
+            ip,
+            earlier,
+            queue: Queue::None,
+        }
+    }
+
     fn move_to(&mut self, queue: Queue) {
         let mut load = self.shared.load.lock().expect("load lock");
         let pre_limit = self
@@ -538,6 +566,7 @@ async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    slot: Option<Slot>,
     mut stop: watch::Receiver<bool>,
 ) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -557,6 +586,7 @@ async fn connection(
     };
     tracing::info!(client = %Peer(client), "CONNECT from {} to {}", Peer(client), Peer(server));
     let ip = client.ip().to_canonical();
+    let mut slot = slot.unwrap_or_else(|| Slot::claim(shared, ip));
     let expiries = match &shared.cache {
         Some(cache) => match cache.client(ip).await {
             Ok(rec) => rec.map(|r| r.expires),
@@ -568,7 +598,7 @@ async fn connection(
         },
         None => None,
     };
-    let (admission, mut slot, stress) = admit(shared, &settings, ip, expiries);
+    let (admission, stress) = admit(shared, &settings, &slot, expiries);
     let todo = match admission {
         Admission::Busy { reply, why } => {
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
@@ -627,30 +657,24 @@ async fn connection(
     .await;
 }
 
-/// Runs admission and takes the connection's place in the counters, in
-/// one critical section so two connections never see the same counts.
+/// Runs admission for the connection counted in `slot`; the per-client
+/// count is the one it found on arrival.
 fn admit(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     settings: &Settings,
-    ip: IpAddr,
+    slot: &Slot,
     expiries: Option<[u64; Test::COUNT]>,
-) -> (Admission, Slot, bool) {
-    let mut load = shared.load.lock().expect("load lock");
+) -> (Admission, bool) {
+    let load = shared.load.lock().expect("load lock");
     let l = Load {
-        client: load.per_client.get(&ip).copied().unwrap_or(0),
+        client: slot.earlier,
         pre_queue: load.pre_queue,
         post_queue: load.post_queue,
     };
-    let admission = gate::admit(&settings.gate, ip, l, expiries, unix_now());
-    *load.per_client.entry(ip).or_insert(0) += 1;
     let stress = load.stress;
     drop(load);
-    let slot = Slot {
-        shared: Arc::clone(shared),
-        ip,
-        queue: Queue::None,
-    };
-    (admission, slot, stress)
+    let admission = gate::admit(&settings.gate, slot.ip, l, expiries, unix_now());
+    (admission, stress)
 }
 
 #[expect(
