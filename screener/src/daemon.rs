@@ -412,7 +412,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     if let Some(d) = &dnsbl {
         d.spawn_health_checks();
     }
-    let (failures_tx, mut failures) = tokio::sync::mpsc::unbounded_channel();
+    let failures = Arc::new(smtp::FailureQueue::default());
     let lookup = dnsbl.clone().map(|d| {
         Arc::new(DnsblAdapter {
             dnsbl: d,
@@ -423,7 +423,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         with_allows(&cfg, &verdicts),
         Some(verdicts.store().clone()),
         lookup,
-        Some(failures_tx),
+        Some(failures.clone()),
     );
     let daemon = Arc::new(Daemon {
         verdicts: verdicts.clone(),
@@ -433,9 +433,12 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         started: Instant::now(),
     });
     let v = verdicts.clone();
+    let queue = failures.clone();
     let verdict_task = tokio::spawn(async move {
-        while let Some(f) = failures.recv().await {
-            v.on_failure(f.client.ip(), f.test).await;
+        while let Some(q) = queue.recv().await {
+            for test in q.tests {
+                v.on_failure(q.ip, test).await;
+            }
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -514,7 +517,20 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         Ok(Err(e)) => tracing::warn!("SMTP server: {e:#}"),
         Err(e) => tracing::warn!("SMTP server task: {e}"),
     }
-    verdict_task.abort();
+    // Drain, don't abort: the failures queued until the SMTP server stopped
+    // become verdicts, within one more shutdown grace period.
+    failures.close();
+    let queued = failures.stats().queued;
+    if queued > 0 {
+        tracing::info!("turning {queued} queued failures into verdicts before exiting");
+    }
+    let grace = verdicts.cfg().smtp.shutdown_grace;
+    if tokio::time::timeout(grace, verdict_task).await.is_err() {
+        tracing::warn!(
+            "shutdown grace over: {} queued failures not turned into verdicts",
+            failures.stats().queued
+        );
+    }
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();

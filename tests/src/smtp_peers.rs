@@ -303,8 +303,8 @@ pub struct Screener {
     pub addr: SocketAddr,
     /// The server, for stats and keywords.
     pub server: std::sync::Arc<screener::smtp::Server>,
-    /// Failures reported for blocking.
-    pub failures: std::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<screener::smtp::Failure>>,
+    /// Clients reported for blocking.
+    pub failures: std::sync::Arc<screener::smtp::FailureQueue>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -313,12 +313,12 @@ impl Screener {
     /// Starts a server with `cfg` (its `smtp.listen` is ignored).
     #[track_caller]
     pub fn start(cfg: screener::config::Config, store: Option<screener::store::Store>) -> Screener {
-        let (tx, failures) = tokio::sync::mpsc::unbounded_channel();
+        let failures = std::sync::Arc::new(screener::smtp::FailureQueue::default());
         let server = std::sync::Arc::new(screener::smtp::Server::new(
             std::sync::Arc::new(cfg),
             store,
             None,
-            Some(tx),
+            Some(std::sync::Arc::clone(&failures)),
         ));
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).unwrap();
@@ -343,20 +343,16 @@ impl Screener {
         Screener {
             addr,
             server,
-            failures: std::sync::Mutex::new(failures),
+            failures,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
-    /// Failures reported so far.
-    pub fn failures(&self) -> Vec<screener::smtp::Failure> {
-        let mut rx = self.failures.lock().unwrap();
-        let mut v = Vec::new();
-        while let Ok(f) = rx.try_recv() {
-            v.push(f);
-        }
-        v
+    /// Clients reported for blocking since the last call, one entry per
+    /// address with every test it failed.
+    pub fn failures(&self) -> Vec<screener::smtp::Queued> {
+        std::iter::from_fn(|| self.failures.try_recv()).collect()
     }
 
     /// Waits until the server has learned the backend's EHLO keywords.

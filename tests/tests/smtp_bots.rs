@@ -22,21 +22,12 @@ fn greeted(bot: &mut Bot) {
     assert!(got.ends_with("220 screener.test ESMTP\r\n"), "{got:?}");
 }
 
-fn envelope(bot: &mut Bot) -> String {
-    bot.send(b"HELO bot.example\r\n");
-    bot.read_until("\r\n");
-    bot.send(b"MAIL FROM:<spam@example.org>\r\n");
-    bot.read_until("\r\n");
-    bot.send(b"RCPT TO:<rcpt@backend.test>\r\n");
-    bot.read_until("\r\n")
-}
-
 #[track_caller]
 fn reported(scr: &Screener, ip: [u8; 4], test: FailedTest) {
     let f = scr.failures();
     assert!(
         f.iter()
-            .any(|f| f.test == test && f.client.ip() == std::net::IpAddr::from(ip)),
+            .any(|f| f.tests.contains(&test) && f.ip == std::net::IpAddr::from(ip)),
         "{test:?} from {ip:?} not reported: {f:?}"
     );
 }

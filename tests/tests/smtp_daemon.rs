@@ -4,6 +4,7 @@
 //! failures queued right before SIGTERM all become blocks.
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -27,11 +28,12 @@ struct Run {
 
 impl Run {
     /// Writes the configuration (defaults except the addresses, a 2 s greet
-    /// wait and whatever `edit` adds) and starts the daemon.
+    /// wait and whatever `edit` adds), and starts the daemon listening on
+    /// `host` (an address of the namespace's host side).
     #[track_caller]
-    fn start(ns: &NetNs, backend: SocketAddr, edit: impl FnOnce(&Path)) -> Run {
+    fn start(host: IpAddr, backend: SocketAddr, edit: impl FnOnce(&Path)) -> Run {
         let dir = tempfile::tempdir().unwrap();
-        let smtp = SocketAddr::new(ns.host_v4(), free_port());
+        let smtp = SocketAddr::new(host, free_port());
         let cfg = dir.path().join("screener.toml");
         std::fs::write(
             &cfg,
@@ -107,7 +109,7 @@ fn bot(ns: &NetNs, from: IpAddr, to: SocketAddr) -> Bot {
 fn early_talker_is_answered_and_refused_at_rcpt() {
     let pf = Postfix::start(Upstream::Haproxy, false);
     let ns = NetNs::new();
-    let run = Run::start(&ns, pf.addr, |_| {});
+    let run = Run::start(ns.host_v4(), pf.addr, |_| {});
     let mut c = bot(&ns, ns.client_v4(), run.smtp);
     c.send(b"EHLO early.example\r\n");
     let got = c.read_reply("250");
@@ -129,4 +131,62 @@ fn early_talker_is_answered_and_refused_at_rcpt() {
         })
     });
     assert!(!pf.log().contains(&client.to_string()), "{}", pf.log());
+}
+
+/// Failures queued right before SIGTERM are not lost: the verdict task
+/// finishes the queue before the daemon exits, and every bot is blocked
+/// when the daemon comes back.
+#[test]
+fn failures_queued_before_sigterm_all_become_blocks() {
+    const BOTS: u32 = 200;
+    let ns = NetNs::new();
+    // One address per bot, each its own verdict (a /128, no escalation).
+    let bots: Vec<IpAddr> = (0..BOTS)
+        .map(|i| format!("2001:db8:{}::1:{:x}", ns.n, i + 1).parse().unwrap())
+        .collect();
+    let mut batch = String::new();
+    for a in &bots {
+        writeln!(batch, "addr add {a}/64 dev {} nodad", ns.peer_if).unwrap();
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), batch).unwrap();
+    integration_tests::netns::sh(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "-batch",
+        &file.path().display().to_string(),
+    ]);
+    let mut run = Run::start(ns.host_v6(), ([127, 0, 0, 1], free_port()).into(), |cfg| {
+        set(cfg, "screen", "greet_wait = \"60s\"");
+        set(cfg, "screen", "pre_queue_limit = 1000");
+        set(cfg, "verdict", "ipv6_prefix = 128");
+        set(cfg, "verdict", "escalate_v6_hosts = 0");
+        set(cfg, "smtp", "shutdown_grace = \"20s\"");
+    });
+    let mut conns: Vec<Bot> = bots.iter().map(|&a| bot(&ns, a, run.smtp)).collect();
+    for c in &mut conns {
+        assert_eq!(c.read_until("\r\n"), "220-mx.example.com ESMTP\r\n");
+    }
+    // All at once, so the failures are still queued when SIGTERM comes.
+    for c in &mut conns {
+        c.send(b"EHLO bot.example\r\n");
+    }
+    wait_for("every pregreet counted", Duration::from_secs(20), || {
+        stats(&run.cfg)["smtp"]["fails"]["pregreet"] == BOTS
+    });
+    run.stop();
+    let log = run.log(0);
+    run.child = launch(&run.cfg, run.dir.path(), 1, |_| {});
+    let listed = blocked(&run.cfg);
+    let missing: Vec<String> = bots
+        .iter()
+        .map(|a| format!("{a}/128"))
+        .filter(|n| !listed.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {BOTS} bots not blocked after the restart: {missing:?}\n{log}",
+        missing.len()
+    );
 }

@@ -5,10 +5,12 @@
 //! [`session`] is the per-client state machine (pure over bytes and time),
 //! [`gate`] decides admission before any test, [`backend`] speaks to the
 //! real MTA (PROXY header, replay, splice), [`server`] is the thin socket
-//! loop with the shared counters, cache and stress mode.
+//! loop with the shared counters, cache and stress mode, [`failures`] the
+//! bounded queue of clients to block.
 
 pub mod backend;
 pub mod command;
+pub mod failures;
 pub mod gate;
 pub mod params;
 pub mod server;
@@ -17,6 +19,7 @@ pub mod text;
 
 use std::net::SocketAddr;
 
+pub use failures::{FailureQueue, FailureQueueStats, Queued};
 pub use params::{Action, Handoff, Params};
 pub use server::{DnsblLookup, ScoreFuture, Server, SmtpStats};
 pub use session::DnsblScore;

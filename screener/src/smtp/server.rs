@@ -14,10 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::backend::{Backend, BackendError};
+use super::failures::{FailureQueue, FailureQueueStats};
 use super::gate::{self, Admission, GateParams, Load};
 use super::params::{Action, Params};
 use super::session::{DnsblScore, Output, Plan, Session, Todo};
@@ -55,6 +56,8 @@ pub struct SmtpStats {
     pub handed_off: u64,
     /// Whether stress mode is on.
     pub stress: bool,
+    /// The queue of clients to block, towards the verdict task.
+    pub failure_queue: FailureQueueStats,
 }
 
 /// Failures per test.
@@ -140,7 +143,7 @@ struct Shared {
     stress: AtomicBool,
     cache: Option<Store>,
     dnsbl: Option<Arc<dyn DnsblLookup>>,
-    verdicts: Option<mpsc::UnboundedSender<Failure>>,
+    verdicts: Option<Arc<FailureQueue>>,
     /// Tasks alive, for the drain at shutdown.
     tasks: AtomicU64,
     idle: Notify,
@@ -160,12 +163,12 @@ fn unix_now() -> u64 {
 
 impl Server {
     /// A server with the given cache (`store.path`), DNSBL scorer and
-    /// verdict channel; each may be absent.
+    /// queue of clients to block; each may be absent.
     pub fn new(
         cfg: Arc<Config>,
         cache: Option<Store>,
         dnsbl: Option<Arc<dyn DnsblLookup>>,
-        verdicts: Option<mpsc::UnboundedSender<Failure>>,
+        verdicts: Option<Arc<FailureQueue>>,
     ) -> Server {
         let keywords = Arc::new(Vec::new());
         Server {
@@ -220,6 +223,12 @@ impl Server {
             screening: load.pre_queue as u64,
             handed_off: load.post_queue as u64,
             stress: load.stress,
+            failure_queue: self
+                .shared
+                .verdicts
+                .as_ref()
+                .map(|q| q.stats())
+                .unwrap_or_default(),
         }
     }
 
@@ -556,7 +565,7 @@ fn record_failure(shared: &Shared, client: SocketAddr, test: FailedTest, action:
     }
     if action != Action::Ignore {
         if let Some(v) = &shared.verdicts {
-            let _ = v.send(Failure { client, test });
+            v.push(Failure { client, test });
         }
     }
 }
