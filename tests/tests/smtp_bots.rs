@@ -304,3 +304,38 @@ fn per_client_limit_in_arrival_order() {
     }
     assert_eq!(scr.server.stats().screening, 50);
 }
+
+/// Stress mode shortens the greet wait of clients already waiting: with a
+/// 120 s greet wait and `pre_queue_limit = 10`, the 9th client brings
+/// stress mode, and every waiting client gets its `220 ` within the 2 s
+/// stress greet wait instead of two minutes later.
+#[test]
+fn stress_reaches_running_sessions() {
+    let port = integration_tests::smtp_peers::free_port();
+    let mut cfg = test_config(([127, 0, 0, 1], port).into());
+    cfg.screen.greet_wait = Duration::from_secs(120);
+    cfg.screen.stress_greet_wait = Duration::from_secs(2);
+    cfg.screen.pre_queue_limit = 10;
+    let scr = Screener::start(cfg, None);
+    let mut early: Vec<Bot> = (0..8)
+        .map(|i| Bot::connect([127, 0, 7, 1 + i], scr.addr))
+        .collect();
+    for b in &mut early {
+        assert_eq!(b.read_until("\r\n"), "220-screener.test ESMTP\r\n");
+    }
+    assert!(!scr.server.stats().stress);
+    let mut ninth = Bot::connect([127, 0, 7, 9], scr.addr);
+    integration_tests::netns::wait_for("stress mode", Duration::from_secs(10), || {
+        scr.server.stats().stress
+    });
+    for b in early.iter_mut().chain(std::iter::once(&mut ninth)) {
+        b.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let got = b.read_until("220 screener.test ESMTP\r\n");
+        assert!(
+            got.ends_with("220 screener.test ESMTP\r\n"),
+            "no greeting within 20 s of stress mode: {got:?}"
+        );
+    }
+}

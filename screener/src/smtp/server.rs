@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -127,25 +127,41 @@ impl Settings {
     }
 }
 
+/// The connection counts admission and stress mode look at, under one lock.
 #[derive(Default)]
 struct Load_ {
+    /// Open connections per client address, for the per-client limit.
     per_client: HashMap<IpAddr, usize>,
+    /// Clients being screened.
     pre_queue: usize,
+    /// Clients handed to the backend.
     post_queue: usize,
+    /// Whether stress mode is on.
     stress: bool,
 }
 
+/// What every connection task and background loop shares.
 struct Shared {
+    /// Parameters for new connections.
     settings: RwLock<Arc<Settings>>,
+    /// The backend's EHLO keywords, kept across reloads.
     keywords: RwLock<Arc<Vec<String>>>,
+    /// Connection counts.
     load: Mutex<Load_>,
+    /// What `stats` shows.
     counters: Counters,
-    stress: AtomicBool,
+    /// Stress mode, watched by running sessions so they get the stress
+    /// deadlines when it begins.
+    stress: watch::Sender<bool>,
+    /// The temporary allowlist (`None` in tests without a store).
     cache: Option<Store>,
+    /// DNSBL scoring (`None` without sites).
     dnsbl: Option<Arc<dyn DnsblLookup>>,
+    /// Clients to block, towards the verdict task.
     verdicts: Option<Arc<FailureQueue>>,
     /// Tasks alive, for the drain at shutdown.
     tasks: AtomicU64,
+    /// Woken when the last task ends.
     idle: Notify,
 }
 
@@ -177,7 +193,7 @@ impl Server {
                 keywords: RwLock::new(keywords),
                 load: Mutex::new(Load_::default()),
                 counters: Counters::default(),
-                stress: AtomicBool::new(false),
+                stress: watch::Sender::new(false),
                 cache,
                 dnsbl,
                 verdicts,
@@ -494,7 +510,8 @@ fn stress_check(shared: &Shared, load: &mut Load_, pre_limit: usize) {
         load.stress = false;
         tracing::info!("leaving STRESS mode with {n} connections");
     }
-    shared.stress.store(load.stress, Ordering::Relaxed);
+    let stress = load.stress;
+    shared.stress.send_if_modified(|s| std::mem::replace(s, stress) != stress);
 }
 
 impl Drop for Slot {
@@ -702,9 +719,14 @@ async fn screen(
     stop: &mut watch::Receiver<bool>,
 ) {
     let mut stop = stop.clone();
+    let mut stress = shared.stress.subscribe();
     let write_limit = params.command_time_limit;
     let mut session = Session::new(params, client, todo, Instant::now());
     let mut outputs = session.start(Instant::now());
+    // Stress mode may have begun since admission picked the parameters.
+    if *stress.borrow_and_update() {
+        session.stress(Instant::now());
+    }
     let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), &shared.dnsbl) {
         (Some(deadline), Some(d)) => Some(d.score(client.ip().to_canonical(), deadline)),
         _ => None,
@@ -777,6 +799,12 @@ async fn screen(
                     Some(score) => session.dnsbl(score, Instant::now()),
                     None => Vec::new(),
                 };
+            }
+            Ok(()) = stress.changed() => {
+                if *stress.borrow_and_update() {
+                    session.stress(Instant::now());
+                }
+                outputs = Vec::new();
             }
             () = stopped(&mut stop) => {
                 let _ = timeout(Duration::from_secs(2), stream.write_all(b"421 4.3.2 Service shutting down\r\n")).await;

@@ -171,6 +171,9 @@ pub struct Session {
     commands: u32,
     /// The whole next command line must arrive before this.
     command_deadline: Instant,
+    /// Time allowed for one command line: the parameter's, or the stress
+    /// value once stress mode reached this session.
+    command_time_limit: Duration,
     /// The previous command's verb, for "after X" in logs.
     last: &'static str,
     /// The last HELO/EHLO line, for the replay.
@@ -191,7 +194,8 @@ impl Session {
         todo.0[Test::Pipelining.index()] &= p.pipelining.enable;
         todo.0[Test::NonSmtpCommand.index()] &= p.non_smtp_command.enable;
         todo.0[Test::BareNewline.index()] &= p.bare_newline.enable;
-        let command_deadline = now + p.command_time_limit;
+        let command_time_limit = p.command_time_limit;
+        let command_deadline = now + command_time_limit;
         Session {
             p,
             client,
@@ -206,6 +210,7 @@ impl Session {
             early_cut: false,
             commands: 0,
             command_deadline,
+            command_time_limit,
             last: "CONNECT",
             helo: None,
             esmtp: false,
@@ -299,6 +304,28 @@ impl Session {
             _ => {}
         }
         self.take()
+    }
+
+    /// Stress mode began: this session gets the stress deadlines too. Its
+    /// greet wait ends no later than `stress_greet_wait` from now, and each
+    /// command line (the one under way included) gets at most
+    /// `stress_command_time_limit`. Leaving stress mode does not lengthen
+    /// them again.
+    pub fn stress(&mut self, now: Instant) {
+        self.command_time_limit = self
+            .command_time_limit
+            .min(self.p.stress_command_time_limit);
+        match &mut self.state {
+            State::Early { until } => {
+                *until = (*until).min(now + self.p.stress_greet_wait);
+            }
+            State::Deep => {
+                self.command_deadline = self
+                    .command_deadline
+                    .min(now + self.command_time_limit);
+            }
+            State::HandedOff | State::Closed => {}
+        }
     }
 
     /// The DNSBL score arrived.
@@ -478,7 +505,7 @@ impl Session {
         if !dnswl && (deep || self.reject.is_some()) {
             self.send(format!("220 {} ESMTP\r\n", self.p.hostname));
             self.state = State::Deep;
-            self.command_deadline = now + self.p.command_time_limit;
+            self.command_deadline = now + self.command_time_limit;
             // What the client said before it was greeted comes first.
             self.lines(now);
         } else {
@@ -615,7 +642,7 @@ impl Session {
             }
         }
         self.command(line);
-        self.command_deadline = now + self.p.command_time_limit;
+        self.command_deadline = now + self.command_time_limit;
     }
 
     fn command(&mut self, line: &[u8]) {
@@ -1144,6 +1171,55 @@ mod tests {
         assert!(r
             .text()
             .ends_with("421 4.4.2 mx.example Error: timeout exceeded\r\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stress_shortens_the_greet_wait_of_a_running_session() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(1).await;
+        r.s.stress(Instant::now());
+        r.wait(1).await;
+        assert!(!r.text().contains("220 "), "{}", r.text());
+        r.wait(1).await;
+        assert!(
+            r.text().ends_with("220 mx.example ESMTP\r\n"),
+            "1 s waited, then 2 s under stress: {}",
+            r.text()
+        );
+        // A greet wait already shorter than the stress one stays as it is.
+        let mut r = Run::start(
+            params(|p| p.greet_wait = Duration::from_secs(1)),
+            Todo::ALL,
+        );
+        r.s.stress(Instant::now());
+        r.wait(1).await;
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stress_shortens_the_command_time_limit_of_a_running_session() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        r.say(b"HELO c\r\n");
+        r.wait(100).await;
+        r.s.stress(Instant::now());
+        r.wait(9).await;
+        assert!(!r.closed(), "the line under way gets 10 s from now");
+        r.wait(1).await;
+        assert!(r
+            .text()
+            .ends_with("421 4.4.2 mx.example Error: timeout exceeded\r\n"));
+
+        // Later lines get the stress limit too.
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        r.s.stress(Instant::now());
+        r.say(b"HELO c\r\n");
+        r.wait(9).await;
+        assert!(!r.closed());
+        r.say(b"NOOP\r\n");
+        r.wait(10).await;
+        assert!(r.closed(), "10 s for the next line, not 300 s");
     }
 
     #[tokio::test(start_paused = true)]
