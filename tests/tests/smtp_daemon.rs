@@ -32,6 +32,17 @@ impl Run {
     /// `host` (an address of the namespace's host side).
     #[track_caller]
     fn start(host: IpAddr, backend: SocketAddr, edit: impl FnOnce(&Path)) -> Run {
+        Run::start_with(host, backend, edit, |_| {})
+    }
+
+    /// Like [`Run::start`], with `pre` applied to the daemon's command.
+    #[track_caller]
+    fn start_with(
+        host: IpAddr,
+        backend: SocketAddr,
+        edit: impl FnOnce(&Path),
+        pre: impl FnOnce(&mut Command),
+    ) -> Run {
         let dir = tempfile::tempdir().unwrap();
         let smtp = SocketAddr::new(host, free_port());
         let cfg = dir.path().join("screener.toml");
@@ -48,7 +59,7 @@ impl Run {
         )
         .unwrap();
         edit(&cfg);
-        let child = launch(&cfg, dir.path(), 0, |_| {});
+        let child = launch(&cfg, dir.path(), 0, pre);
         Run {
             cfg,
             dir,
@@ -114,7 +125,9 @@ fn early_talker_is_answered_and_refused_at_rcpt() {
     c.send(b"EHLO early.example\r\n");
     let got = c.read_reply("250");
     assert!(
-        got.starts_with("220-mx.example.com ESMTP\r\n220 mx.example.com ESMTP\r\n250-mx.example.com\r\n"),
+        got.starts_with(
+            "220-mx.example.com ESMTP\r\n220 mx.example.com ESMTP\r\n250-mx.example.com\r\n"
+        ),
         "{got:?}"
     );
     c.send(b"MAIL FROM:<a@example.org>\r\n");
@@ -189,4 +202,123 @@ fn failures_queued_before_sigterm_all_become_blocks() {
         "{} of {BOTS} bots not blocked after the restart: {missing:?}\n{log}",
         missing.len()
     );
+}
+
+/// Makes `cmd` start with the open-file limit `n`, soft and hard, as under
+/// systemd's default with nothing to raise it to.
+fn limit_nofile(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const r) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// With 1024 descriptors (soft and hard) and 2,000 idle connections the
+/// daemon stays reachable: the connections past its budget get `421 4.3.2`
+/// at once, the admin socket answers, and an allowlisted client reaches
+/// Postfix and delivers.
+#[test]
+fn descriptor_budget_keeps_the_daemon_reachable() {
+    const HORDE: usize = 2000;
+    integration_tests::sys::raise_nofile(16_384).expect("raise the test's own limit");
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let ns = NetNs::new();
+    let run = Run::start_with(
+        ns.host_v4(),
+        pf.addr,
+        |cfg| {
+            set(cfg, "screen", "greet_wait = \"120s\"");
+            set(cfg, "screen", "pre_queue_limit = 5000");
+            set(cfg, "screen", "client_connection_count_limit = 5000");
+        },
+        |cmd| limit_nofile(cmd, 1024),
+    );
+    assert!(
+        run.log(0)
+            .contains("open-file limit: soft 1024 raised to 1024, hard 1024"),
+        "{}",
+        run.log(0)
+    );
+    let (from, to) = (ns.client_v4(), run.smtp);
+    let mut horde: Vec<std::net::TcpStream> = ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        (0..HORDE)
+            .map(|i| {
+                rt.block_on(async {
+                    let s = tokio::net::TcpSocket::new_v4().unwrap();
+                    s.bind(SocketAddr::new(from, 0)).unwrap();
+                    let c = s
+                        .connect(to)
+                        .await
+                        .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                    let c = c.into_std().unwrap();
+                    c.set_nonblocking(false).unwrap();
+                    c
+                })
+            })
+            .collect()
+    });
+    let (mut screened, mut refused) = (0, 0);
+    for (i, s) in horde.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = Bot {
+            stream: s.try_clone().unwrap(),
+        };
+        match b.read_until("\r\n").as_str() {
+            "220-mx.example.com ESMTP\r\n" => screened += 1,
+            "421 4.3.2 Too many open connections, try again later\r\n" => refused += 1,
+            other => panic!("connection {i} got {other:?}"),
+        }
+    }
+    assert_eq!(screened + refused, HORDE);
+    assert!(
+        screened < 1024 && refused > HORDE - 1024,
+        "{screened} screened"
+    );
+    let st = stats(&run.cfg);
+    assert_eq!(st["smtp"]["screening"], screened, "{st}");
+    assert_eq!(st["smtp"]["descriptors"]["refused"], refused, "{st}");
+
+    // A known-good client still gets through to Postfix.
+    let good = ns.neighbour_v4();
+    let out = cli(&run.cfg, &["allow", "add", &format!("{good}/32")]);
+    assert!(out.0, "{}", out.1);
+    let mut c = bot(&ns, good, run.smtp);
+    let greeting = c.read_reply("220");
+    assert!(
+        greeting.starts_with("220 backend.test ESMTP"),
+        "{greeting:?}"
+    );
+    for (line, want) in [
+        (&b"EHLO good.example\r\n"[..], "250"),
+        (b"MAIL FROM:<a@example.org>\r\n", "250"),
+        (b"RCPT TO:<b@backend.test>\r\n", "250"),
+        (b"DATA\r\n", "354"),
+        (b"Subject: t\r\n\r\nHello.\r\n.\r\n", "250"),
+    ] {
+        c.send(line);
+        let reply = c.read_reply(want);
+        assert!(
+            reply.lines().last().is_some_and(|l| l.starts_with(want)),
+            "{line:?}: {reply:?}"
+        );
+    }
+    c.send(b"QUIT\r\n");
+    c.read_to_close();
+    pf.wait_log(&["status=sent"]);
+    drop(horde);
 }

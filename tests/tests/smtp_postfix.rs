@@ -361,7 +361,10 @@ fn early_talker_delivers_under_ignore() {
         (&b"MAIL FROM:<sender@example.org>\r\n"[..], "250 "),
         (b"RCPT TO:<rcpt@backend.test>\r\n", "250 "),
         (b"DATA\r\n", "354 "),
-        (b"Subject: early\r\n\r\nHello.\r\n.\r\n", "250 2.0.0 Ok: queued as"),
+        (
+            b"Subject: early\r\n\r\nHello.\r\n.\r\n",
+            "250 2.0.0 Ok: queued as",
+        ),
     ] {
         bot.send(line);
         let reply = bot.read_until("\r\n");
@@ -371,6 +374,10 @@ fn early_talker_delivers_under_ignore() {
     bot.read_to_close();
     pf.wait_log(&[": client=", "[127.0.0.10]"]);
     wait_sent(&pf, 1);
-    assert_eq!(scr.failures().len(), 0, "ignore reports nothing for blocking");
+    assert_eq!(
+        scr.failures().len(),
+        0,
+        "ignore reports nothing for blocking"
+    );
     assert_eq!(scr.server.stats().fails.pregreet, 1);
 }

@@ -209,8 +209,14 @@ mod tests {
         );
         // Once handed out, the address queues afresh.
         assert!(q.push(failure("192.0.2.1:1003", FailedTest::Pregreet)));
-        assert_eq!(q.try_recv().unwrap().ip, "192.0.2.2".parse::<IpAddr>().unwrap());
-        assert_eq!(q.try_recv().unwrap().ip, "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            q.try_recv().unwrap().ip,
+            "192.0.2.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            q.try_recv().unwrap().ip,
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(q.try_recv(), None);
     }
 

@@ -6,10 +6,11 @@
 //! [`gate`] decides admission before any test, [`backend`] speaks to the
 //! real MTA (PROXY header, replay, splice), [`server`] is the thin socket
 //! loop with the shared counters, cache and stress mode, [`failures`] the
-//! bounded queue of clients to block.
+//! bounded queue of clients to block, [`descriptors`] the open-file budget.
 
 pub mod backend;
 pub mod command;
+pub mod descriptors;
 pub mod failures;
 pub mod gate;
 pub mod params;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +18,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::backend::{Backend, BackendError};
+use super::descriptors::{self, Budget, Room};
 use super::failures::{FailureQueue, FailureQueueStats};
 use super::gate::{self, Admission, GateParams, Load};
 use super::params::{Action, Params};
@@ -58,6 +59,21 @@ pub struct SmtpStats {
     pub stress: bool,
     /// The queue of clients to block, towards the verdict task.
     pub failure_queue: FailureQueueStats,
+    /// Open-file budget and what it refused.
+    pub descriptors: DescriptorStats,
+}
+
+/// The open-file budget of the SMTP server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DescriptorStats {
+    /// The soft open-file limit.
+    pub limit: u64,
+    /// Client and backend sockets any client may bring the count to.
+    pub cap: u64,
+    /// Client and backend sockets held now.
+    pub held: u64,
+    /// Connections refused with `421 4.3.2` because the budget was spent.
+    pub refused: u64,
 }
 
 /// Failures per test.
@@ -77,13 +93,21 @@ pub struct FailCounts {
     pub denylist: u64,
 }
 
+/// The counters `stats` shows, updated without a lock.
 #[derive(Default)]
 struct Counters {
+    /// Connections accepted.
     connections: AtomicU64,
+    /// `PASS NEW`.
     pass_new: AtomicU64,
+    /// `PASS OLD`.
     pass_old: AtomicU64,
+    /// Failures per test, in [`FailCounts`] order.
     fails: [AtomicU64; 6],
+    /// Connections and RCPTs turned away.
     rejects: AtomicU64,
+    /// Connections refused for want of descriptors.
+    fd_refused: AtomicU64,
 }
 
 /// What a connection reads from the configuration, rebuilt on reload and
@@ -161,6 +185,10 @@ struct Shared {
     verdicts: Option<Arc<FailureQueue>>,
     /// Tasks alive, for the drain at shutdown.
     tasks: AtomicU64,
+    /// How many client and backend sockets may be open.
+    budget: RwLock<Budget>,
+    /// Client and backend sockets open now.
+    held: AtomicUsize,
     /// Woken when the last task ends.
     idle: Notify,
 }
@@ -198,6 +226,8 @@ impl Server {
                 dnsbl,
                 verdicts,
                 tasks: AtomicU64::new(0),
+                budget: RwLock::new(Budget::current()),
+                held: AtomicUsize::new(0),
                 idle: Notify::new(),
             }),
         }
@@ -245,13 +275,32 @@ impl Server {
                 .as_ref()
                 .map(|q| q.stats())
                 .unwrap_or_default(),
+            descriptors: {
+                let b = *self.shared.budget.read().expect("budget lock");
+                DescriptorStats {
+                    limit: b.limit,
+                    cap: b.cap as u64,
+                    held: self.shared.held.load(Ordering::Relaxed) as u64,
+                    refused: c.fd_refused.load(Ordering::Relaxed),
+                }
+            },
         }
     }
 
     /// Binds `smtp.listen` and serves until `shutdown` resolves; then stops
     /// accepting, ends the screening sessions with `421 4.3.2 Service
     /// shutting down`, and gives hand-offs in flight `smtp.shutdown_grace`.
+    /// Raises the soft open-file limit to the hard limit first.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        match descriptors::raise_soft_limit() {
+            Ok(n) => tracing::info!(
+                "open-file limit: soft {} raised to {}, hard {}",
+                n.soft_before,
+                n.soft,
+                n.hard
+            ),
+            Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+        }
         let settings = self.settings();
         let mut listeners = Vec::new();
         for addr in &settings.cfg.smtp.listen {
@@ -267,6 +316,14 @@ impl Server {
         listeners: Vec<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        let budget = Budget::current();
+        tracing::info!(
+            "open-file limit {}: up to {} client and backend sockets, {} descriptors kept in reserve",
+            budget.limit,
+            budget.cap,
+            budget.reserve
+        );
+        *self.shared.budget.write().expect("budget lock") = budget;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut background = tokio::task::JoinSet::new();
         background.spawn(probe_loop(Arc::clone(&self.shared), stop_rx.clone()));
@@ -349,6 +406,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
+                    let (fd, held) = Descriptor::take(&shared);
+                    let room = shared.budget.read().expect("budget lock").room(held);
+                    if room == Room::Full {
+                        refuse_for_descriptors(&shared, &stream, peer);
+                        continue;
+                    }
                     let local = stream.local_addr().unwrap_or(peer);
                     // Counted now, before any await: connection tasks reach
                     // admission in no set order, the accept queue is FIFO.
@@ -361,7 +424,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
                     let task_shared = Arc::clone(&shared);
                     let stop = stop.clone();
                     tokio::spawn(async move {
-                        connection(&task_shared, stream, peer, local, slot, stop).await;
+                        let known_good_only = room == Room::KnownGoodOnly;
+                        connection(&task_shared, stream, peer, local, slot, known_good_only, stop).await;
+                        drop(fd);
                         if task_shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
                             task_shared.idle.notify_waiters();
                         }
@@ -376,6 +441,36 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             },
         }
     }
+}
+
+/// One client or backend socket, counted against the descriptor budget
+/// while it lives.
+struct Descriptor(Arc<Shared>);
+
+impl Descriptor {
+    /// Counts one more socket; returns it and how many were held before.
+    fn take(shared: &Arc<Shared>) -> (Descriptor, usize) {
+        let before = shared.held.fetch_add(1, Ordering::AcqRel);
+        (Descriptor(Arc::clone(shared)), before)
+    }
+}
+
+impl Drop for Descriptor {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The reply to a client turned away for want of descriptors.
+const NO_DESCRIPTORS: &[u8] = b"421 4.3.2 Too many open connections, try again later\r\n";
+
+/// Turns a client away at once for want of descriptors: no task, no wait
+/// (a fresh socket's send buffer takes the reply).
+fn refuse_for_descriptors(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
+    shared.counters.fd_refused.fetch_add(1, Ordering::Relaxed);
+    shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(client = %Peer(peer), "NOQUEUE: reject: CONNECT from {}: too many open connections", Peer(peer));
+    let _ = stream.try_write(NO_DESCRIPTORS);
 }
 
 /// Refreshes the backend's EHLO keywords now and every few minutes.
@@ -511,7 +606,9 @@ fn stress_check(shared: &Shared, load: &mut Load_, pre_limit: usize) {
         tracing::info!("leaving STRESS mode with {n} connections");
     }
     let stress = load.stress;
-    shared.stress.send_if_modified(|s| std::mem::replace(s, stress) != stress);
+    shared
+        .stress
+        .send_if_modified(|s| std::mem::replace(s, stress) != stress);
 }
 
 impl Drop for Slot {
@@ -593,6 +690,7 @@ async fn connection(
     peer: SocketAddr,
     local: SocketAddr,
     slot: Option<Slot>,
+    known_good_only: bool,
     mut stop: watch::Receiver<bool>,
 ) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -667,6 +765,12 @@ async fn connection(
                 stop,
             ))
             .await;
+            return;
+        }
+        Admission::Screen(_) if known_good_only => {
+            // Past the descriptor budget only known-good clients go on;
+            // screening this one could take what the daemon itself needs.
+            refuse_for_descriptors(shared, &stream, client);
             return;
         }
         Admission::Screen(todo) => todo,
@@ -839,6 +943,7 @@ async fn hand_off(
         }
     }
     slot.move_to(Queue::Post);
+    let _backend_fd = Descriptor::take(shared).0;
     let ready = async {
         let mut conn = settings.backend.connect(client, server).await?;
         let first = conn.prepare(&plan).await?;

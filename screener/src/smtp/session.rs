@@ -320,9 +320,7 @@ impl Session {
                 *until = (*until).min(now + self.p.stress_greet_wait);
             }
             State::Deep => {
-                self.command_deadline = self
-                    .command_deadline
-                    .min(now + self.command_time_limit);
+                self.command_deadline = self.command_deadline.min(now + self.command_time_limit);
             }
             State::HandedOff | State::Closed => {}
         }
@@ -408,7 +406,8 @@ impl Session {
         if bytes.len() > room {
             self.early_cut = true;
         }
-        self.inbuf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.inbuf
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
     /// At the end of the early phase: a cut keeps only the whole lines
@@ -955,7 +954,8 @@ mod tests {
         r.wait(6).await;
         // The early bytes are the first command after the 220.
         assert!(
-            r.text().ends_with("220 mx.example ESMTP\r\n250 mx.example\r\n"),
+            r.text()
+                .ends_with("220 mx.example ESMTP\r\n250 mx.example\r\n"),
             "{}",
             r.text()
         );
@@ -1018,8 +1018,9 @@ mod tests {
         r.say(&[b'A'; 3000]);
         r.wait(6).await;
         assert!(
-            r.text()
-                .ends_with("220 mx.example ESMTP\r\n421 4.5.0 mx.example Error: command too long\r\n"),
+            r.text().ends_with(
+                "220 mx.example ESMTP\r\n421 4.5.0 mx.example Error: command too long\r\n"
+            ),
             "{}",
             r.text()
         );
@@ -1187,10 +1188,7 @@ mod tests {
             r.text()
         );
         // A greet wait already shorter than the stress one stays as it is.
-        let mut r = Run::start(
-            params(|p| p.greet_wait = Duration::from_secs(1)),
-            Todo::ALL,
-        );
+        let mut r = Run::start(params(|p| p.greet_wait = Duration::from_secs(1)), Todo::ALL);
         r.s.stress(Instant::now());
         r.wait(1).await;
         assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
