@@ -1,7 +1,8 @@
 //! The socket side: listeners, per-connection tasks, shared counters,
-//! stress mode, the cache and the verdict channel. Everything that decides
-//! lives in [`gate`](super::gate) and [`session`](super::session); this
-//! loop only moves bytes, time and results between them and the world.
+//! stress mode, the cache, the descriptor budget and the queue of clients
+//! to block. Everything that decides lives in [`gate`](super::gate) and
+//! [`session`](super::session); this loop only moves bytes, time and
+//! results between them and the world.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -318,7 +319,7 @@ impl Server {
     ) -> anyhow::Result<()> {
         let budget = Budget::current();
         tracing::info!(
-            "open-file limit {}: up to {} client and backend sockets, {} descriptors kept in reserve",
+            "open-file limit {}: up to {} client and backend sockets, {} kept in reserve",
             budget.limit,
             budget.cap,
             budget.reserve
@@ -406,31 +407,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    let (fd, held) = Descriptor::take(&shared);
-                    let room = shared.budget.read().expect("budget lock").room(held);
-                    if room == Room::Full {
-                        refuse_for_descriptors(&shared, &stream, peer);
-                        continue;
-                    }
-                    let local = stream.local_addr().unwrap_or(peer);
-                    // Counted now, before any await: connection tasks reach
-                    // admission in no set order, the accept queue is FIFO.
-                    // Behind a load balancer the client is known only from
-                    // its PROXY header.
-                    let upstream = shared.settings.read().expect("settings lock").cfg.smtp.upstream_proxy_protocol;
-                    let slot = (upstream == Upstream::None)
-                        .then(|| Slot::claim(&shared, peer.ip().to_canonical()));
-                    shared.tasks.fetch_add(1, Ordering::AcqRel);
-                    let task_shared = Arc::clone(&shared);
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        let known_good_only = room == Room::KnownGoodOnly;
-                        connection(&task_shared, stream, peer, local, slot, known_good_only, stop).await;
-                        drop(fd);
-                        if task_shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            task_shared.idle.notify_waiters();
-                        }
-                    });
+                    accepted(&shared, stream, peer, &stop);
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off rather than spin.
@@ -441,6 +418,45 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             },
         }
     }
+}
+
+/// Takes a new connection: counts its socket and, unless its PROXY header
+/// must be read first, its client, all before any await: connection tasks
+/// reach admission in no set order, the accept queue is FIFO, and the
+/// per-client limit must judge arrival order. Refuses it at once when the
+/// descriptor budget is spent; else its task runs.
+fn accepted(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: &watch::Receiver<bool>,
+) {
+    let (fd, held) = Descriptor::take(shared);
+    let room = shared.budget.read().expect("budget lock").room(held);
+    if room == Room::Full {
+        refuse_for_descriptors(shared, &stream, peer);
+        return;
+    }
+    let local = stream.local_addr().unwrap_or(peer);
+    let upstream = shared
+        .settings
+        .read()
+        .expect("settings lock")
+        .cfg
+        .smtp
+        .upstream_proxy_protocol;
+    let slot = (upstream == Upstream::None).then(|| Slot::claim(shared, peer.ip().to_canonical()));
+    shared.tasks.fetch_add(1, Ordering::AcqRel);
+    let shared = Arc::clone(shared);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let known_good_only = room == Room::KnownGoodOnly;
+        connection(&shared, stream, peer, local, slot, known_good_only, stop).await;
+        drop(fd);
+        if shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared.idle.notify_waiters();
+        }
+    });
 }
 
 /// One client or backend socket, counted against the descriptor budget
@@ -469,7 +485,11 @@ const NO_DESCRIPTORS: &[u8] = b"421 4.3.2 Too many open connections, try again l
 fn refuse_for_descriptors(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
     shared.counters.fd_refused.fetch_add(1, Ordering::Relaxed);
     shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(client = %Peer(peer), "NOQUEUE: reject: CONNECT from {}: too many open connections", Peer(peer));
+    tracing::info!(
+        client = %Peer(peer),
+        "NOQUEUE: reject: CONNECT from {}: too many open connections",
+        Peer(peer)
+    );
     let _ = stream.try_write(NO_DESCRIPTORS);
 }
 
