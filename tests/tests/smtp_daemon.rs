@@ -246,7 +246,7 @@ fn descriptor_budget_keeps_the_daemon_reachable() {
     );
     assert!(
         run.log(0)
-            .contains("open-file limit: soft 1024 raised to 1024, hard 1024"),
+            .contains("open-file limit: soft 1024 -> 1024, hard 1024"),
         "{}",
         run.log(0)
     );

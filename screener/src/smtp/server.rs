@@ -295,7 +295,7 @@ impl Server {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         match descriptors::raise_soft_limit() {
             Ok(n) => tracing::info!(
-                "open-file limit: soft {} raised to {}, hard {}",
+                "open-file limit: soft {} -> {}, hard {}",
                 n.soft_before,
                 n.soft,
                 n.hard

@@ -9,10 +9,13 @@
 //! paused clock.
 //!
 //! PHASES. Early: the `220-` teaser goes out and the client must stay
-//! silent for `greet_wait` while the DNSBL query runs. Deep: a dummy SMTP
-//! engine that never takes mail watches for pipelining, non-SMTP commands
-//! and bare newlines until the client reaches RCPT TO. Then the client is
-//! handed to the backend (or, in reconnect mode, told to come back).
+//! silent for `greet_wait` while the DNSBL query runs; whatever it says
+//! anyway is kept (bounded) for the next stage, as postscreen leaves it in
+//! the socket. Deep: a dummy SMTP engine that never takes mail reads that
+//! first, then watches for pipelining, non-SMTP commands and bare newlines
+//! until the client reaches RCPT TO (or STARTTLS). Then the client is
+//! handed to the backend, with its early bytes when it goes there straight
+//! from the early phase (or, in reconnect mode, told to come back).
 //!
 //! FAILURE ACTIONS. `drop` answers with the test's 5xx and hangs up;
 //! `enforce` lets the dialogue go on and rejects every RCPT TO; `ignore`
@@ -410,10 +413,11 @@ impl Session {
             .extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
-    /// At the end of the early phase: a cut keeps only the whole lines
-    /// before it, since a line's head would join whatever the client sends
-    /// next. A single line longer than the bound stays whole-less, for the
-    /// dummy engine to refuse as too long.
+    /// At the end of the early phase: after a cut only the whole lines
+    /// before it are kept, since a line's head would join whatever the
+    /// client sends next. When not even one line ended before the cut, the
+    /// bytes stay as they are: the dummy engine refuses them as a command
+    /// too long, and the backend never gets them.
     fn trim_early(&mut self) {
         if !self.early_cut {
             return;
