@@ -588,13 +588,6 @@ fn json(v: impl Serialize) -> serde_json::Value {
 /// Runs the daemon until SIGTERM or SIGINT. The XDP gate stays attached
 /// when it exits: only `screener xdp detach` opens it.
 pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<()> {
-    match crate::limits::raise_nofile() {
-        Ok((before, after)) if before != after => {
-            tracing::info!("open-file limit raised from {before} to {after}");
-        }
-        Ok((_, limit)) => tracing::info!("open-file limit {limit}"),
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
-    }
     let store_path = cfg.store.path.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
         .await?
@@ -634,12 +627,12 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     if let Some(d) = &dnsbl {
         d.spawn_health_checks();
     }
-    let (failures_tx, mut failures) = tokio::sync::mpsc::unbounded_channel();
+    let failures = Arc::new(smtp::FailureQueue::default());
     let server = smtp::Server::new(
         with_allows(&cfg, &verdicts),
         Some(verdicts.store().clone()),
         lookup(dnsbl.as_ref(), &verdicts),
-        Some(failures_tx),
+        Some(failures.clone()),
     );
     let daemon = Arc::new(Daemon {
         verdicts: verdicts.clone(),
@@ -653,9 +646,12 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         xdp_logger: Mutex::new(xdp_logger),
     });
     let v = verdicts.clone();
+    let queue = failures.clone();
     let verdict_task = tokio::spawn(async move {
-        while let Some(f) = failures.recv().await {
-            v.on_failure(f.client.ip(), f.test).await;
+        while let Some(q) = queue.recv().await {
+            for test in q.tests {
+                v.on_failure(q.ip, test).await;
+            }
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -730,7 +726,20 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         Ok(Err(e)) => tracing::warn!("SMTP server: {e:#}"),
         Err(e) => tracing::warn!("SMTP server task: {e}"),
     }
-    verdict_task.abort();
+    // Drain, don't abort: the failures queued until the SMTP server stopped
+    // become verdicts, within one more shutdown grace period.
+    failures.close();
+    let queued = failures.stats().queued;
+    if queued > 0 {
+        tracing::info!("turning {queued} queued failures into verdicts before exiting");
+    }
+    let grace = verdicts.cfg().smtp.shutdown_grace;
+    if tokio::time::timeout(grace, verdict_task).await.is_err() {
+        tracing::warn!(
+            "shutdown grace over: {} queued failures not turned into verdicts",
+            failures.stats().queued
+        );
+    }
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();

@@ -10,7 +10,6 @@ pub mod daemon;
 pub mod dnsbl;
 pub mod duration;
 pub mod import;
-pub mod limits;
 pub mod local;
 pub mod proxy;
 pub mod smtp;

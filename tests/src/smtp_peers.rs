@@ -64,6 +64,44 @@ impl Postfix {
     /// self-signed certificate.
     #[track_caller]
     pub fn start(upstream: Upstream, tls: bool) -> Postfix {
+        let mut main = String::from(
+            "myhostname = backend.test\n\
+             mydestination = backend.test\n\
+             local_recipient_maps =\n\
+             local_transport = discard\n\
+             default_transport = discard\n",
+        );
+        if upstream == Upstream::Haproxy {
+            main.push_str("smtpd_upstream_proxy_protocol = haproxy\n");
+        }
+        Postfix::launch(&main, tls)
+    }
+
+    /// Starts a sending MTA: mail its smtpd takes from loopback is relayed
+    /// to `relay` (no MX lookup), from the source address `bind`, with
+    /// opportunistic TLS (`smtp_tls_security_level = may`), one connection
+    /// per message (no connection cache).
+    #[track_caller]
+    pub fn start_sender(relay: SocketAddr, bind: std::net::Ipv4Addr) -> Postfix {
+        let main = format!(
+            "myhostname = sender.test\n\
+             mydestination =\n\
+             relayhost = [{ip}]:{port}\n\
+             smtp_bind_address = {bind}\n\
+             smtp_host_lookup = native\n\
+             smtp_tls_security_level = may\n\
+             smtp_tls_loglevel = 1\n\
+             smtp_connection_cache_on_demand = no\n",
+            ip = relay.ip(),
+            port = relay.port(),
+        );
+        Postfix::launch(&main, false)
+    }
+
+    /// Writes `main.cf` (the common settings plus `extra`) and `master.cf`
+    /// into a fresh directory and starts the instance.
+    #[track_caller]
+    fn launch(extra: &str, tls: bool) -> Postfix {
         let postfix = require("postfix", "postfix");
         let dir = tempfile::Builder::new()
             .prefix("screener-postfix")
@@ -85,26 +123,19 @@ impl Postfix {
              data_directory = {d}\n\
              maillog_file = {root}/maillog\n\
              maillog_file_prefixes = {root}\n\
-             myhostname = backend.test\n\
              mydomain = test\n\
-             mydestination = backend.test\n\
-             local_recipient_maps =\n\
-             local_transport = discard\n\
-             default_transport = discard\n\
              inet_interfaces = 127.0.0.1\n\
              inet_protocols = ipv4\n\
              mynetworks = 127.0.0.0/8\n\
              smtpd_client_port_logging = yes\n\
              smtpd_upstream_proxy_timeout = 10s\n\
              alias_maps =\n\
-             alias_database =\n",
+             alias_database =\n\
+             {extra}",
             q = root.join("queue").display(),
             d = root.join("data").display(),
             root = root.display(),
         );
-        if upstream == Upstream::Haproxy {
-            main.push_str("smtpd_upstream_proxy_protocol = haproxy\n");
-        }
         if tls {
             let openssl = require("openssl", "openssl");
             let st = Command::new(openssl)
@@ -176,6 +207,37 @@ impl Postfix {
         pf
     }
 
+    /// Hands one message to this instance with its `sendmail` (the
+    /// instance's own configuration directory), for it to deliver or relay.
+    #[track_caller]
+    pub fn sendmail(&self, from: &str, to: &str, subject: &str) {
+        use std::io::Write as _;
+        let sendmail = require("sendmail", "postfix");
+        let mut child = Command::new(sendmail)
+            .arg("-C")
+            .arg(self.dir.path())
+            .args(["-f", from, to])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run sendmail");
+        let msg = format!("From: <{from}>\nTo: <{to}>\nSubject: {subject}\n\nHello.\n");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(msg.as_bytes())
+            .expect("write to sendmail");
+        let out = child.wait_with_output().expect("wait for sendmail");
+        assert!(
+            out.status.success(),
+            "sendmail: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Everything Postfix logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
@@ -241,8 +303,8 @@ pub struct Screener {
     pub addr: SocketAddr,
     /// The server, for stats and keywords.
     pub server: std::sync::Arc<screener::smtp::Server>,
-    /// Failures reported for blocking.
-    pub failures: std::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<screener::smtp::Failure>>,
+    /// Clients reported for blocking.
+    pub failures: std::sync::Arc<screener::smtp::FailureQueue>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -251,12 +313,12 @@ impl Screener {
     /// Starts a server with `cfg` (its `smtp.listen` is ignored).
     #[track_caller]
     pub fn start(cfg: screener::config::Config, store: Option<screener::store::Store>) -> Screener {
-        let (tx, failures) = tokio::sync::mpsc::unbounded_channel();
+        let failures = std::sync::Arc::new(screener::smtp::FailureQueue::default());
         let server = std::sync::Arc::new(screener::smtp::Server::new(
             std::sync::Arc::new(cfg),
             store,
             None,
-            Some(tx),
+            Some(std::sync::Arc::clone(&failures)),
         ));
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).unwrap();
@@ -281,20 +343,16 @@ impl Screener {
         Screener {
             addr,
             server,
-            failures: std::sync::Mutex::new(failures),
+            failures,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
-    /// Failures reported so far.
-    pub fn failures(&self) -> Vec<screener::smtp::Failure> {
-        let mut rx = self.failures.lock().unwrap();
-        let mut v = Vec::new();
-        while let Ok(f) = rx.try_recv() {
-            v.push(f);
-        }
-        v
+    /// Clients reported for blocking since the last call, one entry per
+    /// address with every test it failed.
+    pub fn failures(&self) -> Vec<screener::smtp::Queued> {
+        std::iter::from_fn(|| self.failures.try_recv()).collect()
     }
 
     /// Waits until the server has learned the backend's EHLO keywords.
@@ -378,6 +436,29 @@ impl Bot {
         let mut buf = [0u8; 1024];
         loop {
             if String::from_utf8_lossy(&got).contains(want) {
+                break;
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// Reads until the last line of a reply with `code` (`"250"`: a line
+    /// starting `250 `) has arrived whole; returns everything read.
+    pub fn read_reply(&mut self, code: &str) -> String {
+        use std::io::Read as _;
+        let last = format!("{code} ");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&got);
+            let done = text
+                .split_inclusive("\r\n")
+                .any(|l| l.starts_with(&last) && l.ends_with("\r\n"));
+            if done {
                 break;
             }
             match self.stream.read(&mut buf) {

@@ -22,21 +22,12 @@ fn greeted(bot: &mut Bot) {
     assert!(got.ends_with("220 screener.test ESMTP\r\n"), "{got:?}");
 }
 
-fn envelope(bot: &mut Bot) -> String {
-    bot.send(b"HELO bot.example\r\n");
-    bot.read_until("\r\n");
-    bot.send(b"MAIL FROM:<spam@example.org>\r\n");
-    bot.read_until("\r\n");
-    bot.send(b"RCPT TO:<rcpt@backend.test>\r\n");
-    bot.read_until("\r\n")
-}
-
 #[track_caller]
 fn reported(scr: &Screener, ip: [u8; 4], test: FailedTest) {
     let f = scr.failures();
     assert!(
         f.iter()
-            .any(|f| f.test == test && f.client.ip() == std::net::IpAddr::from(ip)),
+            .any(|f| f.tests.contains(&test) && f.ip == std::net::IpAddr::from(ip)),
         "{test:?} from {ip:?} not reported: {f:?}"
     );
 }
@@ -46,11 +37,19 @@ fn misbehaving_clients_get_postscreens_outcome() {
     let pf = Postfix::start(Upstream::Haproxy, false);
     let scr = screener(&pf);
 
-    // Pregreet (enforce): talks first, then is refused at RCPT.
+    // Pregreet (enforce): talks first; what it said is its first command
+    // after the 220, then it is refused at RCPT.
     let mut bot = Bot::connect([127, 0, 1, 1], scr.addr);
-    bot.send(b"EHLO bot.example\r\n");
-    greeted(&mut bot);
-    assert_eq!(envelope(&mut bot), "550 5.5.1 Protocol error\r\n");
+    bot.send(b"HELO bot.example\r\n");
+    let got = bot.read_until("250 screener.test\r\n");
+    assert_eq!(
+        got,
+        "220-screener.test ESMTP\r\n220 screener.test ESMTP\r\n250 screener.test\r\n"
+    );
+    bot.send(b"MAIL FROM:<spam@example.org>\r\n");
+    assert_eq!(bot.read_until("\r\n"), "250 2.1.0 Ok\r\n");
+    bot.send(b"RCPT TO:<rcpt@backend.test>\r\n");
+    assert_eq!(bot.read_until("\r\n"), "550 5.5.1 Protocol error\r\n");
     reported(&scr, [127, 0, 1, 1], FailedTest::Pregreet);
 
     // Pipelining without PIPELINING (enforce).
@@ -274,4 +273,69 @@ fn reload_applies_to_new_connections_only() {
     assert!(got.starts_with("220-reloaded screener.test\r\n"), "{got:?}");
     old.send(b"NOOP\r\n");
     assert_eq!(old.read_until("\r\n"), "250 2.0.0 Ok\r\n");
+}
+
+/// 200 connections from one address, opened one after the other while the
+/// earlier ones stay open, with a limit of 50: exactly the 51st and later
+/// are refused, the first 50 are screened. The cache lookup (an await
+/// before admission) must not reorder them.
+#[test]
+fn per_client_limit_in_arrival_order() {
+    let port = integration_tests::smtp_peers::free_port();
+    let mut cfg = test_config(([127, 0, 0, 1], port).into());
+    cfg.screen.greet_wait = Duration::from_secs(120);
+    cfg.screen.client_connection_count_limit = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let store = screener::store::Store::open(&dir.path().join("cache.redb")).expect("store");
+    let scr = Screener::start(cfg, Some(store));
+    let mut bots: Vec<Bot> = (0..200)
+        .map(|_| Bot::connect([127, 0, 6, 1], scr.addr))
+        .collect();
+    let firsts: Vec<String> = bots.iter_mut().map(|b| b.read_until("\r\n")).collect();
+    let refused: Vec<usize> = firsts
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.as_str() == "421 4.7.0 Error: too many connections\r\n")
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(refused, (51..=200).collect::<Vec<_>>(), "{firsts:?}");
+    for f in &firsts[..50] {
+        assert_eq!(f, "220-screener.test ESMTP\r\n");
+    }
+    assert_eq!(scr.server.stats().screening, 50);
+}
+
+/// Stress mode shortens the greet wait of clients already waiting: with a
+/// 120 s greet wait and `pre_queue_limit = 10`, the 9th client brings
+/// stress mode, and every waiting client gets its `220 ` within the 2 s
+/// stress greet wait instead of two minutes later.
+#[test]
+fn stress_reaches_running_sessions() {
+    let port = integration_tests::smtp_peers::free_port();
+    let mut cfg = test_config(([127, 0, 0, 1], port).into());
+    cfg.screen.greet_wait = Duration::from_secs(120);
+    cfg.screen.stress_greet_wait = Duration::from_secs(2);
+    cfg.screen.pre_queue_limit = 10;
+    let scr = Screener::start(cfg, None);
+    let mut early: Vec<Bot> = (0..8)
+        .map(|i| Bot::connect([127, 0, 7, 1 + i], scr.addr))
+        .collect();
+    for b in &mut early {
+        assert_eq!(b.read_until("\r\n"), "220-screener.test ESMTP\r\n");
+    }
+    assert!(!scr.server.stats().stress);
+    let mut ninth = Bot::connect([127, 0, 7, 9], scr.addr);
+    integration_tests::netns::wait_for("stress mode", Duration::from_secs(10), || {
+        scr.server.stats().stress
+    });
+    for b in early.iter_mut().chain(std::iter::once(&mut ninth)) {
+        b.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let got = b.read_until("220 screener.test ESMTP\r\n");
+        assert!(
+            got.ends_with("220 screener.test ESMTP\r\n"),
+            "no greeting within 20 s of stress mode: {got:?}"
+        );
+    }
 }

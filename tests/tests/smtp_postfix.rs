@@ -225,3 +225,160 @@ fn upstream_proxy_header_reaches_postfix() {
     bare.send(b"EHLO x\r\n");
     assert_eq!(bare.read_to_close(), "");
 }
+
+/// A client that hands off at STARTTLS is remembered: the plaintext
+/// dialogue up to STARTTLS is what the deep tests can judge. The second
+/// connection is PASS OLD: no teaser, no greet wait, straight to Postfix.
+#[test]
+fn starttls_sender_is_remembered_swaks() {
+    let pf = Postfix::start(Upstream::Haproxy, true);
+    let dir = tempfile::tempdir().unwrap();
+    let store = screener::store::Store::open(&dir.path().join("cache.redb")).expect("store");
+    let scr = Screener::start(test_config(pf.addr), Some(store.clone()));
+    let kw = scr.wait_keywords();
+    assert!(kw.iter().any(|k| k == "STARTTLS"), "{kw:?}");
+    let send = || {
+        delivered(&swaks(&[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &scr.addr.port().to_string(),
+            "--local-interface",
+            "127.0.0.8",
+            "--tls",
+            "--from",
+            "sender@example.org",
+            "--to",
+            "rcpt@backend.test",
+            "--timeout",
+            "30",
+        ]))
+    };
+    let first = send();
+    assert!(first.contains("220-screener.test ESMTP"), "{first}");
+    assert!(first.contains("TLS started"), "{first}");
+    assert_eq!(scr.server.stats().pass_new, 1, "{:?}", scr.server.stats());
+    wait_cached(&store, "127.0.0.8", 4);
+    let second = send();
+    assert!(
+        !second.contains("220-screener.test"),
+        "a remembered sender gets no teaser:\n{second}"
+    );
+    assert!(second.contains("220 backend.test ESMTP"), "{second}");
+    assert!(second.contains("TLS started"), "{second}");
+    assert_eq!(scr.server.stats().pass_old, 1, "{:?}", scr.server.stats());
+    wait_sent(&pf, 2);
+}
+
+/// A real Postfix sending with `smtp_tls_security_level = may` through the
+/// screener to a Postfix backend with TLS: both messages are delivered over
+/// TLS, the second connection goes straight through (PASS OLD).
+#[test]
+fn starttls_postfix_sender_is_remembered() {
+    let backend = Postfix::start(Upstream::Haproxy, true);
+    let dir = tempfile::tempdir().unwrap();
+    let store = screener::store::Store::open(&dir.path().join("cache.redb")).expect("store");
+    let scr = Screener::start(test_config(backend.addr), Some(store.clone()));
+    scr.wait_keywords();
+    let sender = Postfix::start_sender(scr.addr, std::net::Ipv4Addr::new(127, 0, 0, 9));
+    sender.sendmail("sender@example.org", "rcpt@backend.test", "first");
+    wait_sent(&backend, 1);
+    sender.wait_log(&["TLS connection established to", "127.0.0.1"]);
+    assert_eq!(scr.server.stats().pass_new, 1, "{:?}", scr.server.stats());
+    wait_cached(&store, "127.0.0.9", 4);
+    sender.sendmail("sender@example.org", "rcpt@backend.test", "second");
+    wait_sent(&backend, 2);
+    let stats = scr.server.stats();
+    assert_eq!((stats.pass_new, stats.pass_old), (1, 1), "{stats:?}");
+    backend.wait_log(&["TLS connection established from", "[127.0.0.9]"]);
+    let sent = sender
+        .log()
+        .lines()
+        .filter(|l| l.contains("status=sent"))
+        .count();
+    assert_eq!(sent, 2, "{}", sender.log());
+}
+
+/// Waits until the cache holds `n` unexpired passes for `ip`.
+#[track_caller]
+fn wait_cached(store: &screener::store::Store, ip: &str, n: usize) {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    integration_tests::netns::wait_for(
+        "the passes in the cache",
+        std::time::Duration::from_secs(10),
+        || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(store.client(ip))
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.expires.iter().filter(|&&e| e > 0).count() == n)
+        },
+    );
+}
+
+/// Waits until Postfix has delivered `n` messages.
+#[track_caller]
+fn wait_sent(pf: &Postfix, n: usize) {
+    integration_tests::netns::wait_for(
+        &format!("{n} deliveries"),
+        std::time::Duration::from_secs(30),
+        || {
+            pf.log()
+                .lines()
+                .filter(|l| l.contains("status=sent"))
+                .count()
+                == n
+        },
+    );
+}
+
+/// Under `greet_action = "ignore"` with no deep test pending, a client that
+/// talks before its greeting still delivers: what it said early reaches
+/// Postfix after Postfix's own greeting, in order.
+#[test]
+fn early_talker_delivers_under_ignore() {
+    use integration_tests::smtp_peers::Bot;
+    let pf = Postfix::start(Upstream::Haproxy, false);
+    let mut cfg = test_config(pf.addr);
+    cfg.screen.greet_action = screener::config::Action::Ignore;
+    cfg.screen.pipelining_enable = false;
+    cfg.screen.non_smtp_command_enable = false;
+    cfg.screen.bare_newline_enable = false;
+    let scr = Screener::start(cfg, None);
+    let mut bot = Bot::connect([127, 0, 0, 10], scr.addr);
+    bot.send(b"EHLO early.example\r\n");
+    let got = bot.read_reply("250");
+    assert!(
+        got.starts_with("220-screener.test ESMTP\r\n220 backend.test ESMTP"),
+        "{got:?}"
+    );
+    assert!(
+        got.contains("\r\n250-backend.test\r\n"),
+        "Postfix answered the early EHLO: {got:?}"
+    );
+    for (line, want) in [
+        (&b"MAIL FROM:<sender@example.org>\r\n"[..], "250 "),
+        (b"RCPT TO:<rcpt@backend.test>\r\n", "250 "),
+        (b"DATA\r\n", "354 "),
+        (
+            b"Subject: early\r\n\r\nHello.\r\n.\r\n",
+            "250 2.0.0 Ok: queued as",
+        ),
+    ] {
+        bot.send(line);
+        let reply = bot.read_until("\r\n");
+        assert!(reply.starts_with(want), "{line:?}: {reply:?}");
+    }
+    bot.send(b"QUIT\r\n");
+    bot.read_to_close();
+    pf.wait_log(&[": client=", "[127.0.0.10]"]);
+    wait_sent(&pf, 1);
+    assert_eq!(
+        scr.failures().len(),
+        0,
+        "ignore reports nothing for blocking"
+    );
+    assert_eq!(scr.server.stats().fails.pregreet, 1);
+}

@@ -2,9 +2,10 @@
 //! is, reading its replies, learning its EHLO keywords, and carrying out a
 //! hand-off [`Plan`] before splicing the two connections.
 //!
-//! Nothing a client sent before it was let through reaches the backend:
-//! the replay sends only the HELO/EHLO, MAIL and RCPT lines the dummy
-//! engine accepted.
+//! Of what a client sent before it was let through, the backend gets only
+//! the HELO/EHLO, MAIL and RCPT lines the dummy engine accepted (replay),
+//! or, when the client went straight from the greeting to the backend,
+//! the whole lines it sent before it was greeted (kept, not judged).
 
 use std::io;
 use std::net::SocketAddr;
@@ -272,7 +273,7 @@ impl Conn {
     /// be spliced; returns the bytes to write to the client first.
     pub async fn prepare(&mut self, plan: &Plan) -> Result<Vec<u8>, BackendError> {
         match plan {
-            Plan::Greeting => Ok(self.greeting.clone()),
+            Plan::Greeting { .. } => Ok(self.greeting.clone()),
             Plan::Replay {
                 helo, mail, rcpt, ..
             } => {

@@ -5,10 +5,13 @@
 //! [`session`] is the per-client state machine (pure over bytes and time),
 //! [`gate`] decides admission before any test, [`backend`] speaks to the
 //! real MTA (PROXY header, replay, splice), [`server`] is the thin socket
-//! loop with the shared counters, cache and stress mode.
+//! loop with the shared counters, cache and stress mode, [`failures`] the
+//! bounded queue of clients to block, [`descriptors`] the open-file budget.
 
 pub mod backend;
 pub mod command;
+pub mod descriptors;
+pub mod failures;
 pub mod gate;
 pub mod params;
 pub mod server;
@@ -17,6 +20,7 @@ pub mod text;
 
 use std::net::SocketAddr;
 
+pub use failures::{FailureQueue, FailureQueueStats, Queued};
 pub use params::{Action, Handoff, Params};
 pub use server::{DnsblLookup, ScoreFuture, Server, SmtpStats};
 pub use session::DnsblScore;

@@ -1,8 +1,10 @@
 //! The screening parameters one session runs with.
 //!
-//! A session takes a snapshot of these when it starts, so a reload or a
-//! change of stress mode never changes the rules under a client that is
-//! already being screened.
+//! A session takes a snapshot of these when it starts, so a reload never
+//! changes the rules under a client that is already being screened. Stress
+//! mode is the exception: it shortens the deadlines of running sessions too
+//! (the stress values travel in the snapshot for that), since the sessions
+//! holding the screening slots are what stress mode is about.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +62,12 @@ pub struct Params {
     pub command_count_limit: u32,
     /// Time allowed for one whole command line.
     pub command_time_limit: Duration,
+    /// Greet wait under stress mode: a session already waiting when stress
+    /// mode begins waits at most this much longer.
+    pub stress_greet_wait: Duration,
+    /// Command time limit under stress mode, for sessions already running
+    /// when it begins.
+    pub stress_command_time_limit: Duration,
     /// Longest command line accepted, CRLF excluded.
     pub line_length_limit: usize,
     /// EHLO keywords the backend supports and the dummy engine may
@@ -131,6 +139,8 @@ impl Params {
             } else {
                 s.command_time_limit
             },
+            stress_greet_wait: s.stress_greet_wait,
+            stress_command_time_limit: s.stress_command_time_limit,
             line_length_limit: s.line_length_limit,
             ehlo_keywords,
         }

@@ -1,23 +1,26 @@
 //! The socket side: listeners, per-connection tasks, shared counters,
-//! stress mode, the cache and the verdict channel. Everything that decides
-//! lives in [`gate`](super::gate) and [`session`](super::session); this
-//! loop only moves bytes, time and results between them and the world.
+//! stress mode, the cache, the descriptor budget and the queue of clients
+//! to block. Everything that decides lives in [`gate`](super::gate) and
+//! [`session`](super::session); this loop only moves bytes, time and
+//! results between them and the world.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::backend::{Backend, BackendError};
+use super::descriptors::{self, Budget, Room};
+use super::failures::{FailureQueue, FailureQueueStats};
 use super::gate::{self, Admission, GateParams, Load};
 use super::params::{Action, Params};
 use super::session::{DnsblScore, Output, Plan, Session, Todo};
@@ -49,11 +52,6 @@ pub struct SmtpStats {
     pub fails: FailCounts,
     /// Connections turned away: limits, denylist, and RCPTs refused.
     pub rejects: u64,
-    /// Of those, clients refused because the share of the open-file limit
-    /// for SMTP clients was in use.
-    pub refused_descriptors: u64,
-    /// How many SMTP clients the open-file limit leaves room for.
-    pub client_budget: u64,
     /// Clients being screened now.
     pub screening: u64,
     /// Clients handed to the backend now.
@@ -63,6 +61,23 @@ pub struct SmtpStats {
     /// Connections closed in haproxy mode because the peer is not in
     /// `smtp.upstream_proxy_trusted`.
     pub proxy_untrusted: u64,
+    /// The queue of clients to block, towards the verdict task.
+    pub failure_queue: FailureQueueStats,
+    /// Open-file budget and what it refused.
+    pub descriptors: DescriptorStats,
+}
+
+/// The open-file budget of the SMTP server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DescriptorStats {
+    /// The soft open-file limit.
+    pub limit: u64,
+    /// Client and backend sockets any client may bring the count to.
+    pub cap: u64,
+    /// Client and backend sockets held now.
+    pub held: u64,
+    /// Connections refused with `421 4.3.2` because the budget was spent.
+    pub refused: u64,
 }
 
 /// Failures per test.
@@ -82,18 +97,23 @@ pub struct FailCounts {
     pub denylist: u64,
 }
 
+/// The counters `stats` shows, updated without a lock.
 #[derive(Default)]
 struct Counters {
+    /// Connections accepted.
     connections: AtomicU64,
+    /// `PASS NEW`.
     pass_new: AtomicU64,
+    /// `PASS OLD`.
     pass_old: AtomicU64,
+    /// Failures per test, in [`FailCounts`] order.
     fails: [AtomicU64; 6],
+    /// Connections and RCPTs turned away.
     rejects: AtomicU64,
     /// PROXY-mode connections from peers outside the trusted list.
     proxy_untrusted: AtomicU64,
-    /// Clients refused because the open-file limit's share for SMTP
-    /// clients was used up.
-    refused_descriptors: AtomicU64,
+    /// Connections refused for want of descriptors.
+    fd_refused: AtomicU64,
 }
 
 /// What a connection reads from the configuration, rebuilt on reload and
@@ -104,9 +124,6 @@ struct Settings {
     stress: Arc<Params>,
     gate: GateParams,
     backend: Backend,
-    /// SMTP clients the open-file limit leaves room for (see
-    /// [`crate::limits`]); the next one is refused before descriptors run out.
-    client_budget: usize,
 }
 
 impl Settings {
@@ -127,10 +144,7 @@ impl Settings {
                 s.bare_newline_enable,
             ],
         };
-        let limit = crate::limits::nofile().map_or(1024, |(soft, _)| soft);
-        let client_budget = crate::limits::client_budget(limit, s.post_queue_limit);
         Settings {
-            client_budget,
             stress: Arc::new(Params::from_config(&cfg, true, keywords)),
             normal,
             gate,
@@ -144,27 +158,46 @@ impl Settings {
     }
 }
 
+/// The connection counts admission and stress mode look at, under one lock.
 #[derive(Default)]
 struct Load_ {
+    /// Open connections per client address, for the per-client limit.
     per_client: HashMap<IpAddr, usize>,
+    /// Clients being screened.
     pre_queue: usize,
+    /// Clients handed to the backend.
     post_queue: usize,
+    /// Whether stress mode is on.
     stress: bool,
 }
 
+/// What every connection task and background loop shares.
 struct Shared {
+    /// Parameters for new connections.
     settings: RwLock<Arc<Settings>>,
+    /// The backend's EHLO keywords, kept across reloads.
     keywords: RwLock<Arc<Vec<String>>>,
+    /// Connection counts.
     load: Mutex<Load_>,
+    /// What `stats` shows.
     counters: Counters,
-    stress: AtomicBool,
+    /// Stress mode, watched by running sessions so they get the stress
+    /// deadlines when it begins.
+    stress: watch::Sender<bool>,
+    /// The temporary allowlist (`None` in tests without a store).
     cache: Option<Store>,
     /// The DNSBL scorer; swapped when a reload changes the lists or the
     /// resolver, so a newly listed site is scored, never awaited forever.
     dnsbl: RwLock<Option<Arc<dyn DnsblLookup>>>,
-    verdicts: Option<mpsc::UnboundedSender<Failure>>,
+    /// Clients to block, towards the verdict task.
+    verdicts: Option<Arc<FailureQueue>>,
     /// Tasks alive, for the drain at shutdown.
     tasks: AtomicU64,
+    /// How many client and backend sockets may be open.
+    budget: RwLock<Budget>,
+    /// Client and backend sockets open now.
+    held: AtomicUsize,
+    /// Woken when the last task ends.
     idle: Notify,
     /// Tells accept loops and connections that shutdown has begun; accept
     /// loops started by a reload subscribe to the same signal.
@@ -197,14 +230,13 @@ fn unix_now() -> u64 {
 
 impl Server {
     /// A server with the given cache (`store.path`), DNSBL scorer and
-    /// verdict channel; each may be absent.
+    /// queue of clients to block; each may be absent.
     pub fn new(
         cfg: Arc<Config>,
         cache: Option<Store>,
         dnsbl: Option<Arc<dyn DnsblLookup>>,
-        verdicts: Option<mpsc::UnboundedSender<Failure>>,
+        verdicts: Option<Arc<FailureQueue>>,
     ) -> Server {
-        warn_budget(&cfg);
         let keywords = Arc::new(Vec::new());
         Server {
             shared: Arc::new(Shared {
@@ -212,11 +244,13 @@ impl Server {
                 keywords: RwLock::new(keywords),
                 load: Mutex::new(Load_::default()),
                 counters: Counters::default(),
-                stress: AtomicBool::new(false),
+                stress: watch::Sender::new(false),
                 cache,
                 dnsbl: RwLock::new(dnsbl),
                 verdicts,
                 tasks: AtomicU64::new(0),
+                budget: RwLock::new(Budget::current()),
+                held: AtomicUsize::new(0),
                 idle: Notify::new(),
                 stop: watch::channel(false).0,
                 listeners: Mutex::new(HashMap::new()),
@@ -227,7 +261,6 @@ impl Server {
     /// Swaps the parameters for new connections; connections already open
     /// keep the ones they started with.
     pub fn reload(&self, cfg: Arc<Config>) {
-        warn_budget(&cfg);
         let keywords = Arc::clone(&self.shared.keywords.read().expect("keywords lock"));
         *self.shared.settings.write().expect("settings lock") =
             Arc::new(Settings::new(cfg, keywords));
@@ -258,19 +291,42 @@ impl Server {
                 denylist: f(5),
             },
             rejects: c.rejects.load(Ordering::Relaxed),
-            refused_descriptors: c.refused_descriptors.load(Ordering::Relaxed),
-            client_budget: self.settings().client_budget as u64,
             screening: load.pre_queue as u64,
             handed_off: load.post_queue as u64,
             stress: load.stress,
             proxy_untrusted: c.proxy_untrusted.load(Ordering::Relaxed),
+            failure_queue: self
+                .shared
+                .verdicts
+                .as_ref()
+                .map(|q| q.stats())
+                .unwrap_or_default(),
+            descriptors: {
+                let b = *self.shared.budget.read().expect("budget lock");
+                DescriptorStats {
+                    limit: b.limit,
+                    cap: b.cap as u64,
+                    held: self.shared.held.load(Ordering::Relaxed) as u64,
+                    refused: c.fd_refused.load(Ordering::Relaxed),
+                }
+            },
         }
     }
 
     /// Binds `smtp.listen` and serves until `shutdown` resolves; then stops
     /// accepting, ends the screening sessions with `421 4.3.2 Service
     /// shutting down`, and gives hand-offs in flight `smtp.shutdown_grace`.
+    /// Raises the soft open-file limit to the hard limit first.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        match descriptors::raise_soft_limit() {
+            Ok(n) => tracing::info!(
+                "open-file limit: soft {} -> {}, hard {}",
+                n.soft_before,
+                n.soft,
+                n.hard
+            ),
+            Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+        }
         let settings = self.settings();
         let mut listeners = Vec::new();
         for addr in &settings.cfg.smtp.listen {
@@ -301,6 +357,14 @@ impl Server {
         listeners: Vec<(SocketAddr, TcpListener)>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        let budget = Budget::current();
+        tracing::info!(
+            "open-file limit {}: up to {} client and backend sockets, {} kept in reserve",
+            budget.limit,
+            budget.cap,
+            budget.reserve
+        );
+        *self.shared.budget.write().expect("budget lock") = budget;
         let stop_rx = self.shared.stop.subscribe();
         let mut background = tokio::task::JoinSet::new();
         background.spawn(probe_loop(Arc::clone(&self.shared), stop_rx.clone()));
@@ -424,25 +488,6 @@ impl Server {
     }
 }
 
-/// Says so when the limits promise more clients than the open-file limit
-/// has room for: the excess is refused with `421` rather than served.
-fn warn_budget(cfg: &Config) {
-    let s = &cfg.screen;
-    let limit = crate::limits::nofile().map_or(1024, |(soft, _)| soft);
-    let budget = crate::limits::client_budget(limit, s.post_queue_limit);
-    if budget == 0 {
-        tracing::error!(
-            "the open-file limit ({limit}) leaves no descriptor for SMTP clients after the reserve of {}: every client is refused; raise LimitNOFILE / ulimit -n",
-            crate::limits::reserve(limit, s.post_queue_limit)
-        );
-    } else if s.pre_queue_limit + s.post_queue_limit > budget {
-        tracing::warn!(
-            "screen.pre_queue_limit + screen.post_queue_limit ({}) exceed the {budget} SMTP clients the open-file limit ({limit}) leaves room for; clients beyond it get 421",
-            s.pre_queue_limit + s.post_queue_limit
-        );
-    }
-}
-
 /// Binds one listener; IPv6 sockets are IPv6-only so `0.0.0.0:25` and
 /// `[::]:25` can both be listed.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -486,25 +531,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    // Past the screening budget only known-good clients are
-                    // let in (see `connection`), and past their share nobody.
-                    let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
-                    let ceiling = settings.client_budget + settings.gate.post_queue_limit;
-                    if shared.tasks.load(Ordering::Acquire) >= ceiling as u64 {
-                        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
-                        refuse_for_descriptors(&shared, &stream, peer, ceiling);
-                        continue;
-                    }
-                    let local = stream.local_addr().unwrap_or(peer);
-                    shared.tasks.fetch_add(1, Ordering::AcqRel);
-                    let task_shared = Arc::clone(&shared);
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        connection(&task_shared, stream, peer, local, stop).await;
-                        if task_shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            task_shared.idle.notify_waiters();
-                        }
-                    });
+                    accepted(&shared, stream, peer, &stop);
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off rather than spin.
@@ -517,21 +544,77 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
     }
 }
 
-/// Turns a client away with `421` without waiting on it: the descriptor it
-/// holds is given back at once, so the reserve stays whole.
-fn refuse_for_descriptors(shared: &Shared, stream: &TcpStream, peer: SocketAddr, budget: usize) {
+/// Takes a new connection: counts its socket and, unless its PROXY header
+/// must be read first, its client, all before any await: connection tasks
+/// reach admission in no set order, the accept queue is FIFO, and the
+/// per-client limit must judge arrival order. Refuses it at once when the
+/// descriptor budget is spent; else its task runs.
+fn accepted(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: &watch::Receiver<bool>,
+) {
+    let (fd, held) = Descriptor::take(shared);
+    let room = shared.budget.read().expect("budget lock").room(held);
+    if room == Room::Full {
+        refuse_for_descriptors(shared, &stream, peer);
+        return;
+    }
+    let local = stream.local_addr().unwrap_or(peer);
+    let upstream = shared
+        .settings
+        .read()
+        .expect("settings lock")
+        .cfg
+        .smtp
+        .upstream_proxy_protocol;
+    let slot = (upstream == Upstream::None).then(|| Slot::claim(shared, peer.ip().to_canonical()));
+    shared.tasks.fetch_add(1, Ordering::AcqRel);
+    let shared = Arc::clone(shared);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let known_good_only = room == Room::KnownGoodOnly;
+        connection(&shared, stream, peer, local, slot, known_good_only, stop).await;
+        drop(fd);
+        if shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared.idle.notify_waiters();
+        }
+    });
+}
+
+/// One client or backend socket, counted against the descriptor budget
+/// while it lives.
+struct Descriptor(Arc<Shared>);
+
+impl Descriptor {
+    /// Counts one more socket; returns it and how many were held before.
+    fn take(shared: &Arc<Shared>) -> (Descriptor, usize) {
+        let before = shared.held.fetch_add(1, Ordering::AcqRel);
+        (Descriptor(Arc::clone(shared)), before)
+    }
+}
+
+impl Drop for Descriptor {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The reply to a client turned away for want of descriptors.
+const NO_DESCRIPTORS: &[u8] = b"421 4.3.2 Too many open connections, try again later\r\n";
+
+/// Turns a client away at once for want of descriptors: no task, no wait
+/// (a fresh socket's send buffer takes the reply).
+fn refuse_for_descriptors(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
+    shared.counters.fd_refused.fetch_add(1, Ordering::Relaxed);
     shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
-    shared
-        .counters
-        .refused_descriptors
-        .fetch_add(1, Ordering::Relaxed);
     tracing::info!(
         client = %Peer(peer),
-        "NOQUEUE: reject: CONNECT from {}: all {budget} client descriptors in use",
+        "NOQUEUE: reject: CONNECT from {}: too many open connections",
         Peer(peer)
     );
-    // A fresh socket's send buffer takes these few bytes without blocking.
-    let _ = stream.try_write(b"421 4.3.2 All screening ports are busy\r\n");
+    let _ = stream.try_write(NO_DESCRIPTORS);
 }
 
 /// Refreshes the backend's EHLO keywords now and every few minutes.
@@ -600,12 +683,33 @@ enum Queue {
 
 /// A connection's place in the counters; dropping it gives the place back.
 struct Slot {
+    /// Where the counters live.
     shared: Arc<Shared>,
+    /// The client, counted in `per_client`.
     ip: IpAddr,
+    /// Connections from the same address already open when this one was
+    /// counted: the per-client limit judges arrival order, not the order in
+    /// which connection tasks happen to reach admission.
+    earlier: usize,
+    /// The queue it counts in now.
     queue: Queue,
 }
 
 impl Slot {
+    /// Counts a new connection from `ip`.
+    fn claim(shared: &Arc<Shared>, ip: IpAddr) -> Slot {
+        let mut load = shared.load.lock().expect("load lock");
+        let n = load.per_client.entry(ip).or_insert(0);
+        let earlier = *n;
+        *n += 1;
+        Slot {
+            shared: Arc::clone(shared),
+            ip,
+            earlier,
+            queue: Queue::None,
+        }
+    }
+
     fn move_to(&mut self, queue: Queue) {
         let mut load = self.shared.load.lock().expect("load lock");
         let pre_limit = self
@@ -645,7 +749,10 @@ fn stress_check(shared: &Shared, load: &mut Load_, pre_limit: usize) {
         load.stress = false;
         tracing::info!("leaving STRESS mode with {n} connections");
     }
-    shared.stress.store(load.stress, Ordering::Relaxed);
+    let stress = load.stress;
+    shared
+        .stress
+        .send_if_modified(|s| std::mem::replace(s, stress) != stress);
 }
 
 impl Drop for Slot {
@@ -716,7 +823,7 @@ fn record_failure(shared: &Shared, client: SocketAddr, test: FailedTest, action:
     }
     if action != Action::Ignore {
         if let Some(v) = &shared.verdicts {
-            let _ = v.send(Failure { client, test });
+            v.push(Failure { client, test });
         }
     }
 }
@@ -726,6 +833,8 @@ async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    slot: Option<Slot>,
+    known_good_only: bool,
     mut stop: watch::Receiver<bool>,
 ) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -753,6 +862,7 @@ async fn connection(
     };
     tracing::info!(client = %Peer(client), "CONNECT from {} to {}", Peer(client), Peer(server));
     let ip = client.ip().to_canonical();
+    let mut slot = slot.unwrap_or_else(|| Slot::claim(shared, ip));
     let expiries = match &shared.cache {
         Some(cache) => match cache.client(ip).await {
             Ok(rec) => rec.map(|r| r.expires),
@@ -764,7 +874,7 @@ async fn connection(
         },
         None => None,
     };
-    let (admission, mut slot, stress) = admit(shared, &settings, ip, expiries);
+    let (admission, stress) = admit(shared, &settings, &slot, expiries);
     let todo = match admission {
         Admission::Busy { reply, why } => {
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
@@ -803,20 +913,20 @@ async fn connection(
                 stream,
                 client,
                 server,
-                Plan::Greeting,
-                Vec::new(),
+                Plan::Greeting { early: Vec::new() },
                 stop,
             ))
             .await;
             return;
         }
+        Admission::Screen(_) if known_good_only => {
+            // Past the descriptor budget only known-good clients go on;
+            // screening this one could take what the daemon itself needs.
+            refuse_for_descriptors(shared, &stream, client);
+            return;
+        }
         Admission::Screen(todo) => todo,
     };
-    // This connection counts in `tasks` already.
-    if shared.tasks.load(Ordering::Acquire) > settings.client_budget as u64 {
-        refuse_for_descriptors(shared, &stream, client, settings.client_budget);
-        return;
-    }
     slot.move_to(Queue::Pre);
     let params = Arc::clone(if stress {
         &settings.stress
@@ -829,30 +939,24 @@ async fn connection(
     .await;
 }
 
-/// Runs admission and takes the connection's place in the counters, in
-/// one critical section so two connections never see the same counts.
+/// Runs admission for the connection counted in `slot`; the per-client
+/// count is the one it found on arrival.
 fn admit(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     settings: &Settings,
-    ip: IpAddr,
+    slot: &Slot,
     expiries: Option<[u64; Test::COUNT]>,
-) -> (Admission, Slot, bool) {
-    let mut load = shared.load.lock().expect("load lock");
+) -> (Admission, bool) {
+    let load = shared.load.lock().expect("load lock");
     let l = Load {
-        client: load.per_client.get(&ip).copied().unwrap_or(0),
+        client: slot.earlier,
         pre_queue: load.pre_queue,
         post_queue: load.post_queue,
     };
-    let admission = gate::admit(&settings.gate, ip, l, expiries, unix_now());
-    *load.per_client.entry(ip).or_insert(0) += 1;
     let stress = load.stress;
     drop(load);
-    let slot = Slot {
-        shared: Arc::clone(shared),
-        ip,
-        queue: Queue::None,
-    };
-    (admission, slot, stress)
+    let admission = gate::admit(&settings.gate, slot.ip, l, expiries, unix_now());
+    (admission, stress)
 }
 
 #[expect(
@@ -871,9 +975,14 @@ async fn screen(
     stop: &mut watch::Receiver<bool>,
 ) {
     let mut stop = stop.clone();
+    let mut stress = shared.stress.subscribe();
     let write_limit = params.command_time_limit;
     let mut session = Session::new(params, client, todo, Instant::now());
     let mut outputs = session.start(Instant::now());
+    // Stress mode may have begun since admission picked the parameters.
+    if *stress.borrow_and_update() {
+        session.stress(Instant::now());
+    }
     let lookup = shared.dnsbl.read().expect("dnsbl lock").clone();
     let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), lookup) {
         (Some(deadline), Some(d)) => Some(d.score(client.ip().to_canonical(), deadline)),
@@ -904,10 +1013,6 @@ async fn screen(
                     }
                 }
                 Output::Handoff(plan) => {
-                    let rest = match &plan {
-                        Plan::Replay { rest, .. } => rest.clone(),
-                        _ => Vec::new(),
-                    };
                     // Boxed: a client still in the tests need not carry the relay's
                     // state (and buffers) inside its own future.
                     Box::pin(hand_off(
@@ -918,7 +1023,6 @@ async fn screen(
                         client,
                         server,
                         plan,
-                        rest,
                         stop.clone(),
                     ))
                     .await;
@@ -953,6 +1057,12 @@ async fn screen(
                     None => Vec::new(),
                 };
             }
+            Ok(()) = stress.changed() => {
+                if *stress.borrow_and_update() {
+                    session.stress(Instant::now());
+                }
+                outputs = Vec::new();
+            }
             () = stopped(&mut stop) => {
                 let _ = timeout(Duration::from_secs(2), stream.write_all(b"421 4.3.2 Service shutting down\r\n")).await;
                 tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
@@ -971,7 +1081,6 @@ async fn hand_off(
     client: SocketAddr,
     server: SocketAddr,
     plan: Plan,
-    rest: Vec<u8>,
     mut stop: watch::Receiver<bool>,
 ) {
     {
@@ -987,6 +1096,7 @@ async fn hand_off(
         }
     }
     slot.move_to(Queue::Post);
+    let _backend_fd = Descriptor::take(shared).0;
     let ready = async {
         let mut conn = settings.backend.connect(client, server).await?;
         let first = conn.prepare(&plan).await?;
@@ -1010,7 +1120,10 @@ async fn hand_off(
     if client_stream.write_all(&to_client).await.is_err() {
         return;
     }
-    if !rest.is_empty() && conn.stream.write_all(&rest).await.is_err() {
+    // What the client sent before it was greeted, or past its RCPT line,
+    // follows the backend's reply in the order it was sent.
+    let rest = plan.client_bytes();
+    if !rest.is_empty() && conn.stream.write_all(rest).await.is_err() {
         return;
     }
     let grace = settings.cfg.smtp.shutdown_grace;

@@ -9,10 +9,13 @@
 //! paused clock.
 //!
 //! PHASES. Early: the `220-` teaser goes out and the client must stay
-//! silent for `greet_wait` while the DNSBL query runs. Deep: a dummy SMTP
-//! engine that never takes mail watches for pipelining, non-SMTP commands
-//! and bare newlines until the client reaches RCPT TO. Then the client is
-//! handed to the backend (or, in reconnect mode, told to come back).
+//! silent for `greet_wait` while the DNSBL query runs; whatever it says
+//! anyway is kept (bounded) for the next stage, as postscreen leaves it in
+//! the socket. Deep: a dummy SMTP engine that never takes mail reads that
+//! first, then watches for pipelining, non-SMTP commands and bare newlines
+//! until the client reaches RCPT TO (or STARTTLS). Then the client is
+//! handed to the backend, with its early bytes when it goes there straight
+//! from the early phase (or, in reconnect mode, told to come back).
 //!
 //! FAILURE ACTIONS. `drop` answers with the test's 5xx and hangs up;
 //! `enforce` lets the dialogue go on and rejects every RCPT TO; `ignore`
@@ -45,8 +48,13 @@ pub struct DnsblScore {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
     /// Straight after the early phase: the backend's greeting completes
-    /// ours, then the two sides are spliced.
-    Greeting,
+    /// ours, `early` follows it to the backend, then the two sides are
+    /// spliced.
+    Greeting {
+        /// Whole command lines the client sent before it was greeted, in
+        /// order: the backend reads them as the client's first commands.
+        early: Vec<u8>,
+    },
     /// After the deep tests: replay these command lines (CRLF excluded),
     /// answer the client's RCPT with the backend's reply, send `rest`, splice.
     Replay {
@@ -96,6 +104,18 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Todo(pub [bool; Test::COUNT]);
 
+impl Plan {
+    /// Client bytes the backend gets once the plan is carried out, before
+    /// the two sides are spliced.
+    pub fn client_bytes(&self) -> &[u8] {
+        match self {
+            Plan::Greeting { early } => early,
+            Plan::Replay { rest, .. } => rest,
+            Plan::StartTls { .. } => &[],
+        }
+    }
+}
+
 impl Todo {
     /// Every test (a client never seen before).
     pub const ALL: Todo = Todo([true; Test::COUNT]);
@@ -144,12 +164,19 @@ pub struct Session {
     passed: [Option<Duration>; Test::COUNT],
     /// Reply to every RCPT TO after an `enforce` failure.
     reject: Option<String>,
-    /// Client input not yet consumed as lines (deep phase).
+    /// Client input not yet consumed as lines: what it sent before the
+    /// greeting (bounded), then the deep phase's input.
     inbuf: Vec<u8>,
+    /// Input sent before the greeting went past the bound and the excess
+    /// was thrown away: only whole lines of what was kept are used.
+    early_cut: bool,
     /// Command lines seen in the deep phase.
     commands: u32,
     /// The whole next command line must arrive before this.
     command_deadline: Instant,
+    /// Time allowed for one command line: the parameter's, or the stress
+    /// value once stress mode reached this session.
+    command_time_limit: Duration,
     /// The previous command's verb, for "after X" in logs.
     last: &'static str,
     /// The last HELO/EHLO line, for the replay.
@@ -170,7 +197,8 @@ impl Session {
         todo.0[Test::Pipelining.index()] &= p.pipelining.enable;
         todo.0[Test::NonSmtpCommand.index()] &= p.non_smtp_command.enable;
         todo.0[Test::BareNewline.index()] &= p.bare_newline.enable;
-        let command_deadline = now + p.command_time_limit;
+        let command_time_limit = p.command_time_limit;
+        let command_deadline = now + command_time_limit;
         Session {
             p,
             client,
@@ -182,8 +210,10 @@ impl Session {
             passed: [None; Test::COUNT],
             reject: None,
             inbuf: Vec::new(),
+            early_cut: false,
             commands: 0,
             command_deadline,
+            command_time_limit,
             last: "CONNECT",
             helo: None,
             esmtp: false,
@@ -244,7 +274,10 @@ impl Session {
     /// Bytes from the client.
     pub fn input(&mut self, bytes: &[u8], now: Instant) -> Vec<Output> {
         match self.state {
-            State::Early { .. } => self.pregreet(bytes, now),
+            State::Early { .. } => {
+                self.keep_early(bytes);
+                self.pregreet(bytes, now);
+            }
             State::Deep => {
                 self.inbuf.extend_from_slice(bytes);
                 self.lines(now);
@@ -274,6 +307,26 @@ impl Session {
             _ => {}
         }
         self.take()
+    }
+
+    /// Stress mode began: this session gets the stress deadlines too. Its
+    /// greet wait ends no later than `stress_greet_wait` from now, and each
+    /// command line (the one under way included) gets at most
+    /// `stress_command_time_limit`. Leaving stress mode does not lengthen
+    /// them again.
+    pub fn stress(&mut self, now: Instant) {
+        self.command_time_limit = self
+            .command_time_limit
+            .min(self.p.stress_command_time_limit);
+        match &mut self.state {
+            State::Early { until } => {
+                *until = (*until).min(now + self.p.stress_greet_wait);
+            }
+            State::Deep => {
+                self.command_deadline = self.command_deadline.min(now + self.command_time_limit);
+            }
+            State::HandedOff | State::Closed => {}
+        }
     }
 
     /// The DNSBL score arrived.
@@ -346,16 +399,49 @@ impl Session {
         }
     }
 
-    fn pregreet(&mut self, bytes: &[u8], now: Instant) {
-        if self.p.greet_banner.is_empty() {
-            // No teaser was sent, only the DNSBL is awaited: keep the bytes
-            // for the deep tests or the backend.
-            self.inbuf.extend_from_slice(bytes);
+    /// Keeps what the client sent before its greeting, as postscreen leaves
+    /// it in the socket for the next stage: the dummy engine reads it as the
+    /// first commands after our `220 `, or the backend after its own.
+    /// Bounded by one longest command line with its CRLF: a client that
+    /// talks that much before being greeted is a bot, not a slow sender.
+    fn keep_early(&mut self, bytes: &[u8]) {
+        let room = (self.p.line_length_limit + 2).saturating_sub(self.inbuf.len());
+        if bytes.len() > room {
+            self.early_cut = true;
+        }
+        self.inbuf
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// At the end of the early phase: after a cut only the whole lines
+    /// before it are kept, since a line's head would join whatever the
+    /// client sends next. When not even one line ended before the cut, the
+    /// bytes stay as they are: the dummy engine refuses them as a command
+    /// too long, and the backend never gets them.
+    fn trim_early(&mut self) {
+        if !self.early_cut {
             return;
         }
-        // Everything a client says before the greeting is junk; only the
-        // first burst is logged and judged.
-        if self.failed[Test::Pregreet.index()] {
+        let kept = self
+            .inbuf
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        tracing::debug!(
+            client = %Peer(self.client),
+            "early input from {} over {} bytes: {kept} bytes of whole lines kept",
+            Peer(self.client),
+            self.p.line_length_limit + 2
+        );
+        if kept > 0 {
+            self.inbuf.truncate(kept);
+        }
+    }
+
+    fn pregreet(&mut self, bytes: &[u8], now: Instant) {
+        // No teaser was sent (only the DNSBL is awaited): nothing to judge.
+        // Only the first burst is logged and judged.
+        if self.p.greet_banner.is_empty() || self.failed[Test::Pregreet.index()] {
             return;
         }
         tracing::info!(
@@ -415,23 +501,32 @@ impl Session {
         if self.state == State::Closed {
             return;
         }
+        self.trim_early();
         let deep = self.todo.has(Test::Pipelining)
             || self.todo.has(Test::NonSmtpCommand)
             || self.todo.has(Test::BareNewline);
         if !dnswl && (deep || self.reject.is_some()) {
             self.send(format!("220 {} ESMTP\r\n", self.p.hostname));
             self.state = State::Deep;
-            self.command_deadline = now + self.p.command_time_limit;
-            // Bytes kept while only the DNSBL was awaited.
+            self.command_deadline = now + self.command_time_limit;
+            // What the client said before it was greeted comes first.
             self.lines(now);
         } else {
-            self.pass_and_handoff(Plan::Greeting);
+            // After a cut only whole lines go to the backend: the head of
+            // one longer than the bound would merge with what follows.
+            let mut early = std::mem::take(&mut self.inbuf);
+            if self.early_cut && !early.contains(&b'\n') {
+                early.clear();
+            }
+            self.pass_and_handoff(Plan::Greeting { early }, "");
         }
     }
 
-    fn pass_and_handoff(&mut self, plan: Plan) {
+    /// Records the passes (`PASS NEW`, with `note` after the client in the
+    /// log line) and hands the client over.
+    fn pass_and_handoff(&mut self, plan: Plan, note: &str) {
         if self.clean() && self.passed.iter().any(Option::is_some) {
-            tracing::info!(client = %Peer(self.client), "PASS NEW {}", Peer(self.client));
+            tracing::info!(client = %Peer(self.client), "PASS NEW {}{note}", Peer(self.client));
             self.out.push(Output::Pass(self.passed));
         }
         self.state = State::HandedOff;
@@ -550,7 +645,7 @@ impl Session {
             }
         }
         self.command(line);
-        self.command_deadline = now + self.p.command_time_limit;
+        self.command_deadline = now + self.command_time_limit;
     }
 
     fn command(&mut self, line: &[u8]) {
@@ -633,12 +728,20 @@ impl Session {
             // Plaintext sent after STARTTLS and before its reply is the
             // command-injection attack: it never reaches the backend.
             self.inbuf.clear();
-            let ehlo = self.helo.clone().unwrap_or_default();
-            self.state = State::HandedOff;
-            self.out.push(Output::Handoff(Plan::StartTls {
-                ehlo,
+            // What follows is encrypted end to end and never seen here, so
+            // the deep tests are judged on the plaintext dialogue up to this
+            // command (postscreen runs them inside TLS; we leave TLS to the
+            // MTA). Without this, a TLS sender would never be remembered and
+            // would wait out the greet wait on every connection.
+            self.deep_passes();
+            let plan = Plan::StartTls {
+                ehlo: self.helo.clone().unwrap_or_default(),
                 starttls: line.to_vec(),
-            }));
+            };
+            self.pass_and_handoff(
+                plan,
+                " (deep tests on the plaintext dialogue before STARTTLS)",
+            );
         }
     }
 
@@ -648,15 +751,7 @@ impl Session {
             self.send(format!("{reply}\r\n"));
             return;
         }
-        for (test, t) in [
-            (Test::Pipelining, self.p.pipelining),
-            (Test::NonSmtpCommand, self.p.non_smtp_command),
-            (Test::BareNewline, self.p.bare_newline),
-        ] {
-            if self.todo.has(test) && !self.failed[test.index()] {
-                self.passed[test.index()] = Some(t.ttl);
-            }
-        }
+        self.deep_passes();
         if self.p.deep_test_handoff == Handoff::Reconnect && self.clean() {
             if self.passed.iter().any(Option::is_some) {
                 tracing::info!(client = %Peer(self.client), "PASS NEW {}", Peer(self.client));
@@ -676,7 +771,21 @@ impl Session {
             rcpt: line.to_vec(),
             rest: std::mem::take(&mut self.inbuf),
         };
-        self.pass_and_handoff(plan);
+        self.pass_and_handoff(plan, "");
+    }
+
+    /// Marks every deep test still to do and not failed as passed, with its
+    /// lifetime.
+    fn deep_passes(&mut self) {
+        for (test, t) in [
+            (Test::Pipelining, self.p.pipelining),
+            (Test::NonSmtpCommand, self.p.non_smtp_command),
+            (Test::BareNewline, self.p.bare_newline),
+        ] {
+            if self.todo.has(test) && !self.failed[test.index()] {
+                self.passed[test.index()] = Some(t.ttl);
+            }
+        }
     }
 
     fn noqueue(&self, reply: &str, rcpt: &[u8]) {
@@ -823,7 +932,7 @@ mod tests {
         r.wait(5).await;
         assert_eq!(r.handoff(), None, "the greet wait is 6 s");
         r.wait(1).await;
-        assert_eq!(r.handoff(), Some(Plan::Greeting));
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
         let pass = r.pass().expect("PASS NEW");
         assert_eq!(
             pass[Test::Pregreet.index()],
@@ -847,9 +956,13 @@ mod tests {
         let mut r = Run::start(params(|_| {}), Todo::ALL);
         assert_eq!(r.say(b"HELO bot\r\n"), "", "enforce waits quietly");
         r.wait(6).await;
-        assert!(r.text().ends_with("220 mx.example ESMTP\r\n"));
-        // The pregreet bytes are gone; the dialogue starts afresh.
-        assert!(r.say(b"HELO bot\r\n").starts_with("250 "));
+        // The early bytes are the first command after the 220.
+        assert!(
+            r.text()
+                .ends_with("220 mx.example ESMTP\r\n250 mx.example\r\n"),
+            "{}",
+            r.text()
+        );
         assert!(r.say(b"MAIL FROM:<a@example.org>\r\n").starts_with("250 "));
         assert_eq!(
             r.say(b"RCPT TO:<b@example.net>\r\n"),
@@ -868,11 +981,76 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pregreet_ignore_still_hands_off_without_pass() {
         let mut r = Run::start(params(|p| p.greet_action = Action::Ignore), Todo::ALL);
-        r.say(b"x");
-        r.wait(6).await;
+        r.say(b"EHLO c");
+        r.wait(1).await;
+        r.say(b"\r\nMAIL FROM:<a@example.org>\r\n");
+        r.wait(5).await;
         assert_eq!(r.fails(), [FailedTest::Pregreet]);
         assert_eq!(r.pass(), None);
-        assert_eq!(r.handoff(), Some(Plan::Greeting));
+        // Every burst is kept, in order, for the backend.
+        assert_eq!(
+            r.handoff(),
+            Some(Plan::Greeting {
+                early: b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n".to_vec()
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_bytes_are_bounded_to_whole_lines() {
+        // Past the bound only the whole lines before the cut are kept.
+        let mut r = Run::start(params(|p| p.greet_action = Action::Ignore), Todo::ALL);
+        r.say(b"EHLO c\r\n");
+        r.say(&[b'A'; 3000]);
+        r.wait(6).await;
+        assert_eq!(
+            r.handoff(),
+            Some(Plan::Greeting {
+                early: b"EHLO c\r\n".to_vec()
+            })
+        );
+
+        // One line longer than the bound: nothing for the backend.
+        let mut r = Run::start(params(|p| p.greet_action = Action::Ignore), Todo::ALL);
+        r.say(&[b'A'; 3000]);
+        r.say(b"\r\n");
+        r.wait(6).await;
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
+
+        // The dummy engine refuses it as too long, after its 220.
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.say(&[b'A'; 3000]);
+        r.wait(6).await;
+        assert!(
+            r.text().ends_with(
+                "220 mx.example ESMTP\r\n421 4.5.0 mx.example Error: command too long\r\n"
+            ),
+            "{}",
+            r.text()
+        );
+        assert!(r.closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_bytes_before_the_deep_tests() {
+        // Without a teaser only the DNSBL is awaited: early bytes are no
+        // failure, and the dummy engine answers them after its 220.
+        let mut r = Run::start(
+            params(|p| {
+                deep(p);
+                p.greet_banner = String::new();
+                p.dnsbl_enable = true;
+            }),
+            Todo::ALL,
+        );
+        assert_eq!(r.text(), "");
+        r.say(b"EHLO c\r\n");
+        r.wait(6).await;
+        assert_eq!(r.fails(), []);
+        assert_eq!(
+            r.text(),
+            "220 mx.example ESMTP\r\n250-mx.example\r\n250-SIZE 1000\r\n250 8BITMIME\r\n"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1001,6 +1179,52 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn stress_shortens_the_greet_wait_of_a_running_session() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(1).await;
+        r.s.stress(Instant::now());
+        r.wait(1).await;
+        assert!(!r.text().contains("220 "), "{}", r.text());
+        r.wait(1).await;
+        assert!(
+            r.text().ends_with("220 mx.example ESMTP\r\n"),
+            "1 s waited, then 2 s under stress: {}",
+            r.text()
+        );
+        // A greet wait already shorter than the stress one stays as it is.
+        let mut r = Run::start(params(|p| p.greet_wait = Duration::from_secs(1)), Todo::ALL);
+        r.s.stress(Instant::now());
+        r.wait(1).await;
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stress_shortens_the_command_time_limit_of_a_running_session() {
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        r.say(b"HELO c\r\n");
+        r.wait(100).await;
+        r.s.stress(Instant::now());
+        r.wait(9).await;
+        assert!(!r.closed(), "the line under way gets 10 s from now");
+        r.wait(1).await;
+        assert!(r
+            .text()
+            .ends_with("421 4.4.2 mx.example Error: timeout exceeded\r\n"));
+
+        // Later lines get the stress limit too.
+        let mut r = Run::start(params(deep), Todo::ALL);
+        r.wait(6).await;
+        r.s.stress(Instant::now());
+        r.say(b"HELO c\r\n");
+        r.wait(9).await;
+        assert!(!r.closed());
+        r.say(b"NOOP\r\n");
+        r.wait(10).await;
+        assert!(r.closed(), "10 s for the next line, not 300 s");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_client_times_out() {
         let mut r = Run::start(params(deep), Todo::ALL);
         r.wait(6).await;
@@ -1091,7 +1315,7 @@ mod tests {
         );
         r.wait(1).await;
         r.out.extend(r.s.dnsbl(score(-2), Instant::now()));
-        assert_eq!(r.handoff(), Some(Plan::Greeting));
+        assert_eq!(r.handoff(), Some(Plan::Greeting { early: Vec::new() }));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1130,7 +1354,37 @@ mod tests {
                 starttls: b"STARTTLS".to_vec()
             })
         );
-        assert_eq!(r.pass(), None, "the deep tests did not finish");
+        // The plaintext dialogue up to STARTTLS is all the deep tests can
+        // see: the client is remembered, pregreet and deep tests alike.
+        let pass = r.pass().expect("PASS NEW at the STARTTLS hand-off");
+        assert_eq!(
+            pass[Test::Pregreet.index()],
+            Some(Duration::from_secs(86_400))
+        );
+        for t in [Test::Pipelining, Test::NonSmtpCommand, Test::BareNewline] {
+            assert_eq!(
+                pass[t.index()],
+                Some(Duration::from_secs(30 * 86_400)),
+                "{t:?}"
+            );
+        }
+        assert_eq!(pass[Test::Dnsbl.index()], None, "no DNSBL configured");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starttls_after_a_failure_is_not_remembered() {
+        let tls = |p: &mut Params| {
+            deep(p);
+            p.bare_newline.action = Action::Ignore;
+            p.ehlo_keywords = Arc::new(vec!["STARTTLS".into()]);
+        };
+        let mut r = Run::start(params(tls), Todo::ALL);
+        r.wait(6).await;
+        r.say(b"EHLO c\n");
+        assert_eq!(r.say(b"STARTTLS\r\n"), "");
+        assert!(matches!(r.handoff(), Some(Plan::StartTls { .. })));
+        assert_eq!(r.fails(), [FailedTest::BareNewline]);
+        assert_eq!(r.pass(), None, "an ignored failure is never allowlisted");
     }
 
     #[tokio::test(start_paused = true)]
