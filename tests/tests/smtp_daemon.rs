@@ -238,7 +238,7 @@ fn descriptor_budget_keeps_the_daemon_reachable() {
         ns.host_v4(),
         pf.addr,
         |cfg| {
-            set(cfg, "screen", "greet_wait = \"120s\"");
+            set(cfg, "screen", "greet_wait = \"60s\"");
             set(cfg, "screen", "pre_queue_limit = 5000");
             set(cfg, "screen", "client_connection_count_limit = 5000");
         },
