@@ -398,15 +398,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         .context("opening the admin socket")?;
     let socket = cfg.admin.socket.clone();
     let verdicts = Arc::new(Verdicts::new(Arc::new(cfg), store, gate));
-    match verdicts.reconcile().await {
-        Ok((added, removed, expired)) => tracing::info!(
-            added,
-            removed,
-            expired,
-            "kernel maps reconciled with the store"
-        ),
-        Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
-    }
+    restore(&verdicts).await;
     let cfg = verdicts.cfg();
     let dnsbl = build_dnsbl(&cfg)?;
     if let Some(d) = &dnsbl {
@@ -523,6 +515,48 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     }
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// How many unreadable store records are named one per line at start;
+/// the rest are counted.
+const SKIPPED_NAMED: usize = 50;
+
+/// Restores the kernel from the store and adopts what only the kernel
+/// holds, saying loudly what happened: an operator must learn at start
+/// that the store was empty or damaged, not after the next reboot.
+async fn restore(verdicts: &Verdicts) {
+    let path = verdicts.store().path().display().to_string();
+    let r = match verdicts.reconcile().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(store = %path, "restoring verdicts at start failed: {e}");
+            return;
+        }
+    };
+    for u in r.skipped.iter().take(SKIPPED_NAMED) {
+        tracing::error!(store = %path, "unreadable store record skipped: {u}");
+    }
+    if r.skipped.len() > SKIPPED_NAMED {
+        tracing::error!(
+            store = %path,
+            "{} more unreadable store records skipped",
+            r.skipped.len() - SKIPPED_NAMED
+        );
+    }
+    let skipped = r.skipped.len();
+    let msg = format!(
+        "verdicts at start: {} restored into the kernel, {} already there, {} adopted from the kernel into the store, {} unreadable records skipped, {} expired",
+        r.restored, r.kept, r.adopted, skipped, r.expired
+    );
+    if r.adopted > 0 || skipped > 0 || r.refused_full > 0 {
+        tracing::warn!(
+            store = %path,
+            refused_full = r.refused_full,
+            "{msg}; the store was new, emptied or damaged: what the kernel held is kept and now recorded"
+        );
+    } else {
+        tracing::info!(store = %path, "{msg}");
+    }
 }
 
 /// The DNSBL engine from the `screen.dnsbl_*` and `dns` settings; `None`

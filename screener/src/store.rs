@@ -178,6 +178,57 @@ pub struct AllowRecord {
     pub comment: Option<String>,
 }
 
+/// A stored record that could not be decoded. Readers that must not stop at
+/// one bad record (restoring the kernel at start, listings) skip it and
+/// report it with this, so the operator sees which one was lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The table holding it.
+    pub table: &'static str,
+    /// The key, as a network or address when it decodes, else in hex.
+    pub key: String,
+    /// What was wrong.
+    pub detail: String,
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "table {}, key {}: {}", self.table, self.key, self.detail)
+    }
+}
+
+/// Every record of a table that decoded, and the ones that did not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lenient<T> {
+    /// The decoded records, in key order.
+    pub records: Vec<T>,
+    /// The records skipped because they did not decode.
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Lenient {
+            records: Vec::new(),
+            unreadable: Vec::new(),
+        }
+    }
+}
+
+/// One change to the verdict tables; [`Store::apply`] writes a batch of
+/// them in one transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Store (replace) a block.
+    PutBlock(BlockRecord),
+    /// Delete the block on this network.
+    DelBlock(IpNet),
+    /// Store (replace) an allow entry.
+    PutAllow(AllowRecord),
+    /// Delete the allow entry on this network.
+    DelAllow(IpNet),
+}
+
 /// What [`Store::replace_list`] changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListChange {
@@ -680,6 +731,88 @@ impl Store {
         .await
     }
 
+    /// Every block that decodes, and the records that do not (skipped, not
+    /// fatal: one damaged record must not hide the others).
+    pub async fn blocks_lenient(&self) -> Result<Lenient<BlockRecord>, StoreError> {
+        const OP: &str = "blocks";
+        self.blocking(OP, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+            let mut out = Lenient::default();
+            for entry in t.iter().map_err(s.err(OP))? {
+                let (k, v) = entry.map_err(s.err(OP))?;
+                match codec::decode_net_key(k.value())
+                    .and_then(|net| codec::decode_block(net, v.value()))
+                {
+                    Ok(rec) => out.records.push(rec),
+                    Err(e) => out.unreadable.push(unreadable("blocks", k.value(), e)),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every allow entry that decodes, and the records that do not.
+    pub async fn allows_lenient(&self) -> Result<Lenient<AllowRecord>, StoreError> {
+        const OP: &str = "allows";
+        self.blocking(OP, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
+            let mut out = Lenient::default();
+            for entry in t.iter().map_err(s.err(OP))? {
+                let (k, v) = entry.map_err(s.err(OP))?;
+                match codec::decode_net_key(k.value())
+                    .and_then(|net| codec::decode_allow(net, v.value()))
+                {
+                    Ok(rec) => out.records.push(rec),
+                    Err(e) => out.unreadable.push(unreadable("allows", k.value(), e)),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Writes `changes` in one durable transaction, in order.
+    pub async fn apply(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        const OP: &str = "apply";
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.blocking(OP, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut blocks = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+                let mut allows = txn.open_table(ALLOWS).map_err(s.err(OP))?;
+                for c in &changes {
+                    match c {
+                        Change::PutBlock(rec) => blocks
+                            .insert(
+                                codec::net_key(rec.net).as_slice(),
+                                codec::encode_block(rec).as_slice(),
+                            )
+                            .map(drop),
+                        Change::DelBlock(net) => {
+                            blocks.remove(codec::net_key(*net).as_slice()).map(drop)
+                        }
+                        Change::PutAllow(rec) => allows
+                            .insert(
+                                codec::net_key(rec.net).as_slice(),
+                                codec::encode_allow(rec).as_slice(),
+                            )
+                            .map(drop),
+                        Change::DelAllow(net) => {
+                            allows.remove(codec::net_key(*net).as_slice()).map(drop)
+                        }
+                    }
+                    .map_err(s.err(OP))?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
     /// Stores (replaces) an allow entry, keyed by its normalised network.
     pub async fn put_allow(&self, rec: AllowRecord) -> Result<(), StoreError> {
         const OP: &str = "put_allow";
@@ -731,6 +864,19 @@ impl Store {
             Ok(out)
         })
         .await
+    }
+}
+
+/// An [`Unreadable`] for the record under key `k` of `table`.
+fn unreadable(table: &'static str, k: &[u8], e: DecodeError) -> Unreadable {
+    let key = codec::decode_net_key(k)
+        .map(|n| n.to_string())
+        .or_else(|_| codec::decode_ip_key(k).map(|a| a.to_string()))
+        .unwrap_or_else(|_| codec::hex(k));
+    Unreadable {
+        table,
+        key,
+        detail: e.0,
     }
 }
 

@@ -17,6 +17,15 @@
 //! - Nothing the access list permits, an allow entry covers, or a DNSWL
 //!   allowlisted is ever blocked, nor any prefix containing one of them.
 //!
+//! RESTORING. At start the kernel and the store are made to agree without
+//! ever taking a verdict out of the kernel because the store lacks it: the
+//! store may be new, emptied or partly unreadable, and the pinned maps are
+//! then the only record of what is blocked. So: store entries missing from
+//! the kernel (after a reboot, all of them) are put in; pinned entries the
+//! store does not hold are adopted into it with the kernel's reason and
+//! remaining lifetime; records that do not decode are skipped and named.
+//! Kernel entries leave only by an operator's unblock or by expiry.
+//!
 //! MAP FULL. A full map refuses the new entry: the refusal is logged,
 //! counted (`blocks_refused_full`), and the client is still rejected at the
 //! SMTP level. Entries already in the kernel are never evicted to make
@@ -41,7 +50,7 @@ use serde::Serialize;
 use crate::{
     config::{AccessAction, BlockOn, Config},
     duration,
-    store::{now_unix, AllowRecord, BlockRecord, Store},
+    store::{now_unix, AllowRecord, BlockRecord, Change, Store, Unreadable},
     xdp::{maps::boot_now, Gate, XdpError},
 };
 
@@ -103,6 +112,25 @@ pub struct Verdicts {
     /// verdict, so kept here instead of read from disk each time.
     allows: RwLock<Vec<IpNet>>,
     pub counters: Counters,
+}
+
+/// What [`Verdicts::reconcile`] did.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Store entries put into the kernel (after a reboot: all of them).
+    pub restored: usize,
+    /// Kernel entries that already matched the store.
+    pub kept: usize,
+    /// Pinned entries the store did not hold (or held as lapsed), written
+    /// into it.
+    pub adopted: usize,
+    /// Kernel entries whose expiry had passed, removed.
+    pub expired: usize,
+    /// Store entries the kernel refused because a map is full.
+    pub refused_full: usize,
+    /// Store records that could not be decoded: skipped, each named in an
+    /// ERROR line by the caller.
+    pub skipped: Vec<Unreadable>,
 }
 
 /// The TTL of the `offence`-th block (1-based): doubling, capped.
@@ -498,66 +526,114 @@ impl Verdicts {
         Ok(())
     }
 
-    /// Makes the kernel hold exactly what the store holds: adds what is
-    /// missing (after a reboot the maps are empty), removes what the store
-    /// no longer has, sweeps what expired. Returns (added, removed, expired).
-    pub async fn reconcile(&self) -> Result<(usize, usize, usize), VerdictError> {
+    /// Puts the store's verdicts into the kernel at start, and the kernel's
+    /// into the store: see RESTORING in the module docs.
+    pub async fn reconcile(&self) -> Result<Restored, VerdictError> {
         let now = now_unix();
-        let expired = self.sweep().await?;
-        let blocks: Vec<BlockRecord> = self
-            .store
-            .blocks()
-            .await?
-            .into_iter()
-            .filter(|b| b.expires == 0 || b.expires > now)
-            .collect();
-        let allows = self.store.allows().await?;
-        *self.allows.write().expect("allows lock") = allows.iter().map(|a| a.net).collect();
+        let blocks = self.store.blocks_lenient().await?;
+        let allows = self.store.allows_lenient().await?;
+        let mut out = Restored {
+            skipped: blocks.unreadable,
+            ..Restored::default()
+        };
+        out.skipped.extend(allows.unreadable);
+        let stored: HashMap<IpNet, BlockRecord> =
+            blocks.records.into_iter().map(|b| (b.net, b)).collect();
+        let stored_allows: HashSet<IpNet> = allows.records.iter().map(|a| a.net).collect();
+        let live = |b: &BlockRecord| b.expires == 0 || b.expires > now;
+
+        let mut adopt: Vec<Change> = Vec::new();
+        let mut kernel_allows: Vec<IpNet> = Vec::new();
+        let kernel = self.with_gate(|g| -> Result<(), XdpError> {
+            let mut in_kernel = HashSet::new();
+            for l in g.maps.blocks()? {
+                if l.expires_in == Some(0) {
+                    // Lapsed in the kernel: the program ignores it already.
+                    g.maps.unblock(l.net)?;
+                    out.expired += 1;
+                    continue;
+                }
+                in_kernel.insert(l.net);
+                let prev = stored.get(&l.net);
+                if prev.is_some_and(live) {
+                    out.kept += 1;
+                    continue;
+                }
+                // The store lacks it (new, emptied or damaged store) or
+                // holds a lapsed record: the kernel is right.
+                adopt.push(Change::PutBlock(BlockRecord {
+                    net: l.net,
+                    reason: l.reason,
+                    expires: l.expires_in.map_or(0, |s| now + s),
+                    added: prev.map_or(now, |p| p.added),
+                    list: prev.and_then(|p| p.list.clone()),
+                    offences: prev.map_or(1, |p| p.offences),
+                }));
+            }
+            for b in stored.values().filter(|b| live(b)) {
+                if in_kernel.contains(&b.net) {
+                    continue;
+                }
+                match g.maps.block(
+                    b.net,
+                    kernel_reason(&b.reason),
+                    kernel_expiry(b.expires, now),
+                ) {
+                    Ok(()) => out.restored += 1,
+                    Err(XdpError::MapFull { .. }) => out.refused_full += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+            let allowed: HashSet<IpNet> = g.maps.allows()?.into_iter().map(|l| l.net).collect();
+            for a in &allowed {
+                if stored_allows.contains(a) {
+                    out.kept += 1;
+                } else {
+                    adopt.push(Change::PutAllow(AllowRecord {
+                        net: *a,
+                        added: now,
+                        comment: Some("adopted from the kernel".into()),
+                    }));
+                    kernel_allows.push(*a);
+                }
+            }
+            for a in stored_allows.difference(&allowed) {
+                match g.maps.allow(*a) {
+                    Ok(()) => out.restored += 1,
+                    Err(XdpError::MapFull { .. }) => out.refused_full += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        if let Some(Err(e)) = kernel {
+            return Err(e.into());
+        }
+        if out.refused_full > 0 {
+            self.counters
+                .blocks_refused_full
+                .fetch_add(out.refused_full as u64, Ordering::Relaxed);
+        }
+
+        let mut all_allows: Vec<IpNet> = allows.records.iter().map(|a| a.net).collect();
+        all_allows.extend(kernel_allows);
+        *self.allows.write().expect("allows lock") = all_allows;
         {
             let mut groups = self.groups.lock().expect("groups lock");
             groups.clear();
-            for b in &blocks {
+            let adopted = adopt.iter().filter_map(|c| match c {
+                Change::PutBlock(b) => Some(b),
+                _ => None,
+            });
+            for b in stored.values().filter(|b| live(b)).chain(adopted) {
                 if let Some(g) = group_of(b.net) {
                     groups.entry(g).or_default().insert(b.net);
                 }
             }
         }
-        let result = self.with_gate(|g| -> Result<(usize, usize), XdpError> {
-            let mut added = 0;
-            let mut removed = 0;
-            let in_kernel: HashSet<IpNet> = g.maps.blocks()?.into_iter().map(|l| l.net).collect();
-            let wanted: HashSet<IpNet> = blocks.iter().map(|b| b.net).collect();
-            for b in &blocks {
-                if !in_kernel.contains(&b.net) {
-                    g.maps.block(
-                        b.net,
-                        kernel_reason(&b.reason),
-                        kernel_expiry(b.expires, now),
-                    )?;
-                    added += 1;
-                }
-            }
-            for net in in_kernel.difference(&wanted) {
-                g.maps.unblock(*net)?;
-                removed += 1;
-            }
-            let allowed: HashSet<IpNet> = g.maps.allows()?.into_iter().map(|l| l.net).collect();
-            let want_allow: HashSet<IpNet> = allows.iter().map(|a| a.net).collect();
-            for a in want_allow.difference(&allowed) {
-                g.maps.allow(*a)?;
-                added += 1;
-            }
-            for a in allowed.difference(&want_allow) {
-                g.maps.unallow(*a)?;
-                removed += 1;
-            }
-            Ok((added, removed))
-        });
-        let (added, removed) = match result {
-            Some(r) => r?,
-            None => (0, 0),
-        };
-        Ok((added, removed, expired))
+        out.adopted = adopt.len();
+        self.store.apply(adopt).await?;
+        Ok(out)
     }
 
     /// Takes lapsed blocks out of the kernel, logging each. Their store

@@ -452,3 +452,75 @@ async fn many_tasks_share_one_store() {
     assert!(clients.iter().all(|(_, r)| r.last_seen == 2), "{clients:?}");
     assert_eq!(s.blocks().await.unwrap().len(), 32);
 }
+
+#[tokio::test]
+async fn lenient_reads_skip_and_name_undecodable_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let s = Store::open(&path).unwrap();
+        s.apply(vec![
+            Change::PutBlock(block("192.0.2.1/32", None)),
+            Change::PutBlock(block("192.0.2.2/32", None)),
+            Change::PutBlock(block("2001:db8::/64", None)),
+            Change::PutAllow(AllowRecord {
+                net: net("198.51.100.0/24"),
+                added: 1,
+                comment: None,
+            }),
+        ])
+        .await
+        .unwrap();
+    }
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut t = txn.open_table(BLOCKS).unwrap();
+        let key = codec::net_key(net("192.0.2.2/32"));
+        t.insert(key.as_slice(), [codec::RECORD_FORMAT, 1].as_slice())
+            .unwrap();
+        t.insert([9u8, 9].as_slice(), [0u8].as_slice()).unwrap();
+        drop(t);
+        txn.commit().unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    let got = s.blocks_lenient().await.unwrap();
+    assert_eq!(
+        got.records,
+        vec![block("192.0.2.1/32", None), block("2001:db8::/64", None)]
+    );
+    let named: Vec<String> = got.unreadable.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        named,
+        vec![
+            "table blocks, key 192.0.2.2/32: record truncated".to_owned(),
+            "table blocks, key 0909: network key with unknown family".to_owned(),
+        ]
+    );
+    assert_eq!(s.allows_lenient().await.unwrap().records.len(), 1);
+    // The strict reader still refuses to guess.
+    assert!(matches!(
+        s.blocks().await.unwrap_err(),
+        StoreError::Corrupt { .. }
+    ));
+}
+
+#[tokio::test]
+async fn apply_writes_a_batch_in_order() {
+    let (_dir, s) = temp_store();
+    s.apply(vec![
+        Change::PutBlock(block("192.0.2.1/32", None)),
+        Change::PutBlock(block("192.0.2.9/32", None)),
+        Change::DelBlock(net("192.0.2.1/32")),
+        Change::PutAllow(AllowRecord {
+            net: net("198.51.100.0/24"),
+            added: 1,
+            comment: None,
+        }),
+        Change::DelAllow(net("198.51.100.0/24")),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.blocks().await.unwrap(), vec![block("192.0.2.9/32", None)]);
+    assert!(s.allows().await.unwrap().is_empty());
+}

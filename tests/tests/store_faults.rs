@@ -1,0 +1,169 @@
+//! The store never erases the kernel, and its faults fail cleanly: a
+//! deleted, emptied, partly unreadable, damaged or full store must never
+//! let a blocked source through at the NIC, and what the kernel held must
+//! end up back in the store.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use integration_tests::{
+    daemon::{blocked, ok, start, write_config},
+    netns::{listen, ChildGuard, NetNs, PinDir},
+    store_damage,
+};
+
+const DROPPED: Duration = Duration::from_secs(1);
+
+/// A namespace with a TCP listener on the host side of its veth, guarded by
+/// a daemon's XDP gate on that port.
+struct Guarded {
+    ns: NetNs,
+    pins: PinDir,
+    dir: tempfile::TempDir,
+    cfg: PathBuf,
+    /// The listener the namespace's clients try to reach.
+    to: SocketAddr,
+}
+
+impl Guarded {
+    fn new(tag: &str) -> Guarded {
+        let ns = NetNs::new();
+        let pins = PinDir::new(&format!("{tag}{}", ns.n));
+        let port = 2700 + u16::try_from(ns.n).unwrap();
+        let to = listen(SocketAddr::new(ns.host_v4(), port));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+        Guarded {
+            ns,
+            pins,
+            dir,
+            cfg,
+            to,
+        }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("screener.redb")
+    }
+
+    fn start(&self, n: u32) -> ChildGuard {
+        start(&self.cfg, self.dir.path(), n)
+    }
+
+    fn log(&self, n: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("daemon{n}.log"))).unwrap_or_default()
+    }
+
+    fn reaches(&self, from: IpAddr) -> bool {
+        self.ns.connects(from, self.to, DROPPED)
+    }
+
+    /// What a reboot does to the gate: the pins are gone.
+    fn reboot(&self) {
+        screener::xdp::detach(&self.pins.0).unwrap();
+    }
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[track_caller]
+fn assert_contains(log: &str, needle: &str) {
+    assert!(log.contains(needle), "no {needle:?} in:\n{log}");
+}
+
+#[test]
+fn a_deleted_store_adopts_the_pinned_blocks_instead_of_removing_them() {
+    let g = Guarded::new("adopt");
+    let bot = g.ns.client_v4();
+    let mut d = g.start(0);
+    ok(&g.cfg, &["block", "add", &bot.to_string(), "--ttl", "2h"]);
+    ok(
+        &g.cfg,
+        &["block", "add", "2001:db8:ffff::/48", "--reason", "spam run"],
+    );
+    ok(&g.cfg, &["allow", "add", "198.51.100.0/24"]);
+    assert!(!g.reaches(bot), "the blocked bot got through");
+    d.kill9();
+
+    // The store is lost; the pinned maps are not.
+    std::fs::remove_file(g.store()).unwrap();
+    let mut d = g.start(1);
+    assert!(
+        !g.reaches(bot),
+        "a restart with an empty store opened the gate"
+    );
+    assert!(g.reaches(g.ns.neighbour_v4()), "the neighbour is dropped");
+    let log = g.log(1);
+    assert_contains(&log, "WARN");
+    assert_contains(&log, "3 adopted from the kernel into the store");
+    assert!(!log.contains("UNBLOCK"), "{log}");
+    assert_eq!(
+        sorted(blocked(&g.cfg)),
+        vec![format!("{bot}/32"), "2001:db8:ffff::/48".to_owned()]
+    );
+    let list = ok(&g.cfg, &["block", "list"]);
+    assert!(list.contains("manual"), "{list}");
+    d.kill9();
+
+    // The adopted entries are in the store now: after a reboot (pins gone)
+    // they come back from it, with the lifetime the kernel had left.
+    g.reboot();
+    let _d = g.start(2);
+    assert!(!g.reaches(bot), "the adopted block was not stored");
+    assert_contains(&g.log(2), "3 restored into the kernel");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&g.cfg, &["block", "list", "--json"])).unwrap();
+    let bot_entry = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["net"] == format!("{bot}/32"))
+        .unwrap();
+    let left = bot_entry["expires_in"].as_u64().unwrap();
+    assert!((6000..=7200).contains(&left), "{bot_entry}");
+    assert!(ok(&g.cfg, &["allow", "list"]).contains("198.51.100.0/24"));
+}
+
+#[test]
+fn one_unreadable_record_is_skipped_and_named_the_rest_restored() {
+    let g = Guarded::new("skip");
+    let bot = g.ns.client_v4();
+    let mut d = g.start(0);
+    let others: Vec<String> = (1..=20).map(|i| format!("198.51.100.{i}")).collect();
+    let mut args = vec!["block", "add"];
+    args.extend(others.iter().map(String::as_str));
+    ok(&g.cfg, &args);
+    ok(&g.cfg, &["block", "add", &bot.to_string()]);
+    d.kill9();
+
+    store_damage::scribble_block_record(&g.store(), "198.51.100.7/32");
+    g.reboot();
+    assert!(g.reaches(bot), "the reboot left the bot blocked");
+
+    let _d = g.start(1);
+    assert!(!g.reaches(bot), "the bot's block was not restored");
+    let log = g.log(1);
+    let error = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("unreadable store record"))
+        .unwrap_or_else(|| panic!("no ERROR line naming the record:\n{log}"));
+    assert!(
+        error.contains("table blocks") && error.contains("198.51.100.7/32"),
+        "{error}"
+    );
+    assert_contains(&log, "20 restored into the kernel");
+    assert_contains(&log, "1 unreadable records skipped");
+    let mut want: Vec<String> = others
+        .iter()
+        .filter(|a| *a != "198.51.100.7")
+        .map(|a| format!("{a}/32"))
+        .collect();
+    want.push(format!("{bot}/32"));
+    assert_eq!(sorted(blocked(&g.cfg)), sorted(want));
+}
