@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use screener::{
     admin::{self, Request},
     config::{self, Config, Show},
-    daemon, duration, xdp,
+    daemon, duration, store, verdict, xdp,
 };
 
 /// SMTP zombie blocker: screens new SMTP clients like postscreen and drops
@@ -54,6 +54,9 @@ enum Command {
     /// The XDP attachment.
     #[command(subcommand)]
     Xdp(XdpCmd),
+    /// Check or repair the store file (store.path); run without the daemon.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Import a shared block list (Spamhaus DROP style or plain CIDRs).
     Import {
         file: PathBuf,
@@ -161,6 +164,17 @@ enum CacheCmd {
     Show { ip: String },
     /// Forget one client, or every client.
     Purge { ip: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Open the store read-only and verify that every table and record
+    /// reads; non-zero exit when anything is damaged.
+    Check,
+    /// Rebuild a damaged store: every readable record, plus the verdicts
+    /// the pinned maps hold, go into a new file; the damaged one is kept
+    /// as <file>.damaged-<time>.
+    Repair,
 }
 
 #[derive(Subcommand)]
@@ -289,6 +303,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Xdp(x) => {
             let (cfg, _) = load_config(cpath, false)?;
             xdp_cmd(&cfg, x).await
+        }
+        Command::Store(s) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            tokio::task::spawn_blocking(move || store_cmd(&cfg, &s)).await?
         }
         Command::Import {
             file,
@@ -428,6 +446,37 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
             let tmp = p.with_extension("toml.new");
             std::fs::write(&tmp, new).with_context(|| format!("writing {}", tmp.display()))?;
             std::fs::rename(&tmp, &p).with_context(|| format!("replacing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `store check` / `store repair`: they work on the file directly, so the
+/// daemon must not hold it (both say so when it does).
+fn store_cmd(cfg: &Config, s: &StoreCmd) -> anyhow::Result<()> {
+    let path = &cfg.store.path;
+    match s {
+        StoreCmd::Check => {
+            let report = store::salvage::check(path)?;
+            println!("{report}");
+            if !report.healthy() {
+                bail!("store {} is damaged", path.display());
+            }
+        }
+        StoreCmd::Repair => {
+            let pins = &cfg.xdp.pin_path;
+            let pinned = if xdp::is_pinned(pins) {
+                match verdict::pinned_verdicts(pins) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("not adopting the pinned verdicts: {e}");
+                        store::salvage::Pinned::default()
+                    }
+                }
+            } else {
+                store::salvage::Pinned::default()
+            };
+            println!("{}", store::salvage::repair(path, &pinned)?);
         }
     }
     Ok(())

@@ -30,10 +30,15 @@
 //! committed without waiting for the disk.
 
 mod codec;
+mod guard;
+mod overlay;
+pub mod salvage;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,6 +49,19 @@ use redb::{
 };
 
 use codec::DecodeError;
+
+/// What an operator should do about a damaged store file; part of every
+/// error that reports one.
+pub const REPAIR_HINT: &str = "the pinned XDP gate keeps dropping meanwhile. \
+Run `screener store check` to see what is readable and `screener store repair` to rebuild the file \
+from its readable records and the pinned verdicts (the damaged file is kept beside it as \
+<file>.damaged-<time>), or move the file away to start with an empty store (the pinned verdicts \
+are adopted into it)";
+
+/// redb's page cache. Its default (1 GiB) is sized for a database server;
+/// the screener's working set is the allow/block tables and the recent
+/// cache records.
+const CACHE_BYTES: usize = 64 << 20;
 
 /// The layout this build reads and writes. Bump it when a table's meaning
 /// or key/value encoding changes.
@@ -269,6 +287,22 @@ pub enum StoreError {
         /// What redb said.
         source: Box<redb::DatabaseError>,
     },
+    /// The file is damaged: redb panicked on it or reported it corrupt.
+    #[error("store {} is damaged ({op}: {detail}); {REPAIR_HINT}", path.display())]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// The operation that met the damage.
+        op: &'static str,
+        /// What redb said or where it panicked.
+        detail: String,
+    },
+    /// Another process (a running daemon) has the file open.
+    #[error("store {} is in use by another process (a running daemon?); stop it first", path.display())]
+    InUse {
+        /// The database file.
+        path: PathBuf,
+    },
     /// The file was written with another layout.
     #[error(
         "store {} has layout version {found}, this build reads version {expected}",
@@ -425,30 +459,44 @@ impl Inner {
 }
 
 impl Store {
-    /// Opens the database at `path`, creating it and its missing parent
-    /// directories, and checks its layout version.
+    /// Opens the database at `path`, creating it (mode 0600) and its
+    /// missing parent directories (0700), checks its layout version and
+    /// walks every table once, so a damaged file is reported here, naming
+    /// it, rather than by a panic at the first read that meets the damage.
     ///
     /// This blocks (it may repair a file left by a crash): call it at
     /// start-up or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-                path: parent.to_path_buf(),
-                source,
-            })?;
-        }
-        let db = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
+        let (store, _) = Store::open_census(path)?;
+        Ok(store)
+    }
+
+    /// [`Store::open`], also returning what each table holds.
+    pub fn open_census(path: &Path) -> Result<(Store, salvage::Census), StoreError> {
+        let db = open_db(path)?;
         let inner = Inner {
             db,
             path: path.to_path_buf(),
         };
-        inner.check_layout()?;
-        Ok(Store {
-            inner: Arc::new(inner),
-        })
+        guard::catching(|| inner.check_layout()).map_err(|detail| StoreError::Damaged {
+            path: path.to_path_buf(),
+            op: "open",
+            detail,
+        })??;
+        let census = salvage::census(&inner.db);
+        if let Some((table, detail)) = census.damage() {
+            return Err(StoreError::Damaged {
+                path: path.to_path_buf(),
+                op: "open",
+                detail: format!("table {table}: {detail}"),
+            });
+        }
+        Ok((
+            Store {
+                inner: Arc::new(inner),
+            },
+            census,
+        ))
     }
 
     /// The database file.
@@ -463,13 +511,21 @@ impl Store {
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| StoreError::Task {
-                path: self.inner.path.clone(),
-                op,
-                detail: e.to_string(),
-            })?
+        tokio::task::spawn_blocking(move || {
+            guard::catching(|| f(&inner)).unwrap_or_else(|detail| {
+                Err(StoreError::Damaged {
+                    path: inner.path.clone(),
+                    op,
+                    detail,
+                })
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Task {
+            path: self.inner.path.clone(),
+            op,
+            detail: e.to_string(),
+        })?
     }
 
     /// The cache record of `ip` (v4-mapped IPv6 is looked up as IPv4).
@@ -865,6 +921,108 @@ impl Store {
         })
         .await
     }
+}
+
+/// Creates the directories above `path` that are missing, mode 0700: the
+/// store names every client and verdict.
+fn create_parent(path: &Path) -> Result<(), StoreError> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(|source| StoreError::CreateDir {
+            path: parent.to_path_buf(),
+            source,
+        })
+}
+
+/// Opens (creating, mode 0600) the redb file at `path`; a panic inside
+/// redb and a file redb calls corrupt become [`StoreError::Damaged`].
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    create_parent(path)?;
+    let open_err = |source: std::io::Error| StoreError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(redb::DatabaseError::Storage(redb::StorageError::Io(source))),
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(open_err)?;
+    let opened = guard::catching(move || {
+        redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create_file(file)
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(open_error(path, e)),
+        Err(detail) => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            op: "open",
+            detail,
+        }),
+    }
+}
+
+/// Sorts redb's refusal to open a file: in use, damaged, or another
+/// problem (permissions, I/O).
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError as D, StorageError as S};
+    let path = path.to_path_buf();
+    match e {
+        D::DatabaseAlreadyOpen => StoreError::InUse { path },
+        D::Storage(S::Corrupted(detail)) => StoreError::Damaged {
+            path,
+            op: "open",
+            detail,
+        },
+        // A header that does not parse, a file shorter than its header.
+        D::Storage(S::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            StoreError::Damaged {
+                path,
+                op: "open",
+                detail: io.to_string(),
+            }
+        }
+        other => StoreError::Open {
+            path,
+            source: Box::new(other),
+        },
+    }
+}
+
+/// Opens `path` for reading without taking it from a running daemon: a
+/// shared lock, refused while the daemon holds its exclusive one.
+fn open_locked(path: &Path, exclusive: bool) -> Result<File, StoreError> {
+    use std::os::fd::AsRawFd as _;
+    let file = File::open(path).map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(redb::DatabaseError::Storage(redb::StorageError::Io(source))),
+    })?;
+    let how = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
+        return Err(StoreError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
 }
 
 /// An [`Unreadable`] for the record under key `k` of `table`.

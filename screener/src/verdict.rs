@@ -50,8 +50,11 @@ use serde::Serialize;
 use crate::{
     config::{AccessAction, BlockOn, Config},
     duration,
-    store::{now_unix, AllowRecord, BlockRecord, Change, Store, Unreadable},
-    xdp::{maps::boot_now, Gate, XdpError},
+    store::{now_unix, salvage, AllowRecord, BlockRecord, Change, Store, Unreadable},
+    xdp::{
+        maps::{boot_now, Listed},
+        Gate, XdpError,
+    },
 };
 
 /// Daemon-side counters of verdicts.
@@ -132,6 +135,48 @@ pub struct Restored {
     /// ERROR line by the caller.
     pub skipped: Vec<Unreadable>,
 }
+
+/// The store record for a kernel entry the store does not hold: the
+/// kernel's reason and remaining lifetime; `prev` (a lapsed record on the
+/// same network) keeps its first-seen time, offence count and owner.
+fn adopted(l: Listed, prev: Option<&BlockRecord>, now: u64) -> BlockRecord {
+    BlockRecord {
+        net: l.net,
+        reason: l.reason,
+        expires: l.expires_in.map_or(0, |s| now + s),
+        added: prev.map_or(now, |p| p.added),
+        list: prev.and_then(|p| p.list.clone()),
+        offences: prev.map_or(1, |p| p.offences),
+    }
+}
+
+/// What the maps pinned in `dir` hold, as store records, for
+/// `screener store repair` (which runs without the daemon). Lapsed
+/// entries are left out.
+pub fn pinned_verdicts(dir: &std::path::Path) -> Result<salvage::Pinned, XdpError> {
+    crate::xdp::maps::check_pinned_layout(dir)?;
+    let maps = crate::xdp::Maps::from_pins(dir)?;
+    let now = now_unix();
+    let blocks = maps
+        .blocks()?
+        .into_iter()
+        .filter(|l| l.expires_in != Some(0))
+        .map(|l| adopted(l, None, now))
+        .collect();
+    let allows = maps
+        .allows()?
+        .into_iter()
+        .map(|l| AllowRecord {
+            net: l.net,
+            added: now,
+            comment: Some(ADOPTED.into()),
+        })
+        .collect();
+    Ok(salvage::Pinned { blocks, allows })
+}
+
+/// The comment of an allow entry adopted from the kernel.
+const ADOPTED: &str = "adopted from the kernel";
 
 /// The TTL of the `offence`-th block (1-based): doubling, capped.
 pub fn ttl_for(offence: u32, base: Duration, max: Duration) -> Duration {
@@ -561,14 +606,7 @@ impl Verdicts {
                 }
                 // The store lacks it (new, emptied or damaged store) or
                 // holds a lapsed record: the kernel is right.
-                adopt.push(Change::PutBlock(BlockRecord {
-                    net: l.net,
-                    reason: l.reason,
-                    expires: l.expires_in.map_or(0, |s| now + s),
-                    added: prev.map_or(now, |p| p.added),
-                    list: prev.and_then(|p| p.list.clone()),
-                    offences: prev.map_or(1, |p| p.offences),
-                }));
+                adopt.push(Change::PutBlock(adopted(l, prev, now)));
             }
             for b in stored.values().filter(|b| live(b)) {
                 if in_kernel.contains(&b.net) {
@@ -592,7 +630,7 @@ impl Verdicts {
                     adopt.push(Change::PutAllow(AllowRecord {
                         net: *a,
                         added: now,
-                        comment: Some("adopted from the kernel".into()),
+                        comment: Some(ADOPTED.into()),
                     }));
                     kernel_allows.push(*a);
                 }

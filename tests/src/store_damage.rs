@@ -59,22 +59,40 @@ pub fn scribble_block_record(store: &Path, net: &str) {
     txn.commit().unwrap();
 }
 
-/// Overwrites, in place, the 4 KiB page of `store` that holds the first
-/// occurrence of `needle` with 0xa5 bytes, as a disk or a stray write
-/// would. Returns the page offset.
+/// Opens and closes the store once with redb, so a file left by a killed
+/// daemon is recovered and closed cleanly: the damage a test makes next is
+/// then the only thing wrong with it.
 #[track_caller]
-pub fn scribble_page_holding(store: &Path, needle: &[u8]) -> u64 {
-    let bytes = std::fs::read(store).unwrap();
-    let at = bytes
+pub fn settle(store: &Path) {
+    drop(Database::create(store).unwrap());
+}
+
+/// Overwrites, in place, every 4 KiB page of `store` holding `needle` with
+/// 0xa5 bytes, as a failing disk or a stray write would. Returns how many
+/// pages.
+#[track_caller]
+pub fn scribble_pages_holding(store: &Path, needle: &[u8]) -> usize {
+    let mut bytes = std::fs::read(store).unwrap();
+    let mut pages: Vec<usize> = bytes
         .windows(needle.len())
-        .position(|w| w == needle)
-        .unwrap_or_else(|| panic!("{needle:?} is not in {}", store.display()));
-    let page = (at as u64) & !4095;
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(at, _)| at & !4095)
+        .collect();
+    pages.dedup();
+    assert!(
+        !pages.is_empty(),
+        "{needle:?} is not in {}",
+        store.display()
+    );
+    for p in &pages {
+        bytes[*p..*p + 4096].fill(0xa5);
+    }
     let mut f = std::fs::OpenOptions::new().write(true).open(store).unwrap();
-    f.seek(SeekFrom::Start(page)).unwrap();
-    f.write_all(&[0xa5; 4096]).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&bytes).unwrap();
     f.sync_all().unwrap();
-    page
+    pages.len()
 }
 
 /// Cuts `store` to `keep` of its length (a copy interrupted, a disk that

@@ -10,7 +10,7 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::{blocked, ok, start, write_config},
+    daemon::{blocked, cli, ok, start, write_config},
     netns::{listen, ChildGuard, NetNs, PinDir},
     store_damage,
 };
@@ -166,4 +166,113 @@ fn one_unreadable_record_is_skipped_and_named_the_rest_restored() {
         .collect();
     want.push(format!("{bot}/32"));
     assert_eq!(sorted(blocked(&g.cfg)), sorted(want));
+}
+
+/// Runs the daemon on `g` to its exit; (success, output).
+fn run_to_exit(g: &Guarded) -> (bool, String) {
+    let out = std::process::Command::new(integration_tests::netns::screener_bin())
+        .arg("-c")
+        .arg(&g.cfg)
+        .arg("run")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A daemon on `g` that blocked the namespace's client (with `reason`) and
+/// a few hundred IPv6 prefixes, killed; returns the bot.
+fn blocked_then_killed(g: &Guarded, reason: &str) -> IpAddr {
+    let bot = g.ns.client_v4();
+    let mut d = g.start(0);
+    let list = g.dir.path().join("list.txt");
+    let lines = (0..600)
+        .map(|i| format!("2001:db8:ff:{i:x}::/64"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&list, lines).unwrap();
+    ok(
+        &g.cfg,
+        &["import", list.to_str().unwrap(), "--format", "cidr"],
+    );
+    ok(
+        &g.cfg,
+        &["block", "add", &bot.to_string(), "--reason", reason],
+    );
+    assert!(!g.reaches(bot), "the blocked bot got through");
+    d.kill9();
+    bot
+}
+
+/// The damaged store stops the daemon cleanly; the pinned gate keeps
+/// dropping; `store check` says what is wrong; `store repair` rebuilds it
+/// and the daemon starts again with every verdict.
+fn damaged_store_cycle(g: &Guarded, bot: IpAddr, what_check_says: &str) {
+    let (started, out) = run_to_exit(g);
+    assert!(!started, "the daemon started on a damaged store: {out}");
+    let store = g.store().display().to_string();
+    assert_contains(&out, &format!("store {store} is damaged"));
+    assert_contains(&out, "screener store repair");
+    assert!(
+        !out.contains("thread '") && !out.contains("task "),
+        "a panic escaped: {out}"
+    );
+    assert!(
+        !g.reaches(bot),
+        "the gate opened while the store is damaged"
+    );
+
+    let (healthy, report) = cli(&g.cfg, &["store", "check"]);
+    assert!(!healthy, "store check passed a damaged store: {report}");
+    assert_contains(&report, what_check_says);
+    assert_contains(&report, "DAMAGED");
+
+    let repaired = ok(&g.cfg, &["store", "repair"]);
+    assert_contains(&repaired, "the damaged file is kept as");
+    let kept = std::fs::read_dir(g.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("screener.redb.damaged-")
+        });
+    assert!(kept, "{repaired}");
+    assert_contains(&ok(&g.cfg, &["store", "check"]), "healthy");
+
+    let mut d = g.start(1);
+    assert!(!g.reaches(bot), "the bot got through after the repair");
+    let list = blocked(&g.cfg);
+    assert!(list.contains(&format!("{bot}/32")), "{list:?}");
+    d.kill9();
+    // The repaired store holds the bot's verdict itself: a reboot brings
+    // it back.
+    g.reboot();
+    let _d = g.start(2);
+    assert!(!g.reaches(bot), "the repaired store lost the bot's block");
+}
+
+#[test]
+fn a_scribbled_store_fails_cleanly_and_repair_brings_it_back() {
+    let g = Guarded::new("scrib");
+    let bot = blocked_then_killed(&g, "scribble-here");
+    store_damage::settle(&g.store());
+    let pages = store_damage::scribble_pages_holding(&g.store(), b"scribble-here");
+    assert!(pages >= 1);
+    damaged_store_cycle(&g, bot, "damaged");
+}
+
+#[test]
+fn a_truncated_store_fails_cleanly_and_repair_brings_it_back() {
+    let g = Guarded::new("trunc");
+    let bot = blocked_then_killed(&g, "manual");
+    store_damage::settle(&g.store());
+    store_damage::truncate(&g.store(), 0.5);
+    damaged_store_cycle(&g, bot, "cut short");
 }

@@ -333,12 +333,12 @@ async fn data_survives_reopen() {
 }
 
 #[test]
-fn garbage_file_is_an_open_error_naming_the_path() {
+fn garbage_file_is_a_damaged_store_error_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk.redb");
     std::fs::write(&path, vec![0x5a; 8192]).unwrap();
     let err = Store::open(&path).unwrap_err();
-    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
     assert!(err.to_string().contains("junk.redb"), "{err}");
 }
 
@@ -523,4 +523,168 @@ async fn apply_writes_a_batch_in_order() {
     .unwrap();
     assert_eq!(s.blocks().await.unwrap(), vec![block("192.0.2.9/32", None)]);
     assert!(s.allows().await.unwrap().is_empty());
+}
+
+/// A store of `n` blocks (reason `r<i>`), closed cleanly, and its path.
+async fn filled_store(dir: &Path, n: u32) -> PathBuf {
+    let path = dir.join("s.redb");
+    let s = Store::open(&path).unwrap();
+    let changes = (0..n)
+        .map(|i| {
+            Change::PutBlock(BlockRecord {
+                net: IpNet::from(IpAddr::from(std::net::Ipv6Addr::from(
+                    0x2001_0db8_u128 << 96 | u128::from(i),
+                ))),
+                reason: format!("r{i:05}"),
+                expires: 0,
+                added: 1,
+                list: None,
+                offences: 1,
+            })
+        })
+        .collect();
+    s.apply(changes).await.unwrap();
+    s.put_client(ip("192.0.2.1"), ClientRecord::default())
+        .await
+        .unwrap();
+    drop(s);
+    path
+}
+
+/// Overwrites every 4 KiB page holding `needle` with 0xa5 bytes.
+fn scribble_pages_holding(path: &Path, needle: &[u8]) -> usize {
+    let mut bytes = std::fs::read(path).unwrap();
+    let pages: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(at, _)| at & !4095)
+        .collect();
+    for p in &pages {
+        bytes[*p..*p + 4096].fill(0xa5);
+    }
+    std::fs::write(path, bytes).unwrap();
+    pages.len()
+}
+
+fn assert_damaged_naming(err: &StoreError, path: &Path) {
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("screener store repair"), "{text}");
+    assert!(text.contains("screener store check"), "{text}");
+}
+
+#[tokio::test]
+async fn a_scribbled_page_is_a_damaged_store_error_and_repair_salvages_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled_store(dir.path(), 2000).await;
+    assert!(scribble_pages_holding(&path, b"r01000") >= 1);
+
+    let err = Store::open(&path).unwrap_err();
+    assert_damaged_naming(&err, &path);
+
+    let report = salvage::check(&path).unwrap();
+    assert!(!report.healthy(), "{report}");
+    let blocks = &report.census.tables[1];
+    assert_eq!(blocks.name, "blocks");
+    assert!(blocks.damage.is_some(), "{report}");
+    assert!(
+        (1800..2000).contains(&blocks.readable),
+        "the walk from both ends should lose one leaf: {report}"
+    );
+    assert!(report.to_string().contains("store repair"), "{report}");
+
+    // The pinned maps hold the lost block of index 1000.
+    let lost = BlockRecord {
+        net: net("2001:db8::3e8/128"),
+        reason: "pregreet".into(),
+        expires: now_unix() + 3600,
+        added: 5,
+        list: None,
+        offences: 1,
+    };
+    let pinned = salvage::Pinned {
+        blocks: vec![lost.clone()],
+        allows: vec![AllowRecord {
+            net: net("203.0.113.0/24"),
+            added: 5,
+            comment: None,
+        }],
+    };
+    let r = salvage::repair(&path, &pinned).unwrap();
+    assert_eq!(r.adopted, 2, "{r}");
+    let kept = r.kept_as.clone().unwrap();
+    assert!(kept.exists());
+    assert!(kept
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("s.redb.damaged-"));
+
+    let (s, census) = Store::open_census(&path).unwrap();
+    assert_eq!(census.readable("blocks"), blocks.readable + 1);
+    assert_eq!(census.readable("clients"), 1);
+    assert_eq!(s.block(lost.net).await.unwrap(), Some(lost));
+    assert_eq!(s.allows().await.unwrap().len(), 1);
+    drop(s);
+    assert!(salvage::check(&path).unwrap().healthy());
+    // A healthy store is left alone.
+    let again = salvage::repair(&path, &salvage::Pinned::default()).unwrap();
+    assert!(again.kept_as.is_none(), "{again}");
+}
+
+#[tokio::test]
+async fn a_truncated_file_is_a_damaged_store_error_and_repair_reads_what_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled_store(dir.path(), 2000).await;
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+
+    let err = Store::open(&path).unwrap_err();
+    assert_damaged_naming(&err, &path);
+    let report = salvage::check(&path).unwrap();
+    assert_eq!(report.cut_short, Some(len), "{report}");
+    assert!(!report.healthy());
+    let r = salvage::repair(&path, &salvage::Pinned::default()).unwrap();
+    let (_, census) = Store::open_census(&path).unwrap();
+    assert_eq!(
+        census.readable("blocks"),
+        report.census.readable("blocks"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn check_and_repair_refuse_a_store_in_use() {
+    let (dir, s) = temp_store();
+    let path = dir.path().join("s.redb");
+    assert!(matches!(
+        salvage::check(&path).unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    assert!(matches!(
+        salvage::repair(&path, &salvage::Pinned::default()).unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    assert!(matches!(
+        Store::open(&path).unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    drop(s);
+    assert!(salvage::check(&path).unwrap().healthy());
+}
+
+#[test]
+fn store_files_and_their_new_directories_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("var/lib/s.redb");
+    drop(Store::open(&path).unwrap());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join("var/lib")), 0o700);
+    assert_eq!(mode(&dir.path().join("var")), 0o700);
 }
