@@ -14,6 +14,12 @@
 //! - When `escalate_v4_hosts` hosts of one IPv4 /24 (or
 //!   `escalate_v6_hosts` prefixes of one IPv6 /48) are blocked, the /24
 //!   (/48) is blocked instead.
+//!
+//! ESCALATION counts offences, not map entries: a host whose block the
+//! kernel refused (its host map is full) offended all the same, and once
+//! the host map is full escalating into the prefix map is the only way
+//! left to stop the bots of that /24 (/48). Each offence counts until the
+//! block it earned would lapse.
 //! - Nothing the access list permits, an allow entry covers, or a DNSWL
 //!   allowlisted is ever blocked, nor any prefix containing one of them.
 //!
@@ -107,14 +113,78 @@ pub struct Verdicts {
     /// `None` with `--no-xdp` or after `xdp detach`: the store still
     /// records verdicts, and they reach the kernel at the next start.
     gate: Mutex<Option<Gate>>,
-    /// Blocked hosts per escalation prefix (/24, /48).
-    groups: Mutex<HashMap<IpNet, HashSet<IpNet>>>,
+    /// Offenders per escalation prefix (/24, /48): see ESCALATION.
+    groups: Mutex<Offenders>,
     /// Clients a DNSWL allowlisted since start.
     dnswl: Mutex<HashSet<IpAddr>>,
     /// The allow entries, as the store holds them: consulted on every
     /// verdict, so kept here instead of read from disk each time.
     allows: RwLock<Vec<IpNet>>,
     pub counters: Counters,
+}
+
+/// Offences per escalation prefix (/24, /48), each until the time its
+/// block would lapse (unix seconds, 0 never): see ESCALATION.
+#[derive(Debug, Default)]
+struct Offenders(HashMap<IpNet, HashMap<IpNet, u64>>);
+
+impl Offenders {
+    /// Counts an offence of `net` in its group until `until` (a later
+    /// offence of the same net extends it).
+    fn note(&mut self, net: IpNet, until: u64) {
+        let Some(group) = group_of(net) else {
+            return;
+        };
+        let e = self.0.entry(group).or_default().entry(net).or_insert(until);
+        if *e != 0 && (until == 0 || until > *e) {
+            *e = until;
+        }
+    }
+
+    /// Nets of `group` with an offence in force at `now`.
+    fn count(&self, group: IpNet, now: u64) -> usize {
+        self.0
+            .get(&group)
+            .map_or(0, |m| m.values().filter(|u| **u == 0 || **u > now).count())
+    }
+
+    /// Forgets `net` (an operator unblocked it).
+    fn forget(&mut self, net: IpNet) {
+        if let Some(group) = group_of(net) {
+            if let Some(m) = self.0.get_mut(&group) {
+                m.remove(&net);
+                if m.is_empty() {
+                    self.0.remove(&group);
+                }
+            }
+        }
+    }
+
+    /// Forgets `net` if its offence has lapsed at `now`; whether it did.
+    fn lapse(&mut self, net: IpNet, now: u64) -> bool {
+        let Some(group) = group_of(net) else {
+            return false;
+        };
+        let Some(m) = self.0.get_mut(&group) else {
+            return false;
+        };
+        if !m.get(&net).is_some_and(|u| *u != 0 && *u <= now) {
+            return false;
+        }
+        m.remove(&net);
+        if m.is_empty() {
+            self.0.remove(&group);
+        }
+        true
+    }
+
+    /// Forgets every offence that lapsed at `now`.
+    fn prune(&mut self, now: u64) {
+        self.0.retain(|_, m| {
+            m.retain(|_, u| *u == 0 || *u > now);
+            !m.is_empty()
+        });
+    }
 }
 
 /// What [`Verdicts::reconcile`] did.
@@ -253,7 +323,7 @@ impl Verdicts {
             cfg: RwLock::new(cfg),
             store,
             gate: Mutex::new(gate),
-            groups: Mutex::new(HashMap::new()),
+            groups: Mutex::new(Offenders::default()),
             dnswl: Mutex::new(HashSet::new()),
             allows: RwLock::new(Vec::new()),
             counters: Counters::default(),
@@ -295,6 +365,11 @@ impl Verdicts {
     /// are never blocked.
     pub fn note_dnswl(&self, ip: IpAddr) {
         self.dnswl.lock().expect("dnswl lock").insert(ip);
+    }
+
+    /// Counts an offence of `net` towards escalating its /24 (/48).
+    fn note_offence(&self, net: IpNet, until: u64) {
+        self.groups.lock().expect("groups lock").note(net, until);
     }
 
     /// Why `net` must not be blocked, if it must not.
@@ -343,14 +418,6 @@ impl Verdicts {
             let _ = self.with_gate(|g| g.maps.unblock(net));
             return Err(e.into());
         }
-        if let Some(group) = group_of(net) {
-            self.groups
-                .lock()
-                .expect("groups lock")
-                .entry(group)
-                .or_default()
-                .insert(net);
-        }
         Ok(())
     }
 
@@ -383,7 +450,9 @@ impl Verdicts {
             }
             done.push(*net);
         }
+        let until = now + ttl.as_secs().max(1);
         for net in nets {
+            self.note_offence(net.trunc(), until);
             self.counters.blocks.fetch_add(1, Ordering::Relaxed);
             tracing::info!("BLOCK {net} reason={label} ttl={}", duration::Display(ttl));
         }
@@ -396,15 +465,7 @@ impl Verdicts {
             r?;
         }
         let rec = self.store.del_block(net).await?;
-        if let Some(group) = group_of(net) {
-            let mut g = self.groups.lock().expect("groups lock");
-            if let Some(set) = g.get_mut(&group) {
-                set.remove(&net);
-                if set.is_empty() {
-                    g.remove(&group);
-                }
-            }
-        }
+        self.groups.lock().expect("groups lock").forget(net);
         Ok(rec)
     }
 
@@ -481,9 +542,10 @@ impl Verdicts {
             return;
         }
         let net = verdict_net(ip, cfg.verdict.ipv6_prefix);
+        // A block the kernel refused (a full host map) is still an offence
+        // in its /24 (/48): escalating is how a full map keeps up.
         if let Err(e) = self.block_verdict(net, block_on_reason(outcome)).await {
             tracing::warn!("BLOCK {net} failed: {e}");
-            return;
         }
         if let Err(e) = self.escalate(net).await {
             tracing::warn!("escalating {net}: {e}");
@@ -501,15 +563,17 @@ impl Verdicts {
         let cfg = self.cfg();
         let now = now_unix();
         let prev = self.store.block(net).await?;
-        if prev
+        if let Some(p) = prev
             .as_ref()
-            .is_some_and(|p| p.list.is_some() && (p.expires == 0 || p.expires > now))
+            .filter(|p| p.list.is_some() && (p.expires == 0 || p.expires > now))
         {
             // An imported list already holds it; leave it with its owner.
+            self.note_offence(net, p.expires);
             return Ok(());
         }
         let offences = prev.as_ref().map_or(1, |p| p.offences + 1);
         let ttl = ttl_for(offences, cfg.verdict.block_ttl, cfg.verdict.block_ttl_max);
+        self.note_offence(net, now + ttl.as_secs());
         let rec = BlockRecord {
             net,
             reason: reason.name().to_owned(),
@@ -542,8 +606,7 @@ impl Verdicts {
             .groups
             .lock()
             .expect("groups lock")
-            .get(&group)
-            .map_or(0, HashSet::len);
+            .count(group, now_unix());
         if k == 0 || count < k as usize || self.live_block(group).await?.is_some() {
             return Ok(());
         }
@@ -658,15 +721,13 @@ impl Verdicts {
         *self.allows.write().expect("allows lock") = all_allows;
         {
             let mut groups = self.groups.lock().expect("groups lock");
-            groups.clear();
+            *groups = Offenders::default();
             let adopted = adopt.iter().filter_map(|c| match c {
                 Change::PutBlock(b) => Some(b),
                 _ => None,
             });
             for b in stored.values().filter(|b| live(b)).chain(adopted) {
-                if let Some(g) = group_of(b.net) {
-                    groups.entry(g).or_default().insert(b.net);
-                }
+                groups.note(b.net, b.expires);
             }
         }
         out.adopted = adopt.len();
@@ -688,20 +749,16 @@ impl Verdicts {
                 Some(r) => r?,
                 None => false,
             };
-            let in_group = group_of(b.net).is_some_and(|group| {
-                let mut g = self.groups.lock().expect("groups lock");
-                let hit = g.get_mut(&group).is_some_and(|set| set.remove(&b.net));
-                if g.get(&group).is_some_and(HashSet::is_empty) {
-                    g.remove(&group);
-                }
-                hit
-            });
-            if in_kernel || in_group {
+            // Without a kernel the offence record is what says the verdict
+            // was in force, so the lapse is logged once.
+            let in_group = self.groups.lock().expect("groups lock").lapse(b.net, now);
+            if in_kernel || (in_group && self.with_gate(|_| ()).is_none()) {
                 self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("UNBLOCK {} reason={} expired", b.net, b.reason);
                 n += 1;
             }
         }
+        self.groups.lock().expect("groups lock").prune(now);
         Ok(n)
     }
 
@@ -807,6 +864,27 @@ mod tests {
             verdict_net("192.0.2.7".parse().unwrap(), 64).to_string(),
             "192.0.2.7/32"
         );
+    }
+
+    #[test]
+    fn offences_count_until_they_lapse() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let g = n("192.0.2.0/24");
+        let mut o = Offenders::default();
+        o.note(n("192.0.2.1/32"), 100);
+        o.note(n("192.0.2.2/32"), 200);
+        o.note(n("192.0.2.2/32"), 150);
+        o.note(n("192.0.2.3/32"), 0);
+        o.note(n("198.51.100.0/24"), 100);
+        assert_eq!(o.count(g, 50), 3);
+        assert_eq!(o.count(g, 100), 2);
+        assert_eq!(o.count(g, 200), 1, "a later offence keeps the longer lapse");
+        assert!(!o.lapse(n("192.0.2.2/32"), 199));
+        assert!(o.lapse(n("192.0.2.2/32"), 200));
+        o.prune(1_000);
+        assert_eq!(o.count(g, 1_000), 1);
+        o.forget(n("192.0.2.3/32"));
+        assert!(o.0.is_empty());
     }
 
     #[test]
