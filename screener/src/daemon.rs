@@ -40,6 +40,9 @@ pub struct Daemon {
     dnsbl: Option<Dnsbl>,
     /// Where the configuration came from, for SIGHUP.
     cfg_path: PathBuf,
+    /// Started with `--no-xdp`: block and allow changes only reach the
+    /// store, and the CLI says so.
+    no_xdp: bool,
     started: Instant,
 }
 
@@ -67,6 +70,29 @@ struct Stats {
     daemon: DaemonStats,
     smtp: smtp::SmtpStats,
     dnsbl: Option<dnsbl::DnsblStats>,
+}
+
+/// Where a block/allow change went, so the CLI never says "blocked" when
+/// nothing reached a kernel.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Kernel {
+    /// Into the kernel maps and the store.
+    Attached,
+    /// Into the store only: `xdp detach` removed the gate under the running
+    /// daemon; the entries reach the kernel when it is loaded again.
+    Detached,
+    /// Into the store only: the daemon runs with `--no-xdp`.
+    NoXdp,
+}
+
+/// The answer to `block add|del`, `allow add|del`.
+#[derive(Serialize)]
+struct Changed {
+    /// The networks changed.
+    nets: Vec<String>,
+    /// Whether the change reached a kernel.
+    kernel: Kernel,
 }
 
 #[derive(Serialize)]
@@ -103,25 +129,25 @@ impl Daemon {
                 v.block_manual(&parsed, ttl.map(Duration::from_secs), reason.as_deref())
                     .await
                     .map_err(err)?;
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
             Request::BlockDel { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.unblock(&parsed, "operator").await.map_err(err)?;
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
             Request::BlockList => self.list(true).await,
             Request::AllowAdd { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.allow(&parsed).await.map_err(err)?;
                 self.refresh_smtp(&v.cfg());
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
             Request::AllowDel { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.unallow(&parsed).await.map_err(err)?;
                 self.refresh_smtp(&v.cfg());
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
             Request::AllowList => self.list(false).await,
             Request::Stats => Ok(json(self.stats())),
@@ -169,6 +195,22 @@ impl Daemon {
                 reason,
             } => self.import(&file, &format, ttl, reason).await,
         }
+    }
+
+    /// The answer to a block/allow change: the networks, and whether the
+    /// change reached a kernel (see [`Changed`]).
+    fn changed(&self, nets: &[IpNet]) -> serde_json::Value {
+        let kernel = if self.verdicts.with_gate(|_| ()).is_some() {
+            Kernel::Attached
+        } else if self.no_xdp {
+            Kernel::NoXdp
+        } else {
+            Kernel::Detached
+        };
+        json(Changed {
+            nets: names(nets),
+            kernel,
+        })
     }
 
     async fn list(&self, blocks: bool) -> Result<serde_json::Value, String> {
@@ -422,6 +464,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         smtp: server.clone(),
         dnsbl,
         cfg_path,
+        no_xdp,
         started: Instant::now(),
     });
     let v = verdicts.clone();

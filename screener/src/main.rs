@@ -367,14 +367,26 @@ fn print_entries(req: &Request, data: &serde_json::Value, json: bool) {
         Request::AllowDel { .. } => "no longer allowed",
         _ => "",
     };
+    if let Some(nets) = data.get("nets").and_then(|n| n.as_array()) {
+        // A change: say whether it reached a kernel.
+        let note = match data.get("kernel").and_then(|k| k.as_str()) {
+            Some("detached") => Some("the XDP gate is detached"),
+            Some("no_xdp") => Some("the daemon runs without XDP (--no-xdp)"),
+            _ => None,
+        };
+        let adding = matches!(req, Request::BlockAdd { .. } | Request::AllowAdd { .. });
+        for net in nets.iter().filter_map(|n| n.as_str()) {
+            match note {
+                Some(note) if adding => println!("recorded {net}; {note}"),
+                _ => println!("{verb} {net}"),
+            }
+        }
+        return;
+    }
     let Some(items) = data.as_array() else {
         return;
     };
     for item in items {
-        if let Some(net) = item.as_str() {
-            println!("{verb} {net}");
-            continue;
-        }
         let get = |k: &str| item.get(k).cloned().unwrap_or_default();
         let expires = match get("expires_in").as_u64() {
             None => "never".to_owned(),

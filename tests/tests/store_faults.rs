@@ -276,3 +276,35 @@ fn a_truncated_store_fails_cleanly_and_repair_brings_it_back() {
     store_damage::truncate(&g.store(), 0.5);
     damaged_store_cycle(&g, bot, "cut short");
 }
+
+#[test]
+fn entries_made_while_detached_say_so_and_reach_the_kernel_later() {
+    let g = Guarded::new("detached");
+    let bot = g.ns.client_v4();
+    let mut d = g.start(0);
+    ok(&g.cfg, &["xdp", "detach"]);
+    let out = ok(&g.cfg, &["block", "add", &bot.to_string()]);
+    assert_eq!(
+        out.trim(),
+        format!("recorded {bot}/32; the XDP gate is detached"),
+        "{out}"
+    );
+    let out = ok(&g.cfg, &["allow", "add", "198.51.100.0/24"]);
+    assert_eq!(
+        out.trim(),
+        "recorded 198.51.100.0/24; the XDP gate is detached"
+    );
+    // Nothing reached a kernel: the bot still connects.
+    assert!(g.reaches(bot), "nothing should drop while detached");
+    assert_eq!(blocked(&g.cfg), vec![format!("{bot}/32")]);
+    d.kill9();
+
+    // The next start loads the gate and the recorded entry with it.
+    let _d = g.start(1);
+    assert!(
+        !g.reaches(bot),
+        "the recorded block did not reach the kernel"
+    );
+    let out = ok(&g.cfg, &["block", "add", "203.0.113.9"]);
+    assert_eq!(out.trim(), "blocked 203.0.113.9/32");
+}
