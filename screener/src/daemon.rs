@@ -68,6 +68,7 @@ struct DaemonStats {
 struct Stats {
     kernel: Option<xdp::maps::KernelStats>,
     daemon: DaemonStats,
+    store: crate::store::StoreHealth,
     smtp: smtp::SmtpStats,
     dnsbl: Option<dnsbl::DnsblStats>,
 }
@@ -361,6 +362,7 @@ impl Daemon {
                 .ok()
         });
         Stats {
+            store: self.verdicts.store().health(),
             smtp: self.smtp.stats(),
             dnsbl: self.dnsbl.as_ref().map(Dnsbl::stats),
             daemon: DaemonStats {
@@ -439,6 +441,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         .await
         .context("opening the admin socket")?;
     let socket = cfg.admin.socket.clone();
+    let store_retry = store.spawn_retry();
     let verdicts = Arc::new(Verdicts::new(Arc::new(cfg), store, gate));
     restore(&verdicts).await;
     let cfg = verdicts.cfg();
@@ -493,8 +496,11 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
-            if let Err(e) = v.sweep().await {
-                tracing::warn!("sweeping expired blocks: {e}");
+            match v.sweep().await {
+                // A failing store is logged once, by the store.
+                Err(VerdictError::Store(e)) if e.is_failure() => {}
+                Err(e) => tracing::warn!("sweeping expired blocks: {e}"),
+                Ok(_) => {}
             }
         }
     });
@@ -505,6 +511,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             tokio::time::sleep(every).await;
             match v.cleanup().await {
                 Ok(n) => tracing::info!(removed = n, "store cleanup"),
+                Err(VerdictError::Store(e)) if e.is_failure() => {}
                 Err(e) => tracing::warn!("store cleanup: {e}"),
             }
         }
@@ -553,6 +560,17 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     admin_task.abort();
     sweeper.abort();
     cleaner.abort();
+    store_retry.abort();
+    // What the store could not take yet is still in the kernel; the next
+    // start adopts it from there.
+    match daemon.verdicts.store().flush().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{n} queued store changes written at shutdown"),
+        Err(e) => tracing::warn!(
+            "{} queued store changes not written ({e}); the next start adopts them from the kernel",
+            daemon.verdicts.store().health().queued
+        ),
+    }
     for i in importers {
         i.abort();
     }

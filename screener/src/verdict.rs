@@ -1,9 +1,11 @@
 //! Verdicts: the one place that writes blocks and allows, keeping the store
 //! and the kernel maps in step.
 //!
-//! Every change goes kernel first, then store; if the store write fails the
-//! kernel change is undone, so the two never disagree for long and a
-//! restart (which trusts the store) never loses a block the kernel had.
+//! Every change goes kernel first, then store. A store write that fails
+//! never undoes the kernel change: a full or failing disk must not open the
+//! gate for a bot. The store queues the change and writes it once it works
+//! again (see FULL DISK in the store), and a restart adopts whatever the
+//! kernel holds that the store lacks (see RESTORING).
 //!
 //! POLICY for screening failures:
 //! - Only outcomes in `verdict.block_on` block.
@@ -414,11 +416,23 @@ impl Verdicts {
             }
             return Err(e.into());
         }
-        if let Err(e) = self.store.put_block(rec).await {
-            let _ = self.with_gate(|g| g.maps.unblock(net));
-            return Err(e.into());
-        }
+        // Never undone when the store cannot take it: the change waits in
+        // the store's queue.
+        self.store.record(vec![Change::PutBlock(rec)]).await;
         Ok(())
+    }
+
+    /// The stored block on exactly `net`, for offence counts and first-seen
+    /// times. A store that cannot be read (its failure is logged once by
+    /// the store) must not stop a verdict: it counts as a first offence.
+    async fn stored_block(&self, net: IpNet) -> Option<BlockRecord> {
+        match self.store.block(net).await {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::debug!("reading the block on {net}: {e}");
+                None
+            }
+        }
     }
 
     /// Blocks `nets` as the operator asked: all or nothing.
@@ -433,7 +447,7 @@ impl Verdicts {
         let label = reason.unwrap_or("manual").to_owned();
         let mut done: Vec<IpNet> = Vec::new();
         for net in nets {
-            let prev = self.store.block(*net).await?;
+            let prev = self.stored_block(*net).await;
             let rec = BlockRecord {
                 net: net.trunc(),
                 reason: label.clone(),
@@ -459,20 +473,25 @@ impl Verdicts {
         Ok(())
     }
 
-    async fn remove_block(&self, net: IpNet) -> Result<Option<BlockRecord>, VerdictError> {
+    async fn remove_block(&self, net: IpNet) -> Result<(), VerdictError> {
         let net = net.trunc();
         if let Some(r) = self.with_gate(|g| g.maps.unblock(net)) {
             r?;
         }
-        let rec = self.store.del_block(net).await?;
+        self.store.record(vec![Change::DelBlock(net)]).await;
         self.groups.lock().expect("groups lock").forget(net);
-        Ok(rec)
+        Ok(())
     }
 
     /// Removes blocks; every net must be blocked, else nothing changes.
     pub async fn unblock(&self, nets: &[IpNet], why: &str) -> Result<(), VerdictError> {
         for net in nets {
-            if self.live_block(*net).await?.is_none() {
+            let blocked = match self.live_block(*net).await {
+                Ok(b) => b.is_some(),
+                // The store cannot say: the kernel can.
+                Err(_) => self.in_kernel(*net)?,
+            };
+            if !blocked {
                 return Err(VerdictError::Refused(format!("{net} is not blocked")));
             }
         }
@@ -498,12 +517,12 @@ impl Verdicts {
         }
         for net in nets {
             self.store
-                .put_allow(AllowRecord {
+                .record(vec![Change::PutAllow(AllowRecord {
                     net: net.trunc(),
                     added: now_unix(),
                     comment: None,
-                })
-                .await?;
+                })])
+                .await;
             let mut allows = self.allows.write().expect("allows lock");
             if !allows.contains(&net.trunc()) {
                 allows.push(net.trunc());
@@ -525,7 +544,7 @@ impl Verdicts {
             if let Some(r) = self.with_gate(|g| g.maps.unallow(*net)) {
                 r?;
             }
-            self.store.del_allow(net.trunc()).await?;
+            self.store.record(vec![Change::DelAllow(net.trunc())]).await;
             self.allows
                 .write()
                 .expect("allows lock")
@@ -562,7 +581,7 @@ impl Verdicts {
         }
         let cfg = self.cfg();
         let now = now_unix();
-        let prev = self.store.block(net).await?;
+        let prev = self.stored_block(net).await;
         if let Some(p) = prev
             .as_ref()
             .filter(|p| p.list.is_some() && (p.expires == 0 || p.expires > now))
@@ -607,7 +626,10 @@ impl Verdicts {
             .lock()
             .expect("groups lock")
             .count(group, now_unix());
-        if k == 0 || count < k as usize || self.live_block(group).await?.is_some() {
+        // A store that cannot be read says nothing here: blocking the group
+        // again only refreshes its entry.
+        let held = self.live_block(group).await.ok().flatten().is_some();
+        if k == 0 || count < k as usize || held {
             return Ok(());
         }
         if let Some(why) = self.protection(&group) {
@@ -731,7 +753,7 @@ impl Verdicts {
             }
         }
         out.adopted = adopt.len();
-        self.store.apply(adopt).await?;
+        self.store.record(adopt).await;
         Ok(out)
     }
 
@@ -768,6 +790,16 @@ impl Verdicts {
         Ok(self.store.cleanup(now_unix(), retention).await?)
     }
 
+    /// Whether the kernel holds a block entry on exactly `net` (for when the
+    /// store cannot be read; this walks the maps).
+    fn in_kernel(&self, net: IpNet) -> Result<bool, VerdictError> {
+        let net = net.trunc();
+        match self.with_gate(|g| g.maps.blocks()) {
+            Some(listed) => Ok(listed?.iter().any(|l| l.net == net)),
+            None => Ok(false),
+        }
+    }
+
     /// A live (unexpired) block record for exactly `net`.
     async fn live_block(&self, net: IpNet) -> Result<Option<BlockRecord>, VerdictError> {
         let now = now_unix();
@@ -798,6 +830,10 @@ impl Verdicts {
                 offences: 1,
             })
             .collect();
+        // Verdicts queued while the store failed go first, so the list is
+        // judged against what the store really holds; a store that still
+        // fails refuses the import.
+        self.store.flush().await?;
         let change = self.store.replace_list(name, records).await?;
         let pushed = self.with_gate(|g| -> Result<(), XdpError> {
             for r in &change.removed_records {

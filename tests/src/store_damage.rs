@@ -122,3 +122,57 @@ pub fn has_block_record(store: &Path, net: &str) -> bool {
     let t = txn.open_table(BLOCKS).unwrap();
     t.get(net_key(net).as_slice()).unwrap().is_some()
 }
+
+/// A tmpfs mounted on a fresh directory, unmounted and removed on drop: a
+/// small disk a test can fill.
+pub struct Tmpfs {
+    /// The mount point.
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it, e.g. `2m`).
+    #[track_caller]
+    #[must_use]
+    pub fn new(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        crate::netns::sh(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0700"),
+            "tmpfs",
+            dir.path().to_str().unwrap(),
+        ]);
+        Tmpfs { dir }
+    }
+
+    /// Writes a file until the tmpfs is full; returns its path.
+    #[track_caller]
+    #[must_use]
+    pub fn fill(&self) -> std::path::PathBuf {
+        let path = self.dir.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = [0u8; 4096];
+        loop {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        // Whatever is left is less than a page: small writes still fit.
+        let _ = f.write_all(&chunk[..1024]);
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l"])
+            .arg(self.dir.path())
+            .output();
+    }
+}

@@ -4,14 +4,15 @@
 //! end up back in the store.
 
 use std::{
+    io::{Read, Write},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
 
 use integration_tests::{
-    daemon::{blocked, cli, ok, start, write_config},
-    netns::{listen, ChildGuard, NetNs, PinDir},
+    daemon::{blocked, cli, ok, set, start, stats, write_config},
+    netns::{listen, wait_for, ChildGuard, NetNs, PinDir},
     store_damage,
 };
 
@@ -30,10 +31,17 @@ struct Guarded {
 
 impl Guarded {
     fn new(tag: &str) -> Guarded {
+        let g = Guarded::unserved(tag);
+        listen(g.to);
+        g
+    }
+
+    /// Without a listener at `to`: the caller puts one there.
+    fn unserved(tag: &str) -> Guarded {
         let ns = NetNs::new();
         let pins = PinDir::new(&format!("{tag}{}", ns.n));
         let port = 2700 + u16::try_from(ns.n).unwrap();
-        let to = listen(SocketAddr::new(ns.host_v4(), port));
+        let to = SocketAddr::new(ns.host_v4(), port);
         let dir = tempfile::tempdir().unwrap();
         let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
         Guarded {
@@ -45,8 +53,36 @@ impl Guarded {
         }
     }
 
+    /// The daemon's SMTP listener at `to`, a 1 s greeting wait, and a
+    /// pregreeting client rejected at once.
+    fn screening(tag: &str) -> Guarded {
+        let g = Guarded::unserved(tag);
+        set(&g.cfg, "smtp", &format!("listen = [\"{}\"]", g.to));
+        set(&g.cfg, "smtp", "backend = \"127.0.0.1:9\"");
+        set(&g.cfg, "screen", "greet_wait = \"1s\"");
+        set(&g.cfg, "screen", "greet_action = \"drop\"");
+        g
+    }
+
+    /// `from` talks before the greeting ends; the reply it gets.
+    fn pregreet(&self, from: IpAddr) -> String {
+        let mut s = self
+            .ns
+            .tcp_from(from, self.to, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{from} could not connect to {}", self.to));
+        s.write_all(b"EHLO bot.example\r\n").unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+    }
+
     fn store(&self) -> PathBuf {
         self.dir.path().join("screener.redb")
+    }
+
+    /// The daemon's `stats --json` `store` section.
+    fn store_health(&self) -> serde_json::Value {
+        stats(&self.cfg)["store"].clone()
     }
 
     fn start(&self, n: u32) -> ChildGuard {
@@ -307,4 +343,59 @@ fn entries_made_while_detached_say_so_and_reach_the_kernel_later() {
     );
     let out = ok(&g.cfg, &["block", "add", "203.0.113.9"]);
     assert_eq!(out.trim(), "blocked 203.0.113.9/32");
+}
+
+#[test]
+fn a_full_disk_keeps_verdicts_at_the_nic_and_the_store_catches_up() {
+    let g = Guarded::screening("full");
+    let disk = store_damage::Tmpfs::new("2m");
+    let store = disk.dir.path().join("screener.redb");
+    set(&g.cfg, "store", &format!("path = \"{}\"", store.display()));
+    let bot = g.ns.client_v4();
+    let mut d = g.start(0);
+    let filler = disk.fill();
+
+    // An operator's block and a bot's verdict, both while the disk is full.
+    assert_eq!(
+        ok(&g.cfg, &["block", "add", "203.0.113.77"]).trim(),
+        "blocked 203.0.113.77/32"
+    );
+    let reply = g.pregreet(bot);
+    assert!(reply.contains("521"), "pregreet not rejected: {reply:?}");
+    wait_for("the bot's BLOCK", Duration::from_secs(10), || {
+        g.log(0)
+            .contains(&format!("BLOCK {bot}/32 reason=pregreet"))
+    });
+    assert!(
+        !g.reaches(bot),
+        "the bot got through while the disk is full"
+    );
+    let health = g.store_health();
+    assert_eq!(health["writable"], false, "{health}");
+    assert_eq!(health["queued"], 2, "{health}");
+
+    // Space returns: the queued verdicts reach the file.
+    std::fs::remove_file(filler).unwrap();
+    wait_for("the store to catch up", Duration::from_secs(30), || {
+        let h = g.store_health();
+        h["queued"] == 0 && h["writable"] == true
+    });
+    let log = g.log(0);
+    assert_eq!(
+        log.matches("No space left on device").count(),
+        1,
+        "the cause should be logged once:\n{log}"
+    );
+    assert_contains(&log, "store works again");
+    assert_contains(&log, "2 queued verdict changes written");
+    d.kill9();
+
+    // They are in the file: after a reboot they come back from it.
+    g.reboot();
+    let _d = g.start(1);
+    assert!(!g.reaches(bot), "the bot's verdict was not stored");
+    assert_eq!(
+        sorted(blocked(&g.cfg)),
+        vec![format!("{bot}/32"), "203.0.113.77/32".to_owned()]
+    );
 }
