@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    admin::{self, Request, Response},
+    admin::{self, Reply, Request, Response, Rows},
     config::{self, Config},
     dnsbl::{self, Dnsbl, DnsblOptions, SiteSpec},
     import, smtp,
@@ -44,6 +44,79 @@ pub struct Daemon {
     /// store, and the CLI says so.
     no_xdp: bool,
     started: Instant,
+}
+
+/// How many chunks of rows a listing may have in flight to a slow client.
+const LISTING_CHUNKS: usize = 4;
+/// Bytes of row lines per chunk.
+const CHUNK_BYTES: usize = 64 << 10;
+
+/// What a streamed listing lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listing {
+    Blocks,
+    Allows,
+    Cache,
+}
+
+/// One row of `cache list`.
+#[derive(Serialize)]
+struct CacheRow {
+    /// The client.
+    ip: IpAddr,
+    /// Its passes.
+    record: crate::store::ClientRecord,
+}
+
+/// Sends `rows` to a listing's socket in chunks of row lines, blocking on
+/// a slow client; returns how many, or why it stopped. Runs on the
+/// blocking pool; gives the memory back to the system when done.
+fn stream_rows<T: Serialize>(
+    rows: impl IntoIterator<Item = T>,
+    tx: &tokio::sync::mpsc::Sender<Rows>,
+) -> Result<u64, String> {
+    let mut n = 0;
+    let mut buf = Vec::with_capacity(CHUNK_BYTES + 1024);
+    let mut sent = Ok(());
+    for row in rows {
+        admin::push_row(&mut buf, &row);
+        n += 1;
+        if buf.len() >= CHUNK_BYTES {
+            let chunk = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK_BYTES + 1024));
+            if tx.blocking_send(Rows::Chunk(chunk)).is_err() {
+                sent = Err("the client went away".to_owned());
+                break;
+            }
+        }
+    }
+    if sent.is_ok() && !buf.is_empty() && tx.blocking_send(Rows::Chunk(buf)).is_err() {
+        sent = Err("the client went away".to_owned());
+    }
+    give_back_memory();
+    sent.map(|()| n)
+}
+
+/// [`stream_rows`] on the blocking pool.
+async fn blocking_rows<T, I>(rows: I, tx: &tokio::sync::mpsc::Sender<Rows>) -> Result<u64, String>
+where
+    T: Serialize,
+    I: IntoIterator<Item = T> + Send + 'static,
+{
+    let tx = tx.clone();
+    tokio::task::spawn_blocking(move || stream_rows(rows, &tx))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// Returns freed heap memory to the system after a large operation:
+/// glibc keeps what a listing or an import of a million entries freed,
+/// and the daemon would otherwise stay that big.
+pub fn give_back_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Parses every CIDR first, so one bad value changes nothing.
@@ -114,11 +187,19 @@ impl Daemon {
     }
 
     /// Handles one admin request.
-    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
-        match self.dispatch(req).await {
-            Ok(v) => Response::ok(v),
-            Err(e) => Response::err(e),
-        }
+    pub async fn handle(self: Arc<Self>, req: Request) -> Reply {
+        let listing = match req {
+            Request::BlockList => Listing::Blocks,
+            Request::AllowList => Listing::Allows,
+            Request::CacheList => Listing::Cache,
+            other => {
+                return Reply::One(match self.dispatch(other).await {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(e),
+                })
+            }
+        };
+        Reply::Rows(self.list(listing))
     }
 
     async fn dispatch(&self, req: Request) -> Result<serde_json::Value, String> {
@@ -137,7 +218,6 @@ impl Daemon {
                 v.unblock(&parsed, "operator").await.map_err(err)?;
                 Ok(self.changed(&parsed))
             }
-            Request::BlockList => self.list(true).await,
             Request::AllowAdd { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.allow(&parsed).await.map_err(err)?;
@@ -150,7 +230,6 @@ impl Daemon {
                 self.refresh_smtp(&v.cfg());
                 Ok(self.changed(&parsed))
             }
-            Request::AllowList => self.list(false).await,
             Request::Stats => Ok(json(self.stats())),
             Request::XdpStatus => Ok(json(xdp::status(&self.cfg().xdp.pin_path))),
             Request::XdpDetach => {
@@ -158,15 +237,6 @@ impl Daemon {
                 let removed = xdp::detach(&self.cfg().xdp.pin_path).map_err(|e| e.to_string())?;
                 tracing::info!("XDP detached on request: {}", removed.join(", "));
                 Ok(json(removed))
-            }
-            Request::CacheList => {
-                let clients = v.store().clients().await.map_err(|e| e.to_string())?;
-                Ok(json(
-                    clients
-                        .into_iter()
-                        .map(|(ip, rec)| serde_json::json!({ "ip": ip, "record": rec }))
-                        .collect::<Vec<_>>(),
-                ))
             }
             Request::CacheShow { ip } => {
                 let ip: IpAddr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
@@ -195,6 +265,9 @@ impl Daemon {
                 ttl,
                 reason,
             } => self.import(&file, &format, ttl, reason).await,
+            Request::BlockList | Request::AllowList | Request::CacheList => {
+                Err("listings are streamed".into())
+            }
         }
     }
 
@@ -214,62 +287,97 @@ impl Daemon {
         })
     }
 
-    async fn list(&self, blocks: bool) -> Result<serde_json::Value, String> {
-        let v = self.verdicts.clone();
-        // A large listing walks whole maps: off the runtime's workers.
-        let listed = tokio::task::spawn_blocking(move || {
-            v.with_gate(|g| {
-                if blocks {
-                    g.maps.blocks()
-                } else {
-                    g.maps.allows()
+    /// Streams a listing: from the kernel maps when the gate is loaded
+    /// (through their pins, so the gate's lock is not held while a million
+    /// entries are walked), else from the store. Rows are serialised on the
+    /// blocking pool, a chunk at a time, and the memory is given back after.
+    fn list(&self, what: Listing) -> tokio::sync::mpsc::Receiver<Rows> {
+        let (tx, rx) = tokio::sync::mpsc::channel(LISTING_CHUNKS);
+        let pins = self.verdicts.with_gate(|g| g.pin_dir().to_owned());
+        let verdicts = self.verdicts.clone();
+        tokio::spawn(async move {
+            let result = match (what, pins) {
+                (Listing::Blocks | Listing::Allows, Some(dir)) => {
+                    let blocks = what == Listing::Blocks;
+                    let tx = tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let listed = xdp::Maps::from_pins(&dir)
+                            .and_then(|m| if blocks { m.blocks() } else { m.allows() })
+                            .or_else(|e| {
+                                // The pins are gone under a running gate:
+                                // its own handles still read the maps.
+                                tracing::debug!("listing through the pins: {e}");
+                                verdicts
+                                    .with_gate(|g| {
+                                        if blocks {
+                                            g.maps.blocks()
+                                        } else {
+                                            g.maps.allows()
+                                        }
+                                    })
+                                    .unwrap_or(Err(e))
+                            });
+                        match listed {
+                            Ok(rows) => stream_rows(rows, &tx),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
                 }
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        match listed {
-            Some(r) => r.map(json).map_err(|e| e.to_string()),
-            // Without XDP the store still holds every verdict.
-            None => self.list_store(blocks).await,
-        }
-    }
-
-    /// The store's live entries, shaped as the kernel listing.
-    async fn list_store(&self, blocks: bool) -> Result<serde_json::Value, String> {
-        let store = self.verdicts.store();
-        let now = crate::store::now_unix();
-        let entries: Vec<serde_json::Value> = if blocks {
-            store
-                .blocks()
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .filter(|b| b.expires == 0 || b.expires > now)
-                .map(|b| {
-                    serde_json::json!({
-                        "net": b.net,
-                        "reason": b.reason,
-                        "expires_in": (b.expires != 0).then(|| b.expires - now),
-                        "hits": 0,
-                        "map": "store",
-                    })
-                })
-                .collect()
-        } else {
-            store
-                .allows()
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|a| {
-                    serde_json::json!({
-                        "net": a.net, "reason": "allow", "expires_in": null, "hits": 0, "map": "store",
-                    })
-                })
-                .collect()
-        };
-        Ok(json(entries))
+                (Listing::Blocks, None) => {
+                    // Without XDP the store still holds every verdict.
+                    let now = crate::store::now_unix();
+                    match verdicts.store().blocks().await {
+                        Ok(blocks) => {
+                            let rows = blocks
+                                .into_iter()
+                                .filter(move |b| b.expires == 0 || b.expires > now)
+                                .map(move |b| xdp::maps::Listed {
+                                    net: b.net,
+                                    reason: b.reason,
+                                    expires_in: (b.expires != 0).then(|| b.expires - now),
+                                    hits: 0,
+                                    map: "store",
+                                });
+                            blocking_rows(rows, &tx).await
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                (Listing::Allows, None) => match verdicts.store().allows().await {
+                    Ok(allows) => {
+                        let rows = allows.into_iter().map(|a| xdp::maps::Listed {
+                            net: a.net,
+                            reason: "allow".into(),
+                            expires_in: None,
+                            hits: 0,
+                            map: "store",
+                        });
+                        blocking_rows(rows, &tx).await
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                (Listing::Cache, _) => match verdicts.store().clients().await {
+                    Ok(clients) => {
+                        let rows = clients
+                            .into_iter()
+                            .map(|(ip, record)| CacheRow { ip, record });
+                        blocking_rows(rows, &tx).await
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            let end = match result {
+                Ok(rows) => Rows::End { rows, error: None },
+                Err(error) => Rows::End {
+                    rows: 0,
+                    error: Some(error),
+                },
+            };
+            let _ = tx.send(end).await;
+        });
+        rx
     }
 
     async fn import(
@@ -280,12 +388,16 @@ impl Daemon {
         reason: Option<String>,
     ) -> Result<serde_json::Value, String> {
         let format: import::Format = format.parse()?;
-        let text = tokio::fs::read_to_string(file)
-            .await
-            .map_err(|e| format!("reading {}: {e}", file.display()))?;
-        let parsed = tokio::task::spawn_blocking(move || import::parse(&text, format))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Read line by line on the blocking pool: the file is never held
+        // whole, and a big one does not occupy a runtime worker.
+        let path = file.to_owned();
+        let parsed = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            import::parse_reader(std::io::BufReader::new(f), format)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("reading {}: {e}", file.display()))?;
         let list = reason.unwrap_or_else(|| {
             config::ImportList {
                 file: file.to_owned(),
@@ -307,7 +419,7 @@ impl Daemon {
         Ok(json(ImportReport {
             list,
             lines_ok,
-            lines_bad: parsed.errors.len(),
+            lines_bad: parsed.bad,
             errors: parsed
                 .errors
                 .iter()

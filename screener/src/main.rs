@@ -4,7 +4,7 @@
     reason = "doc comments here are --help text, shown to operators verbatim"
 )]
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
@@ -278,7 +278,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Cache(c) => {
             let (cfg, _) = load_config(cpath, false)?;
             let (req, json) = match c {
-                CacheCmd::List { json } => (Request::CacheList, json),
+                CacheCmd::List { json } => {
+                    return list(&cfg, &Request::CacheList, json, print_cache_row).await;
+                }
                 CacheCmd::Show { ip } => (Request::CacheShow { ip }, true),
                 CacheCmd::Purge { ip } => (Request::CachePurge { ip }, false),
             };
@@ -338,12 +340,82 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// A block/allow request to the daemon, its answer printed.
+/// A block/allow request to the daemon, its answer printed (listings as
+/// they stream).
 async fn entries(cpath: Option<&PathBuf>, req: &Request, json: bool) -> anyhow::Result<()> {
     let (cfg, _) = load_config(cpath, false)?;
+    if matches!(req, Request::BlockList | Request::AllowList) {
+        return list(&cfg, req, json, print_entry).await;
+    }
     let data = ask(&cfg, req).await?;
     print_entries(req, &data, json);
     Ok(())
+}
+
+/// Prints a streamed listing as its rows arrive: a JSON array with one
+/// row per line (`--json`), or `text` per row. Neither the daemon nor
+/// this process holds the whole listing.
+async fn list(
+    cfg: &Config,
+    req: &Request,
+    json: bool,
+    text: fn(&mut dyn Write, &serde_json::Value) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut written: std::io::Result<()> = Ok(());
+    let mut first = true;
+    if json {
+        written = out.write_all(b"[");
+    }
+    let (resp, rows) = admin::call_rows(&cfg.admin.socket, req, |row| {
+        if written.is_err() {
+            return;
+        }
+        written = if json {
+            let sep: &[u8] = if first { b"\n" } else { b",\n" };
+            out.write_all(sep)
+                .and_then(|()| serde_json::to_writer(&mut out, &row).map_err(Into::into))
+        } else {
+            text(&mut out, &row)
+        };
+        first = false;
+    })
+    .await?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "refused".into()));
+    }
+    if json {
+        written = written.and_then(|()| out.write_all(if rows == 0 { b"]\n" } else { b"\n]\n" }));
+    }
+    written
+        .and_then(|()| out.flush())
+        .context("writing the listing")
+}
+
+/// One `block list` / `allow list` row as text.
+fn print_entry(out: &mut dyn Write, item: &serde_json::Value) -> std::io::Result<()> {
+    let get = |k: &str| item.get(k).cloned().unwrap_or_default();
+    let expires = match get("expires_in").as_u64() {
+        None => "never".to_owned(),
+        Some(0) => "expired".to_owned(),
+        Some(s) => format!("in {}", duration::Display(Duration::from_secs(s))),
+    };
+    writeln!(
+        out,
+        "{:<43} {:<16} expires {:<12} hits {}",
+        get("net").as_str().unwrap_or(""),
+        get("reason").as_str().unwrap_or(""),
+        expires,
+        get("hits")
+    )
+}
+
+/// One `cache list` row as text: the client and its record.
+fn print_cache_row(out: &mut dyn Write, item: &serde_json::Value) -> std::io::Result<()> {
+    let ip = item.get("ip").and_then(|v| v.as_str()).unwrap_or("");
+    let record = item.get("record").cloned().unwrap_or_default();
+    writeln!(out, "{ip:<39} {record}")
 }
 
 /// Sends a request to the running daemon; a refusal becomes an error.
@@ -367,39 +439,21 @@ fn print_entries(req: &Request, data: &serde_json::Value, json: bool) {
         Request::AllowDel { .. } => "no longer allowed",
         _ => "",
     };
-    if let Some(nets) = data.get("nets").and_then(|n| n.as_array()) {
-        // A change: say whether it reached a kernel.
-        let note = match data.get("kernel").and_then(|k| k.as_str()) {
-            Some("detached") => Some("the XDP gate is detached"),
-            Some("no_xdp") => Some("the daemon runs without XDP (--no-xdp)"),
-            _ => None,
-        };
-        let adding = matches!(req, Request::BlockAdd { .. } | Request::AllowAdd { .. });
-        for net in nets.iter().filter_map(|n| n.as_str()) {
-            match note {
-                Some(note) if adding => println!("recorded {net}; {note}"),
-                _ => println!("{verb} {net}"),
-            }
-        }
-        return;
-    }
-    let Some(items) = data.as_array() else {
+    let Some(nets) = data.get("nets").and_then(|n| n.as_array()) else {
         return;
     };
-    for item in items {
-        let get = |k: &str| item.get(k).cloned().unwrap_or_default();
-        let expires = match get("expires_in").as_u64() {
-            None => "never".to_owned(),
-            Some(0) => "expired".to_owned(),
-            Some(s) => format!("in {}", duration::Display(Duration::from_secs(s))),
-        };
-        println!(
-            "{:<43} {:<16} expires {:<12} hits {}",
-            get("net").as_str().unwrap_or(""),
-            get("reason").as_str().unwrap_or(""),
-            expires,
-            get("hits")
-        );
+    // Say whether the change reached a kernel.
+    let note = match data.get("kernel").and_then(|k| k.as_str()) {
+        Some("detached") => Some("the XDP gate is detached"),
+        Some("no_xdp") => Some("the daemon runs without XDP (--no-xdp)"),
+        _ => None,
+    };
+    let adding = matches!(req, Request::BlockAdd { .. } | Request::AllowAdd { .. });
+    for net in nets.iter().filter_map(|n| n.as_str()) {
+        match note {
+            Some(note) if adding => println!("recorded {net}; {note}"),
+            _ => println!("{verb} {net}"),
+        }
     }
 }
 

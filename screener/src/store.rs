@@ -278,6 +278,21 @@ pub enum Change {
     DelAllow(IpNet),
 }
 
+/// A list for [`Store::replace_list`]: its networks and what every entry
+/// of it says. One reason and expiry for the whole list keeps a
+/// million-entry import from carrying a million copies of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListEntries {
+    /// The networks (host bits are cleared, duplicates collapse).
+    pub nets: Vec<IpNet>,
+    /// The reason of every entry.
+    pub reason: String,
+    /// Unix seconds when the entries lapse; 0 = never.
+    pub expires: u64,
+    /// Unix seconds of the import, for entries new to the list.
+    pub added: u64,
+}
+
 /// What [`Store::replace_list`] changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListChange {
@@ -289,13 +304,15 @@ pub struct ListChange {
     /// their `added` time and offence count kept.
     pub kept: usize,
     /// Entries whose network is already held by a manual block or by another
-    /// list: that record is left as it is and stays with its owner.
+    /// list (or by a record that does not decode): that record is left as
+    /// it is and stays with its owner.
     pub shadowed: usize,
-    /// The deleted records, for removing their kernel entries.
-    pub removed_records: Vec<BlockRecord>,
-    /// The list's records as stored now (added and kept), for pushing into
-    /// the kernel.
-    pub current: Vec<BlockRecord>,
+    /// The deleted entries' networks, in order, for removing their kernel
+    /// entries.
+    pub removed_nets: Vec<IpNet>,
+    /// The list's networks as stored now (added and kept), in order, for
+    /// pushing into the kernel with the list's reason and expiry.
+    pub current: Vec<IpNet>,
 }
 
 /// A store failure; every variant names the file, most the operation.
@@ -1106,61 +1123,83 @@ impl Store {
     }
 
     /// Atomically replaces every block whose `list == Some(name)` with
-    /// `entries` (one write transaction).
-    ///
-    /// Each entry's `list` is set to `name`; duplicates (same normalised
-    /// network) collapse to the last one. See [`ListChange`] for what
+    /// `entries` (one write transaction). See [`ListChange`] for what
     /// happens to entries already present and to networks another owner
     /// holds.
     pub async fn replace_list(
         &self,
         name: &str,
-        entries: Vec<BlockRecord>,
+        entries: ListEntries,
     ) -> Result<ListChange, StoreError> {
         const OP: &str = "replace_list";
         let name = name.to_owned();
         self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
-                let mut old: HashMap<Vec<u8>, BlockRecord> = read_blocks(s, OP, &t)?
-                    .into_iter()
-                    .filter(|r| r.list.as_deref() == Some(name.as_str()))
-                    .map(|r| (codec::net_key(r.net), r))
-                    .collect();
-
-                let mut wanted: HashMap<Vec<u8>, BlockRecord> =
-                    HashMap::with_capacity(entries.len());
-                for mut rec in entries {
-                    rec.net = rec.net.trunc();
-                    rec.list = Some(name.clone());
-                    wanted.insert(codec::net_key(rec.net), rec);
+                // The list's members now: first-seen time and offences.
+                let mut old: HashMap<IpNet, (u64, u32)> = HashMap::new();
+                for entry in t.iter().map_err(s.err(OP))? {
+                    let (k, v) = entry.map_err(s.err(OP))?;
+                    // A record that does not decode belongs to no list we
+                    // can tell; a network of the new list it holds counts
+                    // as shadowed below.
+                    let Ok(rec) = codec::decode_net_key(k.value())
+                        .and_then(|net| codec::decode_block(net, v.value()))
+                    else {
+                        continue;
+                    };
+                    if rec.list.as_deref() == Some(name.as_str()) {
+                        old.insert(rec.net, (rec.added, rec.offences));
+                    }
                 }
-                let mut wanted: Vec<(Vec<u8>, BlockRecord)> = wanted.into_iter().collect();
+                let ListEntries {
+                    mut nets,
+                    reason,
+                    expires,
+                    added,
+                } = entries;
+                for n in &mut nets {
+                    *n = n.trunc();
+                }
                 // Sorted inserts keep the B-tree writes local.
-                wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                nets.sort_unstable();
+                nets.dedup();
 
                 let mut change = ListChange::default();
-                for (key, mut rec) in wanted {
-                    if let Some(prev) = old.remove(&key) {
-                        rec.added = prev.added;
-                        rec.offences = prev.offences;
+                let mut rec = BlockRecord {
+                    net: IpNet::V4(ipnet::Ipv4Net::default()),
+                    reason,
+                    expires,
+                    added,
+                    list: Some(name.clone()),
+                    offences: 1,
+                };
+                for net in nets {
+                    let key = codec::net_key(net);
+                    rec.net = net;
+                    if let Some((first, offences)) = old.remove(&net) {
+                        rec.added = first;
+                        rec.offences = offences;
                         change.kept += 1;
                     } else if t.get(key.as_slice()).map_err(s.err(OP))?.is_some() {
                         change.shadowed += 1;
                         continue;
                     } else {
+                        rec.added = added;
+                        rec.offences = 1;
                         change.added += 1;
                     }
                     t.insert(key.as_slice(), codec::encode_block(&rec).as_slice())
                         .map_err(s.err(OP))?;
-                    change.current.push(rec);
+                    change.current.push(net);
                 }
-                for (key, rec) in old {
-                    t.remove(key.as_slice()).map_err(s.err(OP))?;
-                    change.removed_records.push(rec);
+                for net in old.into_keys() {
+                    t.remove(codec::net_key(net).as_slice())
+                        .map_err(s.err(OP))?;
+                    change.removed_nets.push(net);
                 }
-                change.removed = change.removed_records.len();
-                change.removed_records.sort_unstable_by_key(|r| r.net);
+                change.removed = change.removed_nets.len();
+                change.removed_nets.sort_unstable();
                 Ok(change)
             })
         })

@@ -58,7 +58,7 @@ use serde::Serialize;
 use crate::{
     config::{AccessAction, BlockOn, Config},
     duration,
-    store::{now_unix, salvage, AllowRecord, BlockRecord, Change, Store, Unreadable},
+    store::{now_unix, salvage, AllowRecord, BlockRecord, Change, ListEntries, Store, Unreadable},
     xdp::{
         maps::{boot_now, Listed},
         Gate, XdpError,
@@ -188,6 +188,10 @@ impl Offenders {
         });
     }
 }
+
+/// Kernel entries an import pushes per hold of the gate's lock: a few
+/// milliseconds of syscalls, the longest a verdict on a bot waits.
+const KERNEL_BATCH: usize = 1024;
 
 /// What [`Verdicts::reconcile`] did.
 #[derive(Debug, Default)]
@@ -811,56 +815,54 @@ impl Verdicts {
     }
 
     /// Replaces the import list `name` with `nets`, kernel and store.
+    ///
+    /// The kernel part runs on the blocking pool in batches, taking the
+    /// gate's lock once per batch: a million-entry list must not stall the
+    /// runtime's workers, nor the verdicts on bots arriving meanwhile.
     pub async fn import(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         nets: Vec<IpNet>,
         ttl: Option<Duration>,
     ) -> Result<crate::store::ListChange, VerdictError> {
         let now = now_unix();
         let expires = ttl.map_or(0, |t| now + t.as_secs().max(1));
-        let records = nets
-            .into_iter()
-            .map(|net| BlockRecord {
-                net,
-                reason: Reason::Import.name().to_owned(),
-                expires,
-                added: now,
-                list: None,
-                offences: 1,
-            })
-            .collect();
         // Verdicts queued while the store failed go first, so the list is
         // judged against what the store really holds; a store that still
         // fails refuses the import.
         self.store.flush().await?;
-        let change = self.store.replace_list(name, records).await?;
-        let pushed = self.with_gate(|g| -> Result<(), XdpError> {
-            for r in &change.removed_records {
-                g.maps.unblock(r.net)?;
-            }
-            let total = change.current.len();
-            for (i, r) in change.current.iter().enumerate() {
-                g.maps
-                    .block(r.net, Reason::Import, kernel_expiry(r.expires, now))?;
-                if (i + 1) % 25_000 == 0 {
-                    tracing::info!(
-                        list = name,
-                        "import: {} of {total} entries in the kernel",
-                        i + 1
-                    );
-                }
-            }
-            Ok(())
-        });
-        if let Some(Err(e)) = pushed {
+        let mut change = self
+            .store
+            .replace_list(
+                name,
+                ListEntries {
+                    nets,
+                    reason: Reason::Import.name().to_owned(),
+                    expires,
+                    added: now,
+                },
+            )
+            .await?;
+        let removed = std::mem::take(&mut change.removed_nets);
+        let current = std::mem::take(&mut change.current);
+        let v = Arc::clone(self);
+        let list = name.to_owned();
+        let pushed = tokio::task::spawn_blocking(move || {
+            let r = v.push_list(&list, &removed, &current, kernel_expiry(expires, now));
+            drop((removed, current));
+            crate::daemon::give_back_memory();
+            r
+        })
+        .await
+        .map_err(|e| VerdictError::Refused(format!("importing {name}: {e}")))?;
+        if let Err(e) = pushed {
             if matches!(e, XdpError::MapFull { .. }) {
                 self.counters
                     .blocks_refused_full
                     .fetch_add(1, Ordering::Relaxed);
             }
             // The store holds the list; the kernel gets the rest at the
-            // next reconcile once there is room.
+            // next start once there is room.
             return Err(e.into());
         }
         tracing::info!(
@@ -872,6 +874,41 @@ impl Verdicts {
             "imported list"
         );
         Ok(change)
+    }
+
+    /// Takes `removed` out of the kernel and puts `current` in, a batch
+    /// per hold of the gate's lock. Blocking.
+    fn push_list(
+        &self,
+        list: &str,
+        removed: &[IpNet],
+        current: &[IpNet],
+        expires: u32,
+    ) -> Result<(), XdpError> {
+        for batch in removed.chunks(KERNEL_BATCH) {
+            if let Some(r) =
+                self.with_gate(|g| batch.iter().try_for_each(|n| g.maps.unblock(*n).map(drop)))
+            {
+                r?;
+            }
+        }
+        let total = current.len();
+        for (i, batch) in current.chunks(KERNEL_BATCH).enumerate() {
+            let pushed = self.with_gate(|g| {
+                batch
+                    .iter()
+                    .try_for_each(|n| g.maps.block(*n, Reason::Import, expires))
+            });
+            match pushed {
+                None => return Ok(()),
+                Some(r) => r?,
+            }
+            let done = (i + 1) * KERNEL_BATCH;
+            if done % 25_000 < KERNEL_BATCH && done < total {
+                tracing::info!(list, "import: {done} of {total} entries in the kernel");
+            }
+        }
+        Ok(())
     }
 }
 

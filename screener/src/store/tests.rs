@@ -218,6 +218,15 @@ async fn allow_round_trip() {
     assert_eq!(s.allows().await.unwrap().len(), 1);
 }
 
+fn list(nets: &[&str], reason: &str, expires: u64) -> ListEntries {
+    ListEntries {
+        nets: nets.iter().map(|n| net(n)).collect(),
+        reason: reason.into(),
+        expires,
+        added: 500,
+    }
+}
+
 #[tokio::test]
 async fn replace_list_adds_removes_keeps_and_leaves_other_owners() {
     let (_dir, s) = temp_store();
@@ -226,47 +235,45 @@ async fn replace_list_adds_removes_keeps_and_leaves_other_owners() {
     s.put_block(manual.clone()).await.unwrap();
     s.put_block(other.clone()).await.unwrap();
 
-    let first = vec![
-        block("192.0.2.0/28", Some("ignored name")),
-        block("192.0.2.16/28", None),
-        block("2001:db8::/32", None),
-    ];
+    let first = list(
+        &["192.0.2.0/28", "192.0.2.16/28", "2001:db8::/32"],
+        "import",
+        0,
+    );
     let c = s.replace_list("drop", first).await.unwrap();
     assert_eq!((c.added, c.removed, c.kept, c.shadowed), (3, 0, 0, 0));
-    assert!(c.current.iter().all(|r| r.list.as_deref() == Some("drop")));
+    let stored = s.block(net("192.0.2.16/28")).await.unwrap().unwrap();
+    assert_eq!(stored.list.as_deref(), Some("drop"));
+    assert_eq!((stored.added, stored.offences), (500, 1));
 
-    let kept_old = BlockRecord {
-        reason: "new reason".into(),
-        expires: 999,
-        added: 500,
-        offences: 0,
-        ..block("192.0.2.5/28", None) // host bits: same net as 192.0.2.0/28
-    };
-    let second = vec![
-        kept_old,
-        block("192.0.2.32/28", None),
-        block("192.0.2.32/28", None),   // duplicate collapses
-        block("203.0.113.0/24", None),  // held by the manual block
-        block("198.51.100.0/24", None), // held by list "other"
-    ];
+    let second = list(
+        &[
+            "192.0.2.5/28", // host bits: same net as 192.0.2.0/28
+            "192.0.2.32/28",
+            "192.0.2.32/28",   // duplicate collapses
+            "203.0.113.0/24",  // held by the manual block
+            "198.51.100.0/24", // held by list "other"
+        ],
+        "new reason",
+        999,
+    );
     let c = s.replace_list("drop", second).await.unwrap();
     assert_eq!((c.added, c.removed, c.kept, c.shadowed), (1, 2, 1, 2));
     assert_eq!(
-        c.removed_records.iter().map(|r| r.net).collect::<Vec<_>>(),
+        c.removed_nets,
         vec![net("192.0.2.16/28"), net("2001:db8::/32")]
     );
     let kept = s.block(net("192.0.2.0/28")).await.unwrap().unwrap();
     assert_eq!(kept.reason, "new reason");
     assert_eq!(kept.expires, 999);
-    assert_eq!(kept.added, 100, "first-added time survives a refresh");
+    assert_eq!(kept.added, 500, "first-added time survives a refresh");
     assert_eq!(kept.offences, 1);
-    assert!(c.current.contains(&kept));
-    assert_eq!(c.current.len(), 2);
+    assert_eq!(c.current, vec![net("192.0.2.0/28"), net("192.0.2.32/28")]);
 
     assert_eq!(s.block(manual.net).await.unwrap(), Some(manual.clone()));
     assert_eq!(s.block(other.net).await.unwrap(), Some(other.clone()));
 
-    let c = s.replace_list("drop", Vec::new()).await.unwrap();
+    let c = s.replace_list("drop", list(&[], "x", 0)).await.unwrap();
     assert_eq!((c.added, c.removed, c.kept, c.shadowed), (0, 2, 0, 0));
     assert_eq!(s.blocks().await.unwrap(), vec![other, manual]);
 }
@@ -274,20 +281,16 @@ async fn replace_list_adds_removes_keeps_and_leaves_other_owners() {
 #[tokio::test]
 async fn replace_list_with_100k_entries() {
     let (_dir, s) = temp_store();
-    let entries = |offset: u32| -> Vec<BlockRecord> {
-        (0..100_000u32)
+    let entries = |offset: u32| ListEntries {
+        nets: (0..100_000u32)
             .map(|i| {
                 let a = std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | u128::from(i + offset));
-                BlockRecord {
-                    net: IpNet::from(IpAddr::V6(a)),
-                    reason: "import".into(),
-                    expires: 0,
-                    added: 1,
-                    list: None,
-                    offences: 0,
-                }
+                IpNet::from(IpAddr::V6(a))
             })
-            .collect()
+            .collect(),
+        reason: "import".into(),
+        expires: 0,
+        added: 1,
     };
     let t = Instant::now();
     let c = s.replace_list("big", entries(0)).await.unwrap();
