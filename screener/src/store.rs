@@ -805,6 +805,40 @@ impl Store {
         Ok(self.inner.queue().blocks_over(stored))
     }
 
+    /// The blocks that lapsed after `after` and by `now` (unix seconds),
+    /// queued changes included; records that do not decode are skipped.
+    /// The periodic sweep reads only these, not the whole table.
+    pub async fn lapsed_blocks(
+        &self,
+        after: u64,
+        now: u64,
+    ) -> Result<Vec<BlockRecord>, StoreError> {
+        const OP: &str = "lapsed_blocks";
+        let within = move |b: &BlockRecord| b.expires > after && b.expires <= now;
+        let stored = self
+            .blocking(OP, Kind::Read, move |s| {
+                let txn = s.read_txn(OP)?;
+                let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+                let mut out = Vec::new();
+                for entry in t.iter().map_err(s.err(OP))? {
+                    let (k, v) = entry.map_err(s.err(OP))?;
+                    let Ok(rec) = codec::decode_net_key(k.value())
+                        .and_then(|net| codec::decode_block(net, v.value()))
+                    else {
+                        continue;
+                    };
+                    if within(&rec) {
+                        out.push(rec);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut out = self.inner.queue().blocks_over(stored);
+        out.retain(within);
+        Ok(out)
+    }
+
     /// Every block that decodes, and the records that do not (skipped, not
     /// fatal: one damaged record must not hide the others); queued changes
     /// included.
@@ -866,6 +900,8 @@ impl Store {
         }
         let inner = Arc::clone(&self.inner);
         let snapshot = tokio::task::spawn_blocking(move || {
+            // Run as a read: whether this write ends the failure episode
+            // depends on the queue after it, so `wrote` is called below.
             inner
                 .run(OP, Kind::Read, |s| {
                     s.write(OP, Durability::Immediate, |txn| {

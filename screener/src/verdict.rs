@@ -117,6 +117,8 @@ pub struct Verdicts {
     gate: Mutex<Option<Gate>>,
     /// Offenders per escalation prefix (/24, /48): see ESCALATION.
     groups: Mutex<Offenders>,
+    /// Unix second up to which lapsed blocks have been swept.
+    swept: AtomicU64,
     /// Clients a DNSWL allowlisted since start.
     dnswl: Mutex<HashSet<IpAddr>>,
     /// The allow entries, as the store holds them: consulted on every
@@ -330,6 +332,7 @@ impl Verdicts {
             store,
             gate: Mutex::new(gate),
             groups: Mutex::new(Offenders::default()),
+            swept: AtomicU64::new(0),
             dnswl: Mutex::new(HashSet::new()),
             allows: RwLock::new(Vec::new()),
             counters: Counters::default(),
@@ -767,10 +770,10 @@ impl Verdicts {
     pub async fn sweep(&self) -> Result<usize, VerdictError> {
         let now = now_unix();
         let mut n = 0;
-        for b in self.store.blocks().await? {
-            if b.expires == 0 || b.expires > now {
-                continue;
-            }
+        // Only what lapsed since the last sweep: a list of a million
+        // entries that all lapsed is swept once, not every 30 s.
+        let since = self.swept.load(Ordering::Relaxed);
+        for b in self.store.lapsed_blocks(since, now).await? {
             let in_kernel = match self.with_gate(|g| g.maps.unblock(b.net)) {
                 Some(r) => r?,
                 None => false,
@@ -785,6 +788,7 @@ impl Verdicts {
             }
         }
         self.groups.lock().expect("groups lock").prune(now);
+        self.swept.store(now, Ordering::Relaxed);
         Ok(n)
     }
 

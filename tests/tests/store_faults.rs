@@ -356,10 +356,12 @@ fn a_full_disk_keeps_verdicts_at_the_nic_and_the_store_catches_up() {
     let filler = disk.fill();
 
     // An operator's block and a bot's verdict, both while the disk is full.
+    let manual = g.ns.neighbour_v4();
     assert_eq!(
-        ok(&g.cfg, &["block", "add", "203.0.113.77"]).trim(),
-        "blocked 203.0.113.77/32"
+        ok(&g.cfg, &["block", "add", &manual.to_string()]).trim(),
+        format!("blocked {manual}/32")
     );
+    assert!(!g.reaches(manual), "the manual block did not reach the NIC");
     let reply = g.pregreet(bot);
     assert!(reply.contains("521"), "pregreet not rejected: {reply:?}");
     wait_for("the bot's BLOCK", Duration::from_secs(10), || {
@@ -394,8 +396,9 @@ fn a_full_disk_keeps_verdicts_at_the_nic_and_the_store_catches_up() {
     g.reboot();
     let _d = g.start(1);
     assert!(!g.reaches(bot), "the bot's verdict was not stored");
+    assert!(!g.reaches(manual), "the manual block was not stored");
     assert_eq!(
         sorted(blocked(&g.cfg)),
-        vec![format!("{bot}/32"), "203.0.113.77/32".to_owned()]
+        sorted(vec![format!("{bot}/32"), format!("{manual}/32")])
     );
 }

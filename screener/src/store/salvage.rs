@@ -285,7 +285,9 @@ impl fmt::Display for CheckReport {
 
 /// A damaged file opened read-only, with what was learned on the way.
 struct ReadOnly {
+    /// The database over an [`Overlay`]; `None` when no attempt opened it.
     db: Option<Database>,
+    /// What the check found.
     report: CheckReport,
 }
 

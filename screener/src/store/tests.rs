@@ -691,3 +691,37 @@ fn store_files_and_their_new_directories_are_private() {
     assert_eq!(mode(&dir.path().join("var/lib")), 0o700);
     assert_eq!(mode(&dir.path().join("var")), 0o700);
 }
+
+#[tokio::test]
+async fn lapsed_blocks_are_the_ones_in_the_window_queued_changes_included() {
+    let (_dir, s) = temp_store();
+    let at = |n: &str, expires: u64| BlockRecord {
+        expires,
+        ..block(n, None)
+    };
+    s.apply(vec![
+        Change::PutBlock(at("192.0.2.1/32", 50)),
+        Change::PutBlock(at("192.0.2.2/32", 150)),
+        Change::PutBlock(at("192.0.2.3/32", 0)),
+        Change::PutBlock(at("192.0.2.4/32", 500)),
+        Change::PutBlock(at("192.0.2.5/32", 120)),
+    ])
+    .await
+    .unwrap();
+    let nets = |v: Vec<BlockRecord>| v.into_iter().map(|b| b.net.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        nets(s.lapsed_blocks(100, 200).await.unwrap()),
+        vec!["192.0.2.2/32", "192.0.2.5/32"]
+    );
+    // A queued re-block moves one out of the window, a queued lapse in.
+    s.inner
+        .queue()
+        .push(90, Change::PutBlock(at("192.0.2.2/32", 900)));
+    s.inner
+        .queue()
+        .push(91, Change::PutBlock(at("192.0.2.4/32", 180)));
+    assert_eq!(
+        nets(s.lapsed_blocks(100, 200).await.unwrap()),
+        vec!["192.0.2.4/32", "192.0.2.5/32"]
+    );
+}
