@@ -3,6 +3,10 @@
 //! the kernel maps have one writer and never disagree.
 //!
 //! Protocol: one JSON request line, one JSON response line, then close.
+//! Listings, which may hold a million entries, stream instead: the
+//! response line says `"stream": true`, then one `{"row": ...}` line per
+//! entry, then `{"end": {"rows": N}}` (with `"error"` when the listing
+//! broke off). Neither side ever holds the whole listing.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -66,6 +70,60 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default)]
     pub data: serde_json::Value,
+    /// Rows follow, one per line, then an end line (see the module docs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// What the daemon sends back for one request.
+pub enum Reply {
+    /// One response line.
+    One(Response),
+    /// A streamed listing: chunks of row lines from a producer, then its
+    /// end.
+    Rows(tokio::sync::mpsc::Receiver<Rows>),
+}
+
+/// One message from a listing's producer to the socket.
+pub enum Rows {
+    /// Whole `{"row": ...}` lines, newline-terminated.
+    Chunk(Vec<u8>),
+    /// The listing is over: how many rows, and why it broke off if it did.
+    End {
+        /// Rows sent.
+        rows: u64,
+        /// What stopped it early.
+        error: Option<String>,
+    },
+}
+
+/// The last line of a streamed listing.
+#[derive(Debug, Serialize, Deserialize)]
+struct End {
+    /// Rows sent.
+    rows: u64,
+    /// Why the listing broke off, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// A line of a streamed listing, as the client reads it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    Row(serde_json::Value),
+    End(End),
+}
+
+/// Appends `{"row": row}` and a newline to `buf`.
+pub fn push_row(buf: &mut Vec<u8>, row: &impl Serialize) {
+    #[derive(Serialize)]
+    struct RowLine<'a, T> {
+        row: &'a T,
+    }
+    // Rows are plain data: serialising them cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, &RowLine { row });
+    buf.push(b'\n');
 }
 
 impl Response {
@@ -74,6 +132,7 @@ impl Response {
             ok: true,
             error: None,
             data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
+            stream: false,
         }
     }
 
@@ -82,6 +141,7 @@ impl Response {
             ok: false,
             error: Some(e.to_string()),
             data: serde_json::Value::Null,
+            stream: false,
         }
     }
 }
@@ -104,6 +164,84 @@ pub enum AdminError {
 
 /// Sends one request to the daemon and waits for its answer.
 pub async fn call(path: &Path, req: &Request) -> Result<Response, AdminError> {
+    let (resp, _) = exchange(path, req).await?;
+    if resp.stream {
+        return Err(AdminError::Protocol {
+            path: path.to_owned(),
+            detail: "a listing where one answer was expected".into(),
+        });
+    }
+    Ok(resp)
+}
+
+/// Sends a listing request; `on_row` gets each row as it arrives. Returns
+/// the response line (a refusal has `ok == false` and no rows) and the
+/// number of rows.
+pub async fn call_rows(
+    path: &Path,
+    req: &Request,
+    mut on_row: impl FnMut(serde_json::Value),
+) -> Result<(Response, u64), AdminError> {
+    let protocol = |detail: String| AdminError::Protocol {
+        path: path.to_owned(),
+        detail,
+    };
+    let (resp, mut reader) = exchange(path, req).await?;
+    if !resp.stream {
+        return Ok((resp, 0));
+    }
+    let mut line = String::new();
+    let mut rows = 0;
+    loop {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .await
+            .map_err(|source| AdminError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(protocol(format!(
+                "the listing ended after {rows} rows without its end line"
+            )));
+        }
+        match serde_json::from_str::<Line>(&line) {
+            Ok(Line::Row(v)) => {
+                rows += 1;
+                on_row(v);
+            }
+            Ok(Line::End(end)) => {
+                if let Some(e) = end.error {
+                    return Ok((
+                        Response::err(format!("listing broke off after {rows} rows: {e}")),
+                        rows,
+                    ));
+                }
+                if end.rows != rows {
+                    return Err(protocol(format!(
+                        "{rows} rows arrived, the daemon sent {}",
+                        end.rows
+                    )));
+                }
+                return Ok((resp, rows));
+            }
+            Err(e) => {
+                return Err(protocol(format!(
+                    "{e}: {:?}",
+                    line.chars().take(200).collect::<String>()
+                )))
+            }
+        }
+    }
+}
+
+/// Sends `req`, reads the response line; the reader stays positioned after
+/// it for streamed rows.
+async fn exchange(
+    path: &Path,
+    req: &Request,
+) -> Result<(Response, BufReader<tokio::net::unix::OwnedReadHalf>), AdminError> {
     let io = |source| AdminError::Io {
         path: path.to_owned(),
         source,
@@ -127,16 +265,18 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, AdminError> {
     line.push('\n');
     w.write_all(line.as_bytes()).await.map_err(io)?;
     w.shutdown().await.map_err(io)?;
+    let mut reader = BufReader::new(r);
     let mut answer = String::new();
-    BufReader::new(r).read_line(&mut answer).await.map_err(io)?;
-    serde_json::from_str(&answer).map_err(|e| AdminError::Protocol {
+    reader.read_line(&mut answer).await.map_err(io)?;
+    let resp = serde_json::from_str(&answer).map_err(|e| AdminError::Protocol {
         path: path.to_owned(),
         detail: format!("{e}: {:?}", answer.chars().take(200).collect::<String>()),
-    })
+    })?;
+    Ok((resp, reader))
 }
 
 /// Handles one request.
-pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Response> + Send + Sync>;
+pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Reply> + Send + Sync>;
 
 /// Binds the admin socket: creates its directory (0700 when new), refuses
 /// when another daemon answers there, replaces a stale socket file.
@@ -185,17 +325,58 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
                 BufReader::new(r).read_line(&mut line),
             )
             .await;
-            let resp = match read {
+            let reply = match read {
                 Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
                     Ok(req) => handler(req).await,
-                    Err(e) => Response::err(format!("bad request: {e}")),
+                    Err(e) => Reply::One(Response::err(format!("bad request: {e}"))),
                 },
-                Ok(Err(e)) => Response::err(format!("reading request: {e}")),
+                Ok(Err(e)) => Reply::One(Response::err(format!("reading request: {e}"))),
                 Err(_) => return,
             };
-            let mut out = serde_json::to_string(&resp).expect("responses serialize");
-            out.push('\n');
-            let _ = w.write_all(out.as_bytes()).await;
+            let _ = write_reply(&mut w, reply).await;
         });
     }
+}
+
+/// Writes `reply`; a client that goes away stops a streamed listing (its
+/// producer sees the channel closed).
+async fn write_reply(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: Reply,
+) -> std::io::Result<()> {
+    match reply {
+        Reply::One(resp) => w.write_all(line(&resp).as_bytes()).await,
+        Reply::Rows(mut rx) => {
+            let head = Response {
+                stream: true,
+                ..Response::ok(serde_json::Value::Null)
+            };
+            w.write_all(line(&head).as_bytes()).await?;
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    Rows::Chunk(bytes) => w.write_all(&bytes).await?,
+                    Rows::End { rows, error } => {
+                        #[derive(Serialize)]
+                        struct EndLine {
+                            end: End,
+                        }
+                        let end = EndLine {
+                            end: End { rows, error },
+                        };
+                        return w.write_all(line(&end).as_bytes()).await;
+                    }
+                }
+            }
+            // The producer died without its end line.
+            let end = serde_json::json!({ "end": { "rows": 0, "error": "the listing stopped" } });
+            w.write_all(line(&end).as_bytes()).await
+        }
+    }
+}
+
+/// `v` as one JSON line.
+fn line(v: &impl Serialize) -> String {
+    let mut out = serde_json::to_string(v).expect("admin lines serialize");
+    out.push('\n');
+    out
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    admin::{self, Request, Response},
+    admin::{self, Reply, Request, Response},
     config::{self, Config},
     dnsbl::{self, Dnsbl, DnsblOptions, SiteSpec},
     import, smtp,
@@ -29,6 +29,10 @@ use crate::{
     verdict::{self, VerdictError, Verdicts},
     xdp::{self, Gate},
 };
+
+mod listing;
+
+use listing::Listing;
 
 /// How often expired kernel entries are swept out.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -44,6 +48,9 @@ pub struct Daemon {
     dnsbl: RwLock<Option<Dnsbl>>,
     /// Where the configuration came from, for SIGHUP.
     cfg_path: PathBuf,
+    /// Started with `--no-xdp`: block and allow changes only reach the
+    /// store, and the CLI says so.
+    no_xdp: bool,
     /// For `uptime_secs` in `stats`.
     started: Instant,
     /// The watcher of each configured import list, so a reload starts the
@@ -58,6 +65,17 @@ pub struct Daemon {
     /// The task draining the program's log ring buffer; replaced with the
     /// program when a reload loads a new instance.
     xdp_logger: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Returns freed heap memory to the system after a large operation:
+/// glibc keeps what a listing or an import of a million entries freed,
+/// and the daemon would otherwise stay that big.
+pub fn give_back_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Parses every CIDR first, so one bad value changes nothing.
@@ -89,8 +107,32 @@ struct DaemonStats {
 struct Stats {
     kernel: Option<xdp::maps::KernelStats>,
     daemon: DaemonStats,
+    store: crate::store::StoreHealth,
     smtp: smtp::SmtpStats,
     dnsbl: Option<dnsbl::DnsblStats>,
+}
+
+/// Where a block/allow change went, so the CLI never says "blocked" when
+/// nothing reached a kernel.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Kernel {
+    /// Into the kernel maps and the store.
+    Attached,
+    /// Into the store only: `xdp detach` removed the gate under the running
+    /// daemon; the entries reach the kernel when it is loaded again.
+    Detached,
+    /// Into the store only: the daemon runs with `--no-xdp`.
+    NoXdp,
+}
+
+/// The answer to `block add|del`, `allow add|del`.
+#[derive(Serialize)]
+struct Changed {
+    /// The networks changed.
+    nets: Vec<String>,
+    /// Whether the change reached a kernel.
+    kernel: Kernel,
 }
 
 #[derive(Serialize)]
@@ -111,11 +153,19 @@ impl Daemon {
     }
 
     /// Handles one admin request.
-    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
-        match self.dispatch(req).await {
-            Ok(v) => Response::ok(v),
-            Err(e) => Response::err(e),
-        }
+    pub async fn handle(self: Arc<Self>, req: Request) -> Reply {
+        let listing = match req {
+            Request::BlockList => Listing::Blocks,
+            Request::AllowList => Listing::Allows,
+            Request::CacheList => Listing::Cache,
+            other => {
+                return Reply::One(match self.dispatch(other).await {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(e),
+                })
+            }
+        };
+        Reply::Rows(listing::start(self.verdicts.clone(), listing))
     }
 
     async fn dispatch(&self, req: Request) -> Result<serde_json::Value, String> {
@@ -127,27 +177,25 @@ impl Daemon {
                 v.block_manual(&parsed, ttl.map(Duration::from_secs), reason.as_deref())
                     .await
                     .map_err(err)?;
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
             Request::BlockDel { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.unblock(&parsed, "operator").await.map_err(err)?;
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
-            Request::BlockList => self.list(true).await,
             Request::AllowAdd { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.allow(&parsed).await.map_err(err)?;
                 self.refresh_smtp(&v.cfg());
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
             Request::AllowDel { nets } => {
                 let parsed = parse_nets(&nets)?;
                 v.unallow(&parsed).await.map_err(err)?;
                 self.refresh_smtp(&v.cfg());
-                Ok(json(names(&parsed)))
+                Ok(self.changed(&parsed))
             }
-            Request::AllowList => self.list(false).await,
             Request::Stats => Ok(json(self.stats())),
             Request::XdpStatus => {
                 let cfg = self.cfg();
@@ -161,15 +209,6 @@ impl Daemon {
                 let removed = xdp::detach(&self.cfg().xdp.pin_path).map_err(|e| e.to_string())?;
                 tracing::info!("XDP detached on request: {}", removed.join(", "));
                 Ok(json(removed))
-            }
-            Request::CacheList => {
-                let clients = v.store().clients().await.map_err(|e| e.to_string())?;
-                Ok(json(
-                    clients
-                        .into_iter()
-                        .map(|(ip, rec)| serde_json::json!({ "ip": ip, "record": rec }))
-                        .collect::<Vec<_>>(),
-                ))
             }
             Request::CacheShow { ip } => {
                 let ip: IpAddr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
@@ -198,65 +237,26 @@ impl Daemon {
                 ttl,
                 reason,
             } => self.import(&file, &format, ttl, reason).await,
+            Request::BlockList | Request::AllowList | Request::CacheList => {
+                Err("listings are streamed".into())
+            }
         }
     }
 
-    async fn list(&self, blocks: bool) -> Result<serde_json::Value, String> {
-        let v = self.verdicts.clone();
-        // A large listing walks whole maps: off the runtime's workers.
-        let listed = tokio::task::spawn_blocking(move || {
-            v.with_gate(|g| {
-                if blocks {
-                    g.maps.blocks()
-                } else {
-                    g.maps.allows()
-                }
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        match listed {
-            Some(r) => r.map(json).map_err(|e| e.to_string()),
-            // Without XDP the store still holds every verdict.
-            None => self.list_store(blocks).await,
-        }
-    }
-
-    /// The store's live entries, shaped as the kernel listing.
-    async fn list_store(&self, blocks: bool) -> Result<serde_json::Value, String> {
-        let store = self.verdicts.store();
-        let now = crate::store::now_unix();
-        let entries: Vec<serde_json::Value> = if blocks {
-            store
-                .blocks()
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .filter(|b| b.expires == 0 || b.expires > now)
-                .map(|b| {
-                    serde_json::json!({
-                        "net": b.net,
-                        "reason": b.reason,
-                        "expires_in": (b.expires != 0).then(|| b.expires - now),
-                        "hits": 0,
-                        "map": "store",
-                    })
-                })
-                .collect()
+    /// The answer to a block/allow change: the networks, and whether the
+    /// change reached a kernel (see [`Changed`]).
+    fn changed(&self, nets: &[IpNet]) -> serde_json::Value {
+        let kernel = if self.verdicts.with_gate(|_| ()).is_some() {
+            Kernel::Attached
+        } else if self.no_xdp {
+            Kernel::NoXdp
         } else {
-            store
-                .allows()
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|a| {
-                    serde_json::json!({
-                        "net": a.net, "reason": "allow", "expires_in": null, "hits": 0, "map": "store",
-                    })
-                })
-                .collect()
+            Kernel::Detached
         };
-        Ok(json(entries))
+        json(Changed {
+            nets: names(nets),
+            kernel,
+        })
     }
 
     async fn import(
@@ -267,12 +267,16 @@ impl Daemon {
         reason: Option<String>,
     ) -> Result<serde_json::Value, String> {
         let format: import::Format = format.parse()?;
-        let text = tokio::fs::read_to_string(file)
-            .await
-            .map_err(|e| format!("reading {}: {e}", file.display()))?;
-        let parsed = tokio::task::spawn_blocking(move || import::parse(&text, format))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Read line by line on the blocking pool: the file is never held
+        // whole, and a big one does not occupy a runtime worker.
+        let path = file.to_owned();
+        let parsed = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            import::parse_reader(std::io::BufReader::new(f), format)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("reading {}: {e}", file.display()))?;
         let list = reason.unwrap_or_else(|| {
             config::ImportList {
                 file: file.to_owned(),
@@ -294,7 +298,7 @@ impl Daemon {
         Ok(json(ImportReport {
             list,
             lines_ok,
-            lines_bad: parsed.errors.len(),
+            lines_bad: parsed.bad,
             errors: parsed
                 .errors
                 .iter()
@@ -349,6 +353,7 @@ impl Daemon {
                 .ok()
         });
         Stats {
+            store: self.verdicts.store().health(),
             smtp: self.smtp.stats(),
             dnsbl: self
                 .dnsbl
@@ -589,9 +594,17 @@ fn json(v: impl Serialize) -> serde_json::Value {
 /// when it exits: only `screener xdp detach` opens it.
 pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<()> {
     let store_path = cfg.store.path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+    let (store, census) = tokio::task::spawn_blocking(move || Store::open_census(&store_path))
         .await?
         .context("opening the store")?;
+    tracing::info!(store = %store.path().display(), "store opened: {census}");
+    let cache_unreadable = census.tables.first().map_or(0, |t| t.unreadable.len());
+    if cache_unreadable > 0 {
+        tracing::warn!(
+            store = %store.path().display(),
+            "{cache_unreadable} cache records do not decode; those clients are screened again"
+        );
+    }
     let mut xdp_logger = None;
     let gate = if no_xdp {
         tracing::info!("running without XDP (--no-xdp)");
@@ -606,16 +619,9 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         .await
         .context("opening the admin socket")?;
     let socket = cfg.admin.socket.clone();
+    let store_retry = store.spawn_retry();
     let verdicts = Arc::new(Verdicts::new(Arc::new(cfg), store, gate));
-    match verdicts.reconcile().await {
-        Ok((added, removed, expired)) => tracing::info!(
-            added,
-            removed,
-            expired,
-            "kernel maps reconciled with the store"
-        ),
-        Err(e) => tracing::error!("reconciling kernel maps with the store: {e}"),
-    }
+    restore(&verdicts).await;
     if let Some(Err(e)) = verdicts.with_gate(Gate::attach) {
         let _ = std::fs::remove_file(&socket);
         return Err(e).context("attaching the XDP gate");
@@ -639,6 +645,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         smtp: server.clone(),
         dnsbl: RwLock::new(dnsbl),
         cfg_path,
+        no_xdp,
         started: Instant::now(),
         importers: Mutex::new(Vec::new()),
         generation: AtomicU64::new(0),
@@ -674,8 +681,11 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
-            if let Err(e) = v.sweep().await {
-                tracing::warn!("sweeping expired blocks: {e}");
+            match v.sweep().await {
+                // A failing store is logged once, by the store.
+                Err(VerdictError::Store(e)) if e.is_failure() => {}
+                Err(e) => tracing::warn!("sweeping expired blocks: {e}"),
+                Ok(_) => {}
             }
         }
     });
@@ -686,6 +696,7 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
             tokio::time::sleep(every).await;
             match v.cleanup().await {
                 Ok(n) => tracing::info!(removed = n, "store cleanup"),
+                Err(VerdictError::Store(e)) if e.is_failure() => {}
                 Err(e) => tracing::warn!("store cleanup: {e}"),
             }
         }
@@ -744,11 +755,64 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     sweeper.abort();
     cleaner.abort();
     watchdog.abort();
+    store_retry.abort();
+    // What the store could not take yet is still in the kernel; the next
+    // start adopts it from there.
+    match daemon.verdicts.store().flush().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{n} queued store changes written at shutdown"),
+        Err(e) => tracing::warn!(
+            "{} queued store changes not written ({e}); the next start adopts them from the kernel",
+            daemon.verdicts.store().health().queued
+        ),
+    }
     for (_, i) in daemon.importers.lock().expect("importers lock").drain(..) {
         i.abort();
     }
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// How many unreadable store records are named one per line at start;
+/// the rest are counted.
+const SKIPPED_NAMED: usize = 50;
+
+/// Restores the kernel from the store and adopts what only the kernel
+/// holds, saying loudly what happened: an operator must learn at start
+/// that the store was empty or damaged, not after the next reboot.
+async fn restore(verdicts: &Verdicts) {
+    let path = verdicts.store().path().display().to_string();
+    let r = match verdicts.reconcile().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(store = %path, "restoring verdicts at start failed: {e}");
+            return;
+        }
+    };
+    for u in r.skipped.iter().take(SKIPPED_NAMED) {
+        tracing::error!(store = %path, "unreadable store record skipped: {u}");
+    }
+    if r.skipped.len() > SKIPPED_NAMED {
+        tracing::error!(
+            store = %path,
+            "{} more unreadable store records skipped",
+            r.skipped.len() - SKIPPED_NAMED
+        );
+    }
+    let skipped = r.skipped.len();
+    let msg = format!(
+        "verdicts at start: {} restored into the kernel, {} already there, {} adopted from the kernel into the store, {} unreadable records skipped, {} expired",
+        r.restored, r.kept, r.adopted, skipped, r.expired
+    );
+    if r.adopted > 0 || skipped > 0 || r.refused_full > 0 {
+        tracing::warn!(
+            store = %path,
+            refused_full = r.refused_full,
+            "{msg}; the store was new, emptied or damaged: what the kernel held is kept and now recorded"
+        );
+    } else {
+        tracing::info!(store = %path, "{msg}");
+    }
 }
 
 /// The DNSBL engine from the `screen.dnsbl_*` and `dns` settings; `None`

@@ -4,14 +4,14 @@
     reason = "doc comments here are --help text, shown to operators verbatim"
 )]
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use screener::{
     admin::{self, Request},
     config::{self, Config, Show},
-    daemon, duration, xdp,
+    daemon, duration, store, verdict, xdp,
 };
 
 /// SMTP zombie blocker: screens new SMTP clients like postscreen and drops
@@ -54,6 +54,9 @@ enum Command {
     /// The XDP attachment.
     #[command(subcommand)]
     Xdp(XdpCmd),
+    /// Check or repair the store file (store.path); run without the daemon.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Import a shared block list (Spamhaus DROP style or plain CIDRs).
     Import {
         file: PathBuf,
@@ -161,6 +164,17 @@ enum CacheCmd {
     Show { ip: String },
     /// Forget one client, or every client.
     Purge { ip: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Open the store read-only and verify that every table and record
+    /// reads; non-zero exit when anything is damaged.
+    Check,
+    /// Rebuild a damaged store: every readable record, plus the verdicts
+    /// the pinned maps hold, go into a new file; the damaged one is kept
+    /// as <file>.damaged-<time>.
+    Repair,
 }
 
 #[derive(Subcommand)]
@@ -273,7 +287,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Cache(c) => {
             let (cfg, _) = load_config(cpath, false)?;
             let (req, json) = match c {
-                CacheCmd::List { json } => (Request::CacheList, json),
+                CacheCmd::List { json } => {
+                    return list(&cfg, &Request::CacheList, json, print_cache_row).await;
+                }
                 CacheCmd::Show { ip } => (Request::CacheShow { ip }, true),
                 CacheCmd::Purge { ip } => (Request::CachePurge { ip }, false),
             };
@@ -298,6 +314,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Xdp(x) => {
             let (cfg, _) = load_config(cpath, false)?;
             xdp_cmd(&cfg, x).await
+        }
+        Command::Store(s) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            tokio::task::spawn_blocking(move || store_cmd(&cfg, &s)).await?
         }
         Command::Import {
             file,
@@ -329,12 +349,82 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// A block/allow request to the daemon, its answer printed.
+/// A block/allow request to the daemon, its answer printed (listings as
+/// they stream).
 async fn entries(cpath: Option<&PathBuf>, req: &Request, json: bool) -> anyhow::Result<()> {
     let (cfg, _) = load_config(cpath, false)?;
+    if matches!(req, Request::BlockList | Request::AllowList) {
+        return list(&cfg, req, json, print_entry).await;
+    }
     let data = ask(&cfg, req).await?;
     print_entries(req, &data, json);
     Ok(())
+}
+
+/// Prints a streamed listing as its rows arrive: a JSON array with one
+/// row per line (`--json`), or `text` per row. Neither the daemon nor
+/// this process holds the whole listing.
+async fn list(
+    cfg: &Config,
+    req: &Request,
+    json: bool,
+    text: fn(&mut dyn Write, &serde_json::Value) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut written: std::io::Result<()> = Ok(());
+    let mut first = true;
+    if json {
+        written = out.write_all(b"[");
+    }
+    let (resp, rows) = admin::call_rows(&cfg.admin.socket, req, |row| {
+        if written.is_err() {
+            return;
+        }
+        written = if json {
+            let sep: &[u8] = if first { b"\n" } else { b",\n" };
+            out.write_all(sep)
+                .and_then(|()| serde_json::to_writer(&mut out, &row).map_err(Into::into))
+        } else {
+            text(&mut out, &row)
+        };
+        first = false;
+    })
+    .await?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "refused".into()));
+    }
+    if json {
+        written = written.and_then(|()| out.write_all(if rows == 0 { b"]\n" } else { b"\n]\n" }));
+    }
+    written
+        .and_then(|()| out.flush())
+        .context("writing the listing")
+}
+
+/// One `block list` / `allow list` row as text.
+fn print_entry(out: &mut dyn Write, item: &serde_json::Value) -> std::io::Result<()> {
+    let get = |k: &str| item.get(k).cloned().unwrap_or_default();
+    let expires = match get("expires_in").as_u64() {
+        None => "never".to_owned(),
+        Some(0) => "expired".to_owned(),
+        Some(s) => format!("in {}", duration::Display(Duration::from_secs(s))),
+    };
+    writeln!(
+        out,
+        "{:<43} {:<16} expires {:<12} hits {}",
+        get("net").as_str().unwrap_or(""),
+        get("reason").as_str().unwrap_or(""),
+        expires,
+        get("hits")
+    )
+}
+
+/// One `cache list` row as text: the client and its record.
+fn print_cache_row(out: &mut dyn Write, item: &serde_json::Value) -> std::io::Result<()> {
+    let ip = item.get("ip").and_then(|v| v.as_str()).unwrap_or("");
+    let record = item.get("record").cloned().unwrap_or_default();
+    writeln!(out, "{ip:<39} {record}")
 }
 
 /// Sends a request to the running daemon; a refusal becomes an error.
@@ -358,27 +448,21 @@ fn print_entries(req: &Request, data: &serde_json::Value, json: bool) {
         Request::AllowDel { .. } => "no longer allowed",
         _ => "",
     };
-    let Some(items) = data.as_array() else {
+    let Some(nets) = data.get("nets").and_then(|n| n.as_array()) else {
         return;
     };
-    for item in items {
-        if let Some(net) = item.as_str() {
-            println!("{verb} {net}");
-            continue;
+    // Say whether the change reached a kernel.
+    let note = match data.get("kernel").and_then(|k| k.as_str()) {
+        Some("detached") => Some("the XDP gate is detached"),
+        Some("no_xdp") => Some("the daemon runs without XDP (--no-xdp)"),
+        _ => None,
+    };
+    let adding = matches!(req, Request::BlockAdd { .. } | Request::AllowAdd { .. });
+    for net in nets.iter().filter_map(|n| n.as_str()) {
+        match note {
+            Some(note) if adding => println!("recorded {net}; {note}"),
+            _ => println!("{verb} {net}"),
         }
-        let get = |k: &str| item.get(k).cloned().unwrap_or_default();
-        let expires = match get("expires_in").as_u64() {
-            None => "never".to_owned(),
-            Some(0) => "expired".to_owned(),
-            Some(s) => format!("in {}", duration::Display(Duration::from_secs(s))),
-        };
-        println!(
-            "{:<43} {:<16} expires {:<12} hits {}",
-            get("net").as_str().unwrap_or(""),
-            get("reason").as_str().unwrap_or(""),
-            expires,
-            get("hits")
-        );
     }
 }
 
@@ -440,6 +524,37 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
             let tmp = p.with_extension("toml.new");
             std::fs::write(&tmp, new).with_context(|| format!("writing {}", tmp.display()))?;
             std::fs::rename(&tmp, &p).with_context(|| format!("replacing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `store check` / `store repair`: they work on the file directly, so the
+/// daemon must not hold it (both say so when it does).
+fn store_cmd(cfg: &Config, s: &StoreCmd) -> anyhow::Result<()> {
+    let path = &cfg.store.path;
+    match s {
+        StoreCmd::Check => {
+            let report = store::salvage::check(path)?;
+            println!("{report}");
+            if !report.healthy() {
+                bail!("store {} is damaged", path.display());
+            }
+        }
+        StoreCmd::Repair => {
+            let pins = &cfg.xdp.pin_path;
+            let pinned = if xdp::is_pinned(pins) {
+                match verdict::pinned_verdicts(pins) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("not adopting the pinned verdicts: {e}");
+                        store::salvage::Pinned::default()
+                    }
+                }
+            } else {
+                store::salvage::Pinned::default()
+            };
+            println!("{}", store::salvage::repair(path, &pinned)?);
         }
     }
     Ok(())

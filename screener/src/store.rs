@@ -28,14 +28,47 @@
 //! gate for a bot after a crash. Cache writes happen once per connection and
 //! are only a convenience (a lost pass means one more test), so they are
 //! committed without waiting for the disk.
+//!
+//! # Damage
+//!
+//! redb panics on a file it cannot make sense of. Every redb call runs
+//! under a guard (`guard`) that turns the panic into
+//! [`StoreError::Damaged`], which names the file and says what to do
+//! ([`REPAIR_HINT`]); opening walks every table once so damage shows at
+//! start, not at the first read that meets it. [`salvage`] has
+//! `store check` and `store repair`.
+//!
+//! # Full disk
+//!
+//! After one I/O error (ENOSPC) redb refuses every later write until the
+//! database is reopened, even once space returns. So:
+//! - the first failure starts an episode and is logged once, with its
+//!   cause; later failures are counted, not logged (`health`);
+//! - verdict changes ([`Store::record`]) that cannot be written are queued
+//!   (`queue`), the latest per network, and readers see them as stored; a
+//!   background task ([`Store::spawn_retry`]) writes them once it can;
+//! - the handle is closed and reopened (with backoff) before the next
+//!   operation, so writes work again as soon as space returns;
+//! - cache reads and writes are skipped meanwhile (a miss only means one
+//!   more screening);
+//! - the episode ends, logged, when the queue is written.
 
 mod codec;
+mod guard;
+mod health;
+mod overlay;
+mod queue;
+pub mod salvage;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::net::IpAddr;
+use std::ops::Deref;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -44,6 +77,22 @@ use redb::{
 };
 
 use codec::DecodeError;
+
+/// What an operator should do about a damaged store file; part of every
+/// error that reports one.
+pub const REPAIR_HINT: &str = "the pinned XDP gate keeps dropping meanwhile. \
+Run `screener store check` to see what is readable and `screener store repair` to rebuild the file \
+from its readable records and the pinned verdicts (the damaged file is kept beside it as \
+<file>.damaged-<time>), or move the file away to start with an empty store (the pinned verdicts \
+are adopted into it)";
+
+/// redb's page cache. Its default (1 GiB) is sized for a database server;
+/// the screener's working set is the allow/block tables and the recent
+/// cache records.
+const CACHE_BYTES: usize = 64 << 20;
+
+/// How often queued verdict changes are retried.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// The layout this build reads and writes. Bump it when a table's meaning
 /// or key/value encoding changes.
@@ -178,6 +227,72 @@ pub struct AllowRecord {
     pub comment: Option<String>,
 }
 
+/// A stored record that could not be decoded. Readers that must not stop at
+/// one bad record (restoring the kernel at start, listings) skip it and
+/// report it with this, so the operator sees which one was lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The table holding it.
+    pub table: &'static str,
+    /// The key, as a network or address when it decodes, else in hex.
+    pub key: String,
+    /// What was wrong.
+    pub detail: String,
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "table {}, key {}: {}", self.table, self.key, self.detail)
+    }
+}
+
+/// Every record of a table that decoded, and the ones that did not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lenient<T> {
+    /// The decoded records, in key order.
+    pub records: Vec<T>,
+    /// The records skipped because they did not decode.
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Lenient {
+            records: Vec::new(),
+            unreadable: Vec::new(),
+        }
+    }
+}
+
+/// One change to the verdict tables; [`Store::apply`] writes a batch of
+/// them in one transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Store (replace) a block.
+    PutBlock(BlockRecord),
+    /// Delete the block on this network.
+    DelBlock(IpNet),
+    /// Store (replace) an allow entry.
+    PutAllow(AllowRecord),
+    /// Delete the allow entry on this network.
+    DelAllow(IpNet),
+}
+
+/// A list for [`Store::replace_list`]: its networks and what every entry
+/// of it says. One reason and expiry for the whole list keeps a
+/// million-entry import from carrying a million copies of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListEntries {
+    /// The networks (host bits are cleared, duplicates collapse).
+    pub nets: Vec<IpNet>,
+    /// The reason of every entry.
+    pub reason: String,
+    /// Unix seconds when the entries lapse; 0 = never.
+    pub expires: u64,
+    /// Unix seconds of the import, for entries new to the list.
+    pub added: u64,
+}
+
 /// What [`Store::replace_list`] changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListChange {
@@ -189,13 +304,15 @@ pub struct ListChange {
     /// their `added` time and offence count kept.
     pub kept: usize,
     /// Entries whose network is already held by a manual block or by another
-    /// list: that record is left as it is and stays with its owner.
+    /// list (or by a record that does not decode): that record is left as
+    /// it is and stays with its owner.
     pub shadowed: usize,
-    /// The deleted records, for removing their kernel entries.
-    pub removed_records: Vec<BlockRecord>,
-    /// The list's records as stored now (added and kept), for pushing into
-    /// the kernel.
-    pub current: Vec<BlockRecord>,
+    /// The deleted entries' networks, in order, for removing their kernel
+    /// entries.
+    pub removed_nets: Vec<IpNet>,
+    /// The list's networks as stored now (added and kept), in order, for
+    /// pushing into the kernel with the list's reason and expiry.
+    pub current: Vec<IpNet>,
 }
 
 /// A store failure; every variant names the file, most the operation.
@@ -217,6 +334,29 @@ pub enum StoreError {
         path: PathBuf,
         /// What redb said.
         source: Box<redb::DatabaseError>,
+    },
+    /// The file is damaged: redb panicked on it or reported it corrupt.
+    #[error("store {} is damaged ({op}: {detail}); {REPAIR_HINT}", path.display())]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// The operation that met the damage.
+        op: &'static str,
+        /// What redb said or where it panicked.
+        detail: String,
+    },
+    /// The database is closed after an I/O failure and its reopen has not
+    /// succeeded yet (the failure was logged when it happened).
+    #[error("store {} is unavailable since its writes failed (logged then); reopening it is retried", path.display())]
+    Unavailable {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// Another process (a running daemon) has the file open.
+    #[error("store {} is in use by another process (a running daemon?); stop it first", path.display())]
+    InUse {
+        /// The database file.
+        path: PathBuf,
     },
     /// The file was written with another layout.
     #[error(
@@ -273,6 +413,68 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether this is the store failing as a whole (I/O, damage, closed
+    /// after a failure), as opposed to one bad record or a refusal: what
+    /// starts a failure episode.
+    pub fn is_failure(&self) -> bool {
+        match self {
+            StoreError::Db { source, .. } => matches!(
+                **source,
+                redb::Error::Io(_)
+                    | redb::Error::PreviousIo
+                    | redb::Error::Corrupted(_)
+                    | redb::Error::LockPoisoned(_)
+            ),
+            StoreError::Damaged { .. }
+            | StoreError::Unavailable { .. }
+            | StoreError::Task { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the database handle must be reopened before it works again:
+    /// after an I/O error redb refuses every later write, and after a
+    /// panic its state is not to be trusted.
+    fn needs_reopen(&self) -> bool {
+        match self {
+            StoreError::Db { source, .. } => matches!(
+                **source,
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::LockPoisoned(_)
+            ),
+            StoreError::Damaged { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Where a verdict change went (see [`Store::record`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// Written to the file.
+    Written,
+    /// Queued: the store is failing; it is retried in the background.
+    Queued,
+}
+
+/// The store's state, for `screener stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreHealth {
+    /// Whether no failure episode is under way.
+    pub writable: bool,
+    /// Seconds since the current episode began.
+    pub failing_for_secs: Option<u64>,
+    /// Verdict changes waiting to be written.
+    pub queued: usize,
+    /// Verdict changes dropped because the queue was full (their verdicts
+    /// are in the kernel; the next start adopts them).
+    pub queue_dropped: u64,
+    /// Cache reads and writes skipped while failing.
+    pub cache_skipped: u64,
+    /// Failed operations since start.
+    pub failures: u64,
+}
+
 /// Handle to the database; cheap to clone, shared by every task.
 #[derive(Clone)]
 pub struct Store {
@@ -280,10 +482,42 @@ pub struct Store {
 }
 
 struct Inner {
-    /// The open redb file; redb serialises writers itself.
-    db: Database,
+    /// The open redb file; redb serialises writers itself. `None` after a
+    /// failed reopen. Every operation holds the read lock while it runs,
+    /// so a reopen (the write lock) never closes the file under one.
+    db: RwLock<Option<Database>>,
     /// Kept to name the file in every error.
     path: PathBuf,
+    /// Failure episodes and reopening.
+    health: Mutex<health::Health>,
+    /// Verdict changes the store could not take yet.
+    queue: Mutex<queue::Queue>,
+    /// Order of verdict changes, so a queued change never overtakes a
+    /// later one to the same network.
+    seq: AtomicU64,
+}
+
+/// One operation's view: the store and its open database.
+struct Session<'a> {
+    /// The store, for errors naming the file.
+    inner: &'a Inner,
+    /// The database, open for the whole operation.
+    db: &'a Database,
+}
+
+impl Deref for Session<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        self.inner
+    }
+}
+
+/// Whether an operation writes: a successful write can end a failure
+/// episode, a read cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
 }
 
 impl fmt::Debug for Store {
@@ -295,6 +529,16 @@ impl fmt::Debug for Store {
 }
 
 impl Inner {
+    fn new(db: Database, path: &Path) -> Inner {
+        Inner {
+            db: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            health: Mutex::new(health::Health::default()),
+            queue: Mutex::new(queue::Queue::default()),
+            seq: AtomicU64::new(0),
+        }
+    }
+
     /// Maps any redb error of operation `op` to [`StoreError::Db`].
     fn err<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
         move |e| StoreError::Db {
@@ -313,6 +557,80 @@ impl Inner {
         }
     }
 
+    fn health(&self) -> std::sync::MutexGuard<'_, health::Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, queue::Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the open database (reopening it first when due),
+    /// catching a panic inside redb, and keeps the failure episode.
+    fn run<T>(
+        &self,
+        op: &'static str,
+        kind: Kind,
+        f: impl FnOnce(&Session<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.reopen_if_due();
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let result = match guard.as_ref() {
+            None => Err(StoreError::Unavailable {
+                path: self.path.clone(),
+            }),
+            Some(db) => {
+                guard::catching(|| f(&Session { inner: self, db })).unwrap_or_else(|detail| {
+                    Err(StoreError::Damaged {
+                        path: self.path.clone(),
+                        op,
+                        detail,
+                    })
+                })
+            }
+        };
+        drop(guard);
+        match &result {
+            Err(e) if e.is_failure() => {
+                let queued = self.queue().len();
+                self.health().failed(&self.path, e, queued);
+            }
+            Ok(_) if kind == Kind::Write => {
+                let queued = self.queue().len();
+                self.health().wrote(&self.path, 0, queued);
+            }
+            _ => {}
+        }
+        result
+    }
+
+    /// Closes and reopens the database after an I/O failure (redb refuses
+    /// every write after one until then), at most as often as the backoff
+    /// allows.
+    fn reopen_if_due(&self) {
+        if !self.health().reopen_due() {
+            return;
+        }
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        let old = db.take();
+        // Closing writes redb's allocator state; on a failing disk that
+        // fails, which is what the repair at the next open is for.
+        let _ = guard::catching(move || drop(old));
+        match open_db(&self.path) {
+            Ok(new) => {
+                *db = Some(new);
+                drop(db);
+                self.health().reopened(&self.path, Ok(()));
+            }
+            Err(e) => {
+                drop(db);
+                self.health().reopened(&self.path, Err(&e));
+            }
+        }
+    }
+}
+
+impl Session<'_> {
     /// Runs `f` in one write transaction and commits it.
     fn write<T>(
         &self,
@@ -374,30 +692,45 @@ impl Inner {
 }
 
 impl Store {
-    /// Opens the database at `path`, creating it and its missing parent
-    /// directories, and checks its layout version.
+    /// Opens the database at `path`, creating it (mode 0600) and its
+    /// missing parent directories (0700), checks its layout version and
+    /// walks every table once, so a damaged file is reported here, naming
+    /// it, rather than by a panic at the first read that meets the damage.
     ///
     /// This blocks (it may repair a file left by a crash): call it at
     /// start-up or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-                path: parent.to_path_buf(),
-                source,
-            })?;
+        let (store, _) = Store::open_census(path)?;
+        Ok(store)
+    }
+
+    /// [`Store::open`], also returning what each table holds.
+    pub fn open_census(path: &Path) -> Result<(Store, salvage::Census), StoreError> {
+        let inner = Inner::new(open_db(path)?, path);
+        let checked = guard::catching(|| -> Result<salvage::Census, StoreError> {
+            let guard = inner.db.read().unwrap_or_else(PoisonError::into_inner);
+            let db = guard.as_ref().expect("just opened");
+            Session { inner: &inner, db }.check_layout()?;
+            Ok(salvage::census(db))
+        });
+        let census = checked.map_err(|detail| StoreError::Damaged {
+            path: path.to_path_buf(),
+            op: "open",
+            detail,
+        })??;
+        if let Some((table, detail)) = census.damage() {
+            return Err(StoreError::Damaged {
+                path: path.to_path_buf(),
+                op: "open",
+                detail: format!("table {table}: {detail}"),
+            });
         }
-        let db = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
-        let inner = Inner {
-            db,
-            path: path.to_path_buf(),
-        };
-        inner.check_layout()?;
-        Ok(Store {
-            inner: Arc::new(inner),
-        })
+        Ok((
+            Store {
+                inner: Arc::new(inner),
+            },
+            census,
+        ))
     }
 
     /// The database file.
@@ -405,14 +738,221 @@ impl Store {
         &self.inner.path
     }
 
+    /// The store's state: failing or not, what is queued.
+    pub fn health(&self) -> StoreHealth {
+        let (queued, queue_dropped) = {
+            let q = self.inner.queue();
+            (q.len(), q.dropped)
+        };
+        let h = self.inner.health();
+        StoreHealth {
+            writable: !h.failing(),
+            failing_for_secs: h.failing_for(),
+            queued,
+            queue_dropped,
+            cache_skipped: h.cache_skipped,
+            failures: h.failures,
+        }
+    }
+
+    /// A cache operation's result while the store fails as a whole: the
+    /// failure was logged once when it began, and a cache miss only means
+    /// one more screening, so the operation counts as skipped.
+    fn cache<T: Default>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        match r {
+            Err(e) if e.is_failure() => {
+                self.inner.health().cache_skipped += 1;
+                Ok(T::default())
+            }
+            other => other,
+        }
+    }
+
+    /// The cache record of `ip` (v4-mapped IPv6 is looked up as IPv4);
+    /// `None` too while the store fails (see FULL DISK).
+    pub async fn client(&self, ip: IpAddr) -> Result<Option<ClientRecord>, StoreError> {
+        let r = self.client_file(ip).await;
+        self.cache(r)
+    }
+
+    /// Stores (replaces) the cache record of `ip`; skipped while the store
+    /// fails.
+    pub async fn put_client(&self, ip: IpAddr, rec: ClientRecord) -> Result<(), StoreError> {
+        let r = self.put_client_file(ip, rec).await;
+        self.cache(r)
+    }
+
+    /// Deletes the cache record of `ip`; whether there was one (false
+    /// while the store fails).
+    pub async fn delete_client(&self, ip: IpAddr) -> Result<bool, StoreError> {
+        let r = self.delete_client_file(ip).await;
+        self.cache(r)
+    }
+
+    /// The block on exactly `net` (host bits ignored; no covering lookup),
+    /// queued changes included.
+    pub async fn block(&self, net: IpNet) -> Result<Option<BlockRecord>, StoreError> {
+        if let Some(pending) = self.inner.queue().block(net) {
+            return Ok(pending.record());
+        }
+        self.block_file(net).await
+    }
+
+    /// Every block, IPv4 first, in network order (expired ones included
+    /// until [`Store::cleanup`] removes them), queued changes included.
+    pub async fn blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {
+        let stored = self.blocks_file().await?;
+        Ok(self.inner.queue().blocks_over(stored))
+    }
+
+    /// The blocks that lapsed after `after` and by `now` (unix seconds),
+    /// queued changes included; records that do not decode are skipped.
+    /// The periodic sweep reads only these, not the whole table.
+    pub async fn lapsed_blocks(
+        &self,
+        after: u64,
+        now: u64,
+    ) -> Result<Vec<BlockRecord>, StoreError> {
+        const OP: &str = "lapsed_blocks";
+        let within = move |b: &BlockRecord| b.expires > after && b.expires <= now;
+        let stored = self
+            .blocking(OP, Kind::Read, move |s| {
+                let txn = s.read_txn(OP)?;
+                let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+                let mut out = Vec::new();
+                for entry in t.iter().map_err(s.err(OP))? {
+                    let (k, v) = entry.map_err(s.err(OP))?;
+                    let Ok(rec) = codec::decode_net_key(k.value())
+                        .and_then(|net| codec::decode_block(net, v.value()))
+                    else {
+                        continue;
+                    };
+                    if within(&rec) {
+                        out.push(rec);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut out = self.inner.queue().blocks_over(stored);
+        out.retain(within);
+        Ok(out)
+    }
+
+    /// Every block that decodes, and the records that do not (skipped, not
+    /// fatal: one damaged record must not hide the others); queued changes
+    /// included.
+    pub async fn blocks_lenient(&self) -> Result<Lenient<BlockRecord>, StoreError> {
+        let mut l = self.blocks_lenient_file().await?;
+        l.records = self.inner.queue().blocks_over(l.records);
+        Ok(l)
+    }
+
+    /// Every allow entry, IPv4 first, in network order, queued changes
+    /// included.
+    pub async fn allows(&self) -> Result<Vec<AllowRecord>, StoreError> {
+        let stored = self.allows_file().await?;
+        Ok(self.inner.queue().allows_over(stored))
+    }
+
+    /// Every allow entry that decodes, and the records that do not; queued
+    /// changes included.
+    pub async fn allows_lenient(&self) -> Result<Lenient<AllowRecord>, StoreError> {
+        let mut l = self.allows_lenient_file().await?;
+        l.records = self.inner.queue().allows_over(l.records);
+        Ok(l)
+    }
+
+    /// Records verdict changes: written now, or, while the store fails (or
+    /// earlier changes still wait), queued and written by
+    /// [`Store::spawn_retry`] once it works again. Never fails: the caller
+    /// has already changed the kernel and must not undo that because the
+    /// disk is full.
+    pub async fn record(&self, changes: Vec<Change>) -> Recorded {
+        let first = self
+            .inner
+            .seq
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        let queue = |changes: Vec<Change>| {
+            let mut q = self.inner.queue();
+            for (i, c) in changes.into_iter().enumerate() {
+                q.push(first + i as u64, c);
+            }
+            Recorded::Queued
+        };
+        if !self.inner.queue().is_empty() {
+            // Written in order by the retry, after what waits already.
+            return queue(changes);
+        }
+        match self.apply(changes.clone()).await {
+            Ok(()) => Recorded::Written,
+            Err(_) => queue(changes),
+        }
+    }
+
+    /// Writes the queued verdict changes in one transaction; how many.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        const OP: &str = "flush";
+        let snapshot = self.inner.queue().snapshot();
+        let n = snapshot.changes.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let inner = Arc::clone(&self.inner);
+        let snapshot = tokio::task::spawn_blocking(move || {
+            // Run as a read: whether this write ends the failure episode
+            // depends on the queue after it, so `wrote` is called below.
+            inner
+                .run(OP, Kind::Read, |s| {
+                    s.write(OP, Durability::Immediate, |txn| {
+                        apply_changes(s, OP, txn, &snapshot.changes)
+                    })
+                })
+                .map(|()| snapshot)
+        })
+        .await
+        .map_err(|e| StoreError::Task {
+            path: self.inner.path.clone(),
+            op: OP,
+            detail: e.to_string(),
+        })??;
+        let queued = {
+            let mut q = self.inner.queue();
+            q.written(&snapshot);
+            q.len()
+        };
+        self.inner.health().wrote(&self.inner.path, n, queued);
+        Ok(n)
+    }
+
+    /// Retries the queued verdict changes in the background, every second
+    /// while any wait; the database is reopened on the way when it needs
+    /// to be.
+    pub fn spawn_retry(&self) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RETRY_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if store.inner.queue().is_empty() {
+                    continue;
+                }
+                // A failure is already logged (once per episode) and
+                // counted; the next tick tries again.
+                let _ = store.flush().await;
+            }
+        })
+    }
+
     /// Runs `f` on the blocking pool.
-    async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    async fn blocking<T, F>(&self, op: &'static str, kind: Kind, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Session<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner))
+        tokio::task::spawn_blocking(move || inner.run(op, kind, f))
             .await
             .map_err(|e| StoreError::Task {
                 path: self.inner.path.clone(),
@@ -422,9 +962,9 @@ impl Store {
     }
 
     /// The cache record of `ip` (v4-mapped IPv6 is looked up as IPv4).
-    pub async fn client(&self, ip: IpAddr) -> Result<Option<ClientRecord>, StoreError> {
+    async fn client_file(&self, ip: IpAddr) -> Result<Option<ClientRecord>, StoreError> {
         const OP: &str = "client";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Read, move |s| {
             let txn = s.read_txn(OP)?;
             let t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
             let Some(v) = t.get(codec::ip_key(ip).as_slice()).map_err(s.err(OP))? else {
@@ -438,9 +978,9 @@ impl Store {
     }
 
     /// Stores (replaces) the cache record of `ip`.
-    pub async fn put_client(&self, ip: IpAddr, rec: ClientRecord) -> Result<(), StoreError> {
+    async fn put_client_file(&self, ip: IpAddr, rec: ClientRecord) -> Result<(), StoreError> {
         const OP: &str = "put_client";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Eventual, |txn| {
                 let mut t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
                 t.insert(
@@ -455,9 +995,9 @@ impl Store {
     }
 
     /// Deletes the cache record of `ip`; whether there was one.
-    pub async fn delete_client(&self, ip: IpAddr) -> Result<bool, StoreError> {
+    async fn delete_client_file(&self, ip: IpAddr) -> Result<bool, StoreError> {
         const OP: &str = "delete_client";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Eventual, |txn| {
                 let mut t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
                 let old = t.remove(codec::ip_key(ip).as_slice()).map_err(s.err(OP))?;
@@ -470,7 +1010,7 @@ impl Store {
     /// Every cache record, IPv4 first, in address order.
     pub async fn clients(&self) -> Result<Vec<(IpAddr, ClientRecord)>, StoreError> {
         const OP: &str = "clients";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Read, move |s| {
             let txn = s.read_txn(OP)?;
             let t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
             let mut out = Vec::new();
@@ -490,7 +1030,7 @@ impl Store {
     /// Deletes every cache record; how many there were.
     pub async fn purge_clients(&self) -> Result<usize, StoreError> {
         const OP: &str = "purge_clients";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut t = txn.open_table(CLIENTS).map_err(s.err(OP))?;
                 let n = t.len().map_err(s.err(OP))?;
@@ -511,7 +1051,7 @@ impl Store {
     pub async fn cleanup(&self, now: u64, retention: Duration) -> Result<usize, StoreError> {
         const OP: &str = "cleanup";
         let cutoff = now.saturating_sub(retention.as_secs());
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut removed = 0;
 
@@ -556,7 +1096,7 @@ impl Store {
     /// Stores (replaces) a block, keyed by its normalised network.
     pub async fn put_block(&self, rec: BlockRecord) -> Result<(), StoreError> {
         const OP: &str = "put_block";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
                 t.insert(
@@ -573,7 +1113,7 @@ impl Store {
     /// Deletes the block on `net` (host bits ignored); the deleted record.
     pub async fn del_block(&self, net: IpNet) -> Result<Option<BlockRecord>, StoreError> {
         const OP: &str = "del_block";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
                 let Some(v) = t
@@ -591,9 +1131,9 @@ impl Store {
     }
 
     /// The block on exactly `net` (host bits ignored; no covering lookup).
-    pub async fn block(&self, net: IpNet) -> Result<Option<BlockRecord>, StoreError> {
+    async fn block_file(&self, net: IpNet) -> Result<Option<BlockRecord>, StoreError> {
         const OP: &str = "block";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Read, move |s| {
             let txn = s.read_txn(OP)?;
             let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
             let Some(v) = t.get(codec::net_key(net).as_slice()).map_err(s.err(OP))? else {
@@ -608,9 +1148,9 @@ impl Store {
 
     /// Every block, IPv4 first, in network order (expired ones included
     /// until [`Store::cleanup`] removes them).
-    pub async fn blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {
+    async fn blocks_file(&self) -> Result<Vec<BlockRecord>, StoreError> {
         const OP: &str = "blocks";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Read, move |s| {
             let txn = s.read_txn(OP)?;
             let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
             read_blocks(s, OP, &t)
@@ -619,62 +1159,141 @@ impl Store {
     }
 
     /// Atomically replaces every block whose `list == Some(name)` with
-    /// `entries` (one write transaction).
-    ///
-    /// Each entry's `list` is set to `name`; duplicates (same normalised
-    /// network) collapse to the last one. See [`ListChange`] for what
+    /// `entries` (one write transaction). See [`ListChange`] for what
     /// happens to entries already present and to networks another owner
     /// holds.
     pub async fn replace_list(
         &self,
         name: &str,
-        entries: Vec<BlockRecord>,
+        entries: ListEntries,
     ) -> Result<ListChange, StoreError> {
         const OP: &str = "replace_list";
         let name = name.to_owned();
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
-                let mut old: HashMap<Vec<u8>, BlockRecord> = read_blocks(s, OP, &t)?
-                    .into_iter()
-                    .filter(|r| r.list.as_deref() == Some(name.as_str()))
-                    .map(|r| (codec::net_key(r.net), r))
-                    .collect();
-
-                let mut wanted: HashMap<Vec<u8>, BlockRecord> =
-                    HashMap::with_capacity(entries.len());
-                for mut rec in entries {
-                    rec.net = rec.net.trunc();
-                    rec.list = Some(name.clone());
-                    wanted.insert(codec::net_key(rec.net), rec);
+                // The list's members now: first-seen time and offences.
+                let mut old: HashMap<IpNet, (u64, u32)> = HashMap::new();
+                for entry in t.iter().map_err(s.err(OP))? {
+                    let (k, v) = entry.map_err(s.err(OP))?;
+                    // A record that does not decode belongs to no list we
+                    // can tell; a network of the new list it holds counts
+                    // as shadowed below.
+                    let Ok(rec) = codec::decode_net_key(k.value())
+                        .and_then(|net| codec::decode_block(net, v.value()))
+                    else {
+                        continue;
+                    };
+                    if rec.list.as_deref() == Some(name.as_str()) {
+                        old.insert(rec.net, (rec.added, rec.offences));
+                    }
                 }
-                let mut wanted: Vec<(Vec<u8>, BlockRecord)> = wanted.into_iter().collect();
+                let ListEntries {
+                    mut nets,
+                    reason,
+                    expires,
+                    added,
+                } = entries;
+                for n in &mut nets {
+                    *n = n.trunc();
+                }
                 // Sorted inserts keep the B-tree writes local.
-                wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                nets.sort_unstable();
+                nets.dedup();
 
                 let mut change = ListChange::default();
-                for (key, mut rec) in wanted {
-                    if let Some(prev) = old.remove(&key) {
-                        rec.added = prev.added;
-                        rec.offences = prev.offences;
+                let mut rec = BlockRecord {
+                    net: IpNet::V4(ipnet::Ipv4Net::default()),
+                    reason,
+                    expires,
+                    added,
+                    list: Some(name.clone()),
+                    offences: 1,
+                };
+                for net in nets {
+                    let key = codec::net_key(net);
+                    rec.net = net;
+                    if let Some((first, offences)) = old.remove(&net) {
+                        rec.added = first;
+                        rec.offences = offences;
                         change.kept += 1;
                     } else if t.get(key.as_slice()).map_err(s.err(OP))?.is_some() {
                         change.shadowed += 1;
                         continue;
                     } else {
+                        rec.added = added;
+                        rec.offences = 1;
                         change.added += 1;
                     }
                     t.insert(key.as_slice(), codec::encode_block(&rec).as_slice())
                         .map_err(s.err(OP))?;
-                    change.current.push(rec);
+                    change.current.push(net);
                 }
-                for (key, rec) in old {
-                    t.remove(key.as_slice()).map_err(s.err(OP))?;
-                    change.removed_records.push(rec);
+                for net in old.into_keys() {
+                    t.remove(codec::net_key(net).as_slice())
+                        .map_err(s.err(OP))?;
+                    change.removed_nets.push(net);
                 }
-                change.removed = change.removed_records.len();
-                change.removed_records.sort_unstable_by_key(|r| r.net);
+                change.removed = change.removed_nets.len();
+                change.removed_nets.sort_unstable();
                 Ok(change)
+            })
+        })
+        .await
+    }
+
+    /// Every block that decodes, and the records that do not (skipped, not
+    /// fatal: one damaged record must not hide the others).
+    async fn blocks_lenient_file(&self) -> Result<Lenient<BlockRecord>, StoreError> {
+        const OP: &str = "blocks";
+        self.blocking(OP, Kind::Read, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+            let mut out = Lenient::default();
+            for entry in t.iter().map_err(s.err(OP))? {
+                let (k, v) = entry.map_err(s.err(OP))?;
+                match codec::decode_net_key(k.value())
+                    .and_then(|net| codec::decode_block(net, v.value()))
+                {
+                    Ok(rec) => out.records.push(rec),
+                    Err(e) => out.unreadable.push(unreadable("blocks", k.value(), e)),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every allow entry that decodes, and the records that do not.
+    async fn allows_lenient_file(&self) -> Result<Lenient<AllowRecord>, StoreError> {
+        const OP: &str = "allows";
+        self.blocking(OP, Kind::Read, move |s| {
+            let txn = s.read_txn(OP)?;
+            let t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
+            let mut out = Lenient::default();
+            for entry in t.iter().map_err(s.err(OP))? {
+                let (k, v) = entry.map_err(s.err(OP))?;
+                match codec::decode_net_key(k.value())
+                    .and_then(|net| codec::decode_allow(net, v.value()))
+                {
+                    Ok(rec) => out.records.push(rec),
+                    Err(e) => out.unreadable.push(unreadable("allows", k.value(), e)),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Writes `changes` in one durable transaction, in order.
+    pub async fn apply(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        const OP: &str = "apply";
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.blocking(OP, Kind::Write, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                apply_changes(s, OP, txn, &changes)
             })
         })
         .await
@@ -683,7 +1302,7 @@ impl Store {
     /// Stores (replaces) an allow entry, keyed by its normalised network.
     pub async fn put_allow(&self, rec: AllowRecord) -> Result<(), StoreError> {
         const OP: &str = "put_allow";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
                 t.insert(
@@ -701,7 +1320,7 @@ impl Store {
     /// was one.
     pub async fn del_allow(&self, net: IpNet) -> Result<bool, StoreError> {
         const OP: &str = "del_allow";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Write, move |s| {
             s.write(OP, Durability::Immediate, |txn| {
                 let mut t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
                 let old = t
@@ -714,9 +1333,9 @@ impl Store {
     }
 
     /// Every allow entry, IPv4 first, in network order.
-    pub async fn allows(&self) -> Result<Vec<AllowRecord>, StoreError> {
+    async fn allows_file(&self) -> Result<Vec<AllowRecord>, StoreError> {
         const OP: &str = "allows";
-        self.blocking(OP, move |s| {
+        self.blocking(OP, Kind::Read, move |s| {
             let txn = s.read_txn(OP)?;
             let t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
             let mut out = Vec::new();
@@ -734,9 +1353,155 @@ impl Store {
     }
 }
 
+/// Creates the directories above `path` that are missing, mode 0700: the
+/// store names every client and verdict.
+fn create_parent(path: &Path) -> Result<(), StoreError> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(|source| StoreError::CreateDir {
+            path: parent.to_path_buf(),
+            source,
+        })
+}
+
+/// Opens (creating, mode 0600) the redb file at `path`; a panic inside
+/// redb and a file redb calls corrupt become [`StoreError::Damaged`].
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    create_parent(path)?;
+    let open_err = |source: std::io::Error| StoreError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(redb::DatabaseError::Storage(redb::StorageError::Io(source))),
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(open_err)?;
+    let opened = guard::catching(move || {
+        redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create_file(file)
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(open_error(path, e)),
+        Err(detail) => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            op: "open",
+            detail,
+        }),
+    }
+}
+
+/// Sorts redb's refusal to open a file: in use, damaged, or another
+/// problem (permissions, I/O).
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError as D, StorageError as S};
+    let path = path.to_path_buf();
+    match e {
+        D::DatabaseAlreadyOpen => StoreError::InUse { path },
+        D::Storage(S::Corrupted(detail)) => StoreError::Damaged {
+            path,
+            op: "open",
+            detail,
+        },
+        // A header that does not parse, a file shorter than its header.
+        D::Storage(S::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            StoreError::Damaged {
+                path,
+                op: "open",
+                detail: io.to_string(),
+            }
+        }
+        other => StoreError::Open {
+            path,
+            source: Box::new(other),
+        },
+    }
+}
+
+/// Opens `path` for reading without taking it from a running daemon: a
+/// shared lock, refused while the daemon holds its exclusive one.
+fn open_locked(path: &Path, exclusive: bool) -> Result<File, StoreError> {
+    use std::os::fd::AsRawFd as _;
+    let file = File::open(path).map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(redb::DatabaseError::Storage(redb::StorageError::Io(source))),
+    })?;
+    let how = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
+        return Err(StoreError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
+/// Writes `changes` in order inside `txn`.
+fn apply_changes(
+    s: &Session<'_>,
+    op: &'static str,
+    txn: &redb::WriteTransaction,
+    changes: &[Change],
+) -> Result<(), StoreError> {
+    let mut blocks = txn.open_table(BLOCKS).map_err(s.err(op))?;
+    let mut allows = txn.open_table(ALLOWS).map_err(s.err(op))?;
+    for c in changes {
+        match c {
+            Change::PutBlock(rec) => blocks
+                .insert(
+                    codec::net_key(rec.net).as_slice(),
+                    codec::encode_block(rec).as_slice(),
+                )
+                .map(drop),
+            Change::DelBlock(net) => blocks.remove(codec::net_key(*net).as_slice()).map(drop),
+            Change::PutAllow(rec) => allows
+                .insert(
+                    codec::net_key(rec.net).as_slice(),
+                    codec::encode_allow(rec).as_slice(),
+                )
+                .map(drop),
+            Change::DelAllow(net) => allows.remove(codec::net_key(*net).as_slice()).map(drop),
+        }
+        .map_err(s.err(op))?;
+    }
+    Ok(())
+}
+
+/// An [`Unreadable`] for the record under key `k` of `table`.
+fn unreadable(table: &'static str, k: &[u8], e: DecodeError) -> Unreadable {
+    let key = codec::decode_net_key(k)
+        .map(|n| n.to_string())
+        .or_else(|_| codec::decode_ip_key(k).map(|a| a.to_string()))
+        .unwrap_or_else(|_| codec::hex(k));
+    Unreadable {
+        table,
+        key,
+        detail: e.0,
+    }
+}
+
 /// Decodes the whole `blocks` table.
 fn read_blocks(
-    s: &Inner,
+    s: &Session<'_>,
     op: &'static str,
     t: &impl ReadableTable<&'static [u8], &'static [u8]>,
 ) -> Result<Vec<BlockRecord>, StoreError> {

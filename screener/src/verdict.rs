@@ -1,9 +1,11 @@
 //! Verdicts: the one place that writes blocks and allows, keeping the store
 //! and the kernel maps in step.
 //!
-//! Every change goes kernel first, then store; if the store write fails the
-//! kernel change is undone, so the two never disagree for long and a
-//! restart (which trusts the store) never loses a block the kernel had.
+//! Every change goes kernel first, then store. A store write that fails
+//! never undoes the kernel change: a full or failing disk must not open the
+//! gate for a bot. The store queues the change and writes it once it works
+//! again (see FULL DISK in the store), and a restart adopts whatever the
+//! kernel holds that the store lacks (see RESTORING).
 //!
 //! POLICY for screening failures:
 //! - Only outcomes in `verdict.block_on` block.
@@ -14,8 +16,23 @@
 //! - When `escalate_v4_hosts` hosts of one IPv4 /24 (or
 //!   `escalate_v6_hosts` prefixes of one IPv6 /48) are blocked, the /24
 //!   (/48) is blocked instead.
+//!
+//! ESCALATION counts offences, not map entries: a host whose block the
+//! kernel refused (its host map is full) offended all the same, and once
+//! the host map is full escalating into the prefix map is the only way
+//! left to stop the bots of that /24 (/48). Each offence counts until the
+//! block it earned would lapse.
 //! - Nothing the access list permits, an allow entry covers, or a DNSWL
 //!   allowlisted is ever blocked, nor any prefix containing one of them.
+//!
+//! RESTORING. At start the kernel and the store are made to agree without
+//! ever taking a verdict out of the kernel because the store lacks it: the
+//! store may be new, emptied or partly unreadable, and the pinned maps are
+//! then the only record of what is blocked. So: store entries missing from
+//! the kernel (after a reboot, all of them) are put in; pinned entries the
+//! store does not hold are adopted into it with the kernel's reason and
+//! remaining lifetime; records that do not decode are skipped and named.
+//! Kernel entries leave only by an operator's unblock or by expiry.
 //!
 //! MAP FULL. A full map refuses the new entry: the refusal is logged,
 //! counted (`blocks_refused_full`), and the client is still rejected at the
@@ -41,8 +58,11 @@ use serde::Serialize;
 use crate::{
     config::{AccessAction, BlockOn, Config},
     duration,
-    store::{now_unix, AllowRecord, BlockRecord, Store},
-    xdp::{maps::boot_now, Gate, XdpError},
+    store::{now_unix, salvage, AllowRecord, BlockRecord, Change, ListEntries, Store, Unreadable},
+    xdp::{
+        maps::{boot_now, Listed},
+        Gate, XdpError,
+    },
 };
 
 /// Daemon-side counters of verdicts.
@@ -95,8 +115,10 @@ pub struct Verdicts {
     /// `None` with `--no-xdp` or after `xdp detach`: the store still
     /// records verdicts, and they reach the kernel at the next start.
     gate: Mutex<Option<Gate>>,
-    /// Blocked hosts per escalation prefix (/24, /48).
-    groups: Mutex<HashMap<IpNet, HashSet<IpNet>>>,
+    /// Offenders per escalation prefix (/24, /48): see ESCALATION.
+    groups: Mutex<Offenders>,
+    /// Unix second up to which lapsed blocks have been swept.
+    swept: AtomicU64,
     /// Clients a DNSWL allowlisted since start.
     dnswl: Mutex<HashSet<IpAddr>>,
     /// The allow entries, as the store holds them: consulted on every
@@ -104,6 +126,135 @@ pub struct Verdicts {
     allows: RwLock<Vec<IpNet>>,
     pub counters: Counters,
 }
+
+/// Offences per escalation prefix (/24, /48), each until the time its
+/// block would lapse (unix seconds, 0 never): see ESCALATION.
+#[derive(Debug, Default)]
+struct Offenders(HashMap<IpNet, HashMap<IpNet, u64>>);
+
+impl Offenders {
+    /// Counts an offence of `net` in its group until `until` (a later
+    /// offence of the same net extends it).
+    fn note(&mut self, net: IpNet, until: u64) {
+        let Some(group) = group_of(net) else {
+            return;
+        };
+        let e = self.0.entry(group).or_default().entry(net).or_insert(until);
+        if *e != 0 && (until == 0 || until > *e) {
+            *e = until;
+        }
+    }
+
+    /// Nets of `group` with an offence in force at `now`.
+    fn count(&self, group: IpNet, now: u64) -> usize {
+        self.0
+            .get(&group)
+            .map_or(0, |m| m.values().filter(|u| **u == 0 || **u > now).count())
+    }
+
+    /// Forgets `net` (an operator unblocked it).
+    fn forget(&mut self, net: IpNet) {
+        if let Some(group) = group_of(net) {
+            if let Some(m) = self.0.get_mut(&group) {
+                m.remove(&net);
+                if m.is_empty() {
+                    self.0.remove(&group);
+                }
+            }
+        }
+    }
+
+    /// Forgets `net` if its offence has lapsed at `now`; whether it did.
+    fn lapse(&mut self, net: IpNet, now: u64) -> bool {
+        let Some(group) = group_of(net) else {
+            return false;
+        };
+        let Some(m) = self.0.get_mut(&group) else {
+            return false;
+        };
+        if !m.get(&net).is_some_and(|u| *u != 0 && *u <= now) {
+            return false;
+        }
+        m.remove(&net);
+        if m.is_empty() {
+            self.0.remove(&group);
+        }
+        true
+    }
+
+    /// Forgets every offence that lapsed at `now`.
+    fn prune(&mut self, now: u64) {
+        self.0.retain(|_, m| {
+            m.retain(|_, u| *u == 0 || *u > now);
+            !m.is_empty()
+        });
+    }
+}
+
+/// Kernel entries an import pushes per hold of the gate's lock: a few
+/// milliseconds of syscalls, the longest a verdict on a bot waits.
+const KERNEL_BATCH: usize = 1024;
+
+/// What [`Verdicts::reconcile`] did.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Store entries put into the kernel (after a reboot: all of them).
+    pub restored: usize,
+    /// Kernel entries that already matched the store.
+    pub kept: usize,
+    /// Pinned entries the store did not hold (or held as lapsed), written
+    /// into it.
+    pub adopted: usize,
+    /// Kernel entries whose expiry had passed, removed.
+    pub expired: usize,
+    /// Store entries the kernel refused because a map is full.
+    pub refused_full: usize,
+    /// Store records that could not be decoded: skipped, each named in an
+    /// ERROR line by the caller.
+    pub skipped: Vec<Unreadable>,
+}
+
+/// The store record for a kernel entry the store does not hold: the
+/// kernel's reason and remaining lifetime; `prev` (a lapsed record on the
+/// same network) keeps its first-seen time, offence count and owner.
+fn adopted(l: Listed, prev: Option<&BlockRecord>, now: u64) -> BlockRecord {
+    BlockRecord {
+        net: l.net,
+        reason: l.reason,
+        expires: l.expires_in.map_or(0, |s| now + s),
+        added: prev.map_or(now, |p| p.added),
+        list: prev.and_then(|p| p.list.clone()),
+        offences: prev.map_or(1, |p| p.offences),
+    }
+}
+
+/// What the maps pinned in `dir` hold, as store records, for
+/// `screener store repair` (which runs without the daemon). Lapsed
+/// entries are left out.
+pub fn pinned_verdicts(dir: &std::path::Path) -> Result<salvage::Pinned, XdpError> {
+    crate::xdp::maps::check_pinned_layout(dir)?;
+    let maps = crate::xdp::Maps::from_pins(dir)?;
+    let now = now_unix();
+    let blocks = maps
+        .blocks()?
+        .into_iter()
+        .filter(|l| l.expires_in != Some(0))
+        .map(|l| adopted(l, None, now))
+        .collect();
+    let allows = maps
+        .allows()?
+        .into_iter()
+        .map(|l| AllowRecord {
+            net: l.net,
+            added: now,
+            comment: Some(ADOPTED.into()),
+        })
+        .collect();
+    Ok(salvage::Pinned { blocks, allows })
+}
+
+/// The comment of an allow entry adopted from the kernel.
+const ADOPTED: &str = "adopted from the kernel";
 
 /// The TTL of the `offence`-th block (1-based): doubling, capped.
 pub fn ttl_for(offence: u32, base: Duration, max: Duration) -> Duration {
@@ -180,7 +331,8 @@ impl Verdicts {
             cfg: RwLock::new(cfg),
             store,
             gate: Mutex::new(gate),
-            groups: Mutex::new(HashMap::new()),
+            groups: Mutex::new(Offenders::default()),
+            swept: AtomicU64::new(0),
             dnswl: Mutex::new(HashSet::new()),
             allows: RwLock::new(Vec::new()),
             counters: Counters::default(),
@@ -230,6 +382,11 @@ impl Verdicts {
         self.dnswl.lock().expect("dnswl lock").insert(ip);
     }
 
+    /// Counts an offence of `net` towards escalating its /24 (/48).
+    fn note_offence(&self, net: IpNet, until: u64) {
+        self.groups.lock().expect("groups lock").note(net, until);
+    }
+
     /// Why `net` must not be blocked, if it must not.
     fn protection(&self, net: &IpNet) -> Option<String> {
         let cfg = self.cfg();
@@ -275,19 +432,23 @@ impl Verdicts {
             }
             return Err(e.into());
         }
-        if let Err(e) = self.store.put_block(rec).await {
-            let _ = self.with_gate(|g| g.maps.unblock(net));
-            return Err(e.into());
-        }
-        if let Some(group) = group_of(net) {
-            self.groups
-                .lock()
-                .expect("groups lock")
-                .entry(group)
-                .or_default()
-                .insert(net);
-        }
+        // Never undone when the store cannot take it: the change waits in
+        // the store's queue.
+        self.store.record(vec![Change::PutBlock(rec)]).await;
         Ok(())
+    }
+
+    /// The stored block on exactly `net`, for offence counts and first-seen
+    /// times. A store that cannot be read (its failure is logged once by
+    /// the store) must not stop a verdict: it counts as a first offence.
+    async fn stored_block(&self, net: IpNet) -> Option<BlockRecord> {
+        match self.store.block(net).await {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::debug!("reading the block on {net}: {e}");
+                None
+            }
+        }
     }
 
     /// Blocks `nets` as the operator asked: all or nothing.
@@ -302,7 +463,7 @@ impl Verdicts {
         let label = reason.unwrap_or("manual").to_owned();
         let mut done: Vec<IpNet> = Vec::new();
         for net in nets {
-            let prev = self.store.block(*net).await?;
+            let prev = self.stored_block(*net).await;
             let rec = BlockRecord {
                 net: net.trunc(),
                 reason: label.clone(),
@@ -319,35 +480,34 @@ impl Verdicts {
             }
             done.push(*net);
         }
+        let until = now + ttl.as_secs().max(1);
         for net in nets {
+            self.note_offence(net.trunc(), until);
             self.counters.blocks.fetch_add(1, Ordering::Relaxed);
             tracing::info!("BLOCK {net} reason={label} ttl={}", duration::Display(ttl));
         }
         Ok(())
     }
 
-    async fn remove_block(&self, net: IpNet) -> Result<Option<BlockRecord>, VerdictError> {
+    async fn remove_block(&self, net: IpNet) -> Result<(), VerdictError> {
         let net = net.trunc();
         if let Some(r) = self.with_gate(|g| g.maps.unblock(net)) {
             r?;
         }
-        let rec = self.store.del_block(net).await?;
-        if let Some(group) = group_of(net) {
-            let mut g = self.groups.lock().expect("groups lock");
-            if let Some(set) = g.get_mut(&group) {
-                set.remove(&net);
-                if set.is_empty() {
-                    g.remove(&group);
-                }
-            }
-        }
-        Ok(rec)
+        self.store.record(vec![Change::DelBlock(net)]).await;
+        self.groups.lock().expect("groups lock").forget(net);
+        Ok(())
     }
 
     /// Removes blocks; every net must be blocked, else nothing changes.
     pub async fn unblock(&self, nets: &[IpNet], why: &str) -> Result<(), VerdictError> {
         for net in nets {
-            if self.live_block(*net).await?.is_none() {
+            let blocked = match self.live_block(*net).await {
+                Ok(b) => b.is_some(),
+                // The store cannot say: the kernel can.
+                Err(_) => self.in_kernel(*net)?,
+            };
+            if !blocked {
                 return Err(VerdictError::Refused(format!("{net} is not blocked")));
             }
         }
@@ -373,12 +533,12 @@ impl Verdicts {
         }
         for net in nets {
             self.store
-                .put_allow(AllowRecord {
+                .record(vec![Change::PutAllow(AllowRecord {
                     net: net.trunc(),
                     added: now_unix(),
                     comment: None,
-                })
-                .await?;
+                })])
+                .await;
             let mut allows = self.allows.write().expect("allows lock");
             if !allows.contains(&net.trunc()) {
                 allows.push(net.trunc());
@@ -400,7 +560,7 @@ impl Verdicts {
             if let Some(r) = self.with_gate(|g| g.maps.unallow(*net)) {
                 r?;
             }
-            self.store.del_allow(net.trunc()).await?;
+            self.store.record(vec![Change::DelAllow(net.trunc())]).await;
             self.allows
                 .write()
                 .expect("allows lock")
@@ -417,9 +577,10 @@ impl Verdicts {
             return;
         }
         let net = verdict_net(ip, cfg.verdict.ipv6_prefix);
+        // A block the kernel refused (a full host map) is still an offence
+        // in its /24 (/48): escalating is how a full map keeps up.
         if let Err(e) = self.block_verdict(net, block_on_reason(outcome)).await {
             tracing::warn!("BLOCK {net} failed: {e}");
-            return;
         }
         if let Err(e) = self.escalate(net).await {
             tracing::warn!("escalating {net}: {e}");
@@ -436,16 +597,18 @@ impl Verdicts {
         }
         let cfg = self.cfg();
         let now = now_unix();
-        let prev = self.store.block(net).await?;
-        if prev
+        let prev = self.stored_block(net).await;
+        if let Some(p) = prev
             .as_ref()
-            .is_some_and(|p| p.list.is_some() && (p.expires == 0 || p.expires > now))
+            .filter(|p| p.list.is_some() && (p.expires == 0 || p.expires > now))
         {
             // An imported list already holds it; leave it with its owner.
+            self.note_offence(net, p.expires);
             return Ok(());
         }
         let offences = prev.as_ref().map_or(1, |p| p.offences + 1);
         let ttl = ttl_for(offences, cfg.verdict.block_ttl, cfg.verdict.block_ttl_max);
+        self.note_offence(net, now + ttl.as_secs());
         let rec = BlockRecord {
             net,
             reason: reason.name().to_owned(),
@@ -478,9 +641,11 @@ impl Verdicts {
             .groups
             .lock()
             .expect("groups lock")
-            .get(&group)
-            .map_or(0, HashSet::len);
-        if k == 0 || count < k as usize || self.live_block(group).await?.is_some() {
+            .count(group, now_unix());
+        // A store that cannot be read says nothing here: blocking the group
+        // again only refreshes its entry.
+        let held = self.live_block(group).await.ok().flatten().is_some();
+        if k == 0 || count < k as usize || held {
             return Ok(());
         }
         if let Some(why) = self.protection(&group) {
@@ -507,66 +672,105 @@ impl Verdicts {
         Ok(())
     }
 
-    /// Makes the kernel hold exactly what the store holds: adds what is
-    /// missing (after a reboot the maps are empty), removes what the store
-    /// no longer has, sweeps what expired. Returns (added, removed, expired).
-    pub async fn reconcile(&self) -> Result<(usize, usize, usize), VerdictError> {
+    /// Puts the store's verdicts into the kernel at start, and the kernel's
+    /// into the store: see RESTORING in the module docs.
+    pub async fn reconcile(&self) -> Result<Restored, VerdictError> {
         let now = now_unix();
-        let expired = self.sweep().await?;
-        let blocks: Vec<BlockRecord> = self
-            .store
-            .blocks()
-            .await?
-            .into_iter()
-            .filter(|b| b.expires == 0 || b.expires > now)
-            .collect();
-        let allows = self.store.allows().await?;
-        *self.allows.write().expect("allows lock") = allows.iter().map(|a| a.net).collect();
-        {
-            let mut groups = self.groups.lock().expect("groups lock");
-            groups.clear();
-            for b in &blocks {
-                if let Some(g) = group_of(b.net) {
-                    groups.entry(g).or_default().insert(b.net);
+        let blocks = self.store.blocks_lenient().await?;
+        let allows = self.store.allows_lenient().await?;
+        let mut out = Restored {
+            skipped: blocks.unreadable,
+            ..Restored::default()
+        };
+        out.skipped.extend(allows.unreadable);
+        let stored: HashMap<IpNet, BlockRecord> =
+            blocks.records.into_iter().map(|b| (b.net, b)).collect();
+        let stored_allows: HashSet<IpNet> = allows.records.iter().map(|a| a.net).collect();
+        let live = |b: &BlockRecord| b.expires == 0 || b.expires > now;
+
+        let mut adopt: Vec<Change> = Vec::new();
+        let mut kernel_allows: Vec<IpNet> = Vec::new();
+        let kernel = self.with_gate(|g| -> Result<(), XdpError> {
+            let mut in_kernel = HashSet::new();
+            for l in g.maps.blocks()? {
+                if l.expires_in == Some(0) {
+                    // Lapsed in the kernel: the program ignores it already.
+                    g.maps.unblock(l.net)?;
+                    out.expired += 1;
+                    continue;
                 }
-            }
-        }
-        let result = self.with_gate(|g| -> Result<(usize, usize), XdpError> {
-            let mut added = 0;
-            let mut removed = 0;
-            let in_kernel: HashSet<IpNet> = g.maps.blocks()?.into_iter().map(|l| l.net).collect();
-            let wanted: HashSet<IpNet> = blocks.iter().map(|b| b.net).collect();
-            for b in &blocks {
-                if !in_kernel.contains(&b.net) {
-                    g.maps.block(
-                        b.net,
-                        kernel_reason(&b.reason),
-                        kernel_expiry(b.expires, now),
-                    )?;
-                    added += 1;
+                in_kernel.insert(l.net);
+                let prev = stored.get(&l.net);
+                if prev.is_some_and(live) {
+                    out.kept += 1;
+                    continue;
                 }
+                // The store lacks it (new, emptied or damaged store) or
+                // holds a lapsed record: the kernel is right.
+                adopt.push(Change::PutBlock(adopted(l, prev, now)));
             }
-            for net in in_kernel.difference(&wanted) {
-                g.maps.unblock(*net)?;
-                removed += 1;
+            for b in stored.values().filter(|b| live(b)) {
+                if in_kernel.contains(&b.net) {
+                    continue;
+                }
+                match g.maps.block(
+                    b.net,
+                    kernel_reason(&b.reason),
+                    kernel_expiry(b.expires, now),
+                ) {
+                    Ok(()) => out.restored += 1,
+                    Err(XdpError::MapFull { .. }) => out.refused_full += 1,
+                    Err(e) => return Err(e),
+                }
             }
             let allowed: HashSet<IpNet> = g.maps.allows()?.into_iter().map(|l| l.net).collect();
-            let want_allow: HashSet<IpNet> = allows.iter().map(|a| a.net).collect();
-            for a in want_allow.difference(&allowed) {
-                g.maps.allow(*a)?;
-                added += 1;
+            for a in &allowed {
+                if stored_allows.contains(a) {
+                    out.kept += 1;
+                } else {
+                    adopt.push(Change::PutAllow(AllowRecord {
+                        net: *a,
+                        added: now,
+                        comment: Some(ADOPTED.into()),
+                    }));
+                    kernel_allows.push(*a);
+                }
             }
-            for a in allowed.difference(&want_allow) {
-                g.maps.unallow(*a)?;
-                removed += 1;
+            for a in stored_allows.difference(&allowed) {
+                match g.maps.allow(*a) {
+                    Ok(()) => out.restored += 1,
+                    Err(XdpError::MapFull { .. }) => out.refused_full += 1,
+                    Err(e) => return Err(e),
+                }
             }
-            Ok((added, removed))
+            Ok(())
         });
-        let (added, removed) = match result {
-            Some(r) => r?,
-            None => (0, 0),
-        };
-        Ok((added, removed, expired))
+        if let Some(Err(e)) = kernel {
+            return Err(e.into());
+        }
+        if out.refused_full > 0 {
+            self.counters
+                .blocks_refused_full
+                .fetch_add(out.refused_full as u64, Ordering::Relaxed);
+        }
+
+        let mut all_allows: Vec<IpNet> = allows.records.iter().map(|a| a.net).collect();
+        all_allows.extend(kernel_allows);
+        *self.allows.write().expect("allows lock") = all_allows;
+        {
+            let mut groups = self.groups.lock().expect("groups lock");
+            *groups = Offenders::default();
+            let adopted = adopt.iter().filter_map(|c| match c {
+                Change::PutBlock(b) => Some(b),
+                _ => None,
+            });
+            for b in stored.values().filter(|b| live(b)).chain(adopted) {
+                groups.note(b.net, b.expires);
+            }
+        }
+        out.adopted = adopt.len();
+        self.store.record(adopt).await;
+        Ok(out)
     }
 
     /// Takes lapsed blocks out of the kernel, logging each. Their store
@@ -575,28 +779,25 @@ impl Verdicts {
     pub async fn sweep(&self) -> Result<usize, VerdictError> {
         let now = now_unix();
         let mut n = 0;
-        for b in self.store.blocks().await? {
-            if b.expires == 0 || b.expires > now {
-                continue;
-            }
+        // Only what lapsed since the last sweep: a list of a million
+        // entries that all lapsed is swept once, not every 30 s.
+        let since = self.swept.load(Ordering::Relaxed);
+        for b in self.store.lapsed_blocks(since, now).await? {
             let in_kernel = match self.with_gate(|g| g.maps.unblock(b.net)) {
                 Some(r) => r?,
                 None => false,
             };
-            let in_group = group_of(b.net).is_some_and(|group| {
-                let mut g = self.groups.lock().expect("groups lock");
-                let hit = g.get_mut(&group).is_some_and(|set| set.remove(&b.net));
-                if g.get(&group).is_some_and(HashSet::is_empty) {
-                    g.remove(&group);
-                }
-                hit
-            });
-            if in_kernel || in_group {
+            // Without a kernel the offence record is what says the verdict
+            // was in force, so the lapse is logged once.
+            let in_group = self.groups.lock().expect("groups lock").lapse(b.net, now);
+            if in_kernel || (in_group && self.with_gate(|_| ()).is_none()) {
                 self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("UNBLOCK {} reason={} expired", b.net, b.reason);
                 n += 1;
             }
         }
+        self.groups.lock().expect("groups lock").prune(now);
+        self.swept.store(now, Ordering::Relaxed);
         Ok(n)
     }
 
@@ -604,6 +805,16 @@ impl Verdicts {
     pub async fn cleanup(&self) -> Result<usize, VerdictError> {
         let retention = self.cfg().screen.cache_retention_time;
         Ok(self.store.cleanup(now_unix(), retention).await?)
+    }
+
+    /// Whether the kernel holds a block entry on exactly `net` (for when the
+    /// store cannot be read; this walks the maps).
+    fn in_kernel(&self, net: IpNet) -> Result<bool, VerdictError> {
+        let net = net.trunc();
+        match self.with_gate(|g| g.maps.blocks()) {
+            Some(listed) => Ok(listed?.iter().any(|l| l.net == net)),
+            None => Ok(false),
+        }
     }
 
     /// A live (unexpired) block record for exactly `net`.
@@ -617,52 +828,54 @@ impl Verdicts {
     }
 
     /// Replaces the import list `name` with `nets`, kernel and store.
+    ///
+    /// The kernel part runs on the blocking pool in batches, taking the
+    /// gate's lock once per batch: a million-entry list must not stall the
+    /// runtime's workers, nor the verdicts on bots arriving meanwhile.
     pub async fn import(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         nets: Vec<IpNet>,
         ttl: Option<Duration>,
     ) -> Result<crate::store::ListChange, VerdictError> {
         let now = now_unix();
         let expires = ttl.map_or(0, |t| now + t.as_secs().max(1));
-        let records = nets
-            .into_iter()
-            .map(|net| BlockRecord {
-                net,
-                reason: Reason::Import.name().to_owned(),
-                expires,
-                added: now,
-                list: None,
-                offences: 1,
-            })
-            .collect();
-        let change = self.store.replace_list(name, records).await?;
-        let pushed = self.with_gate(|g| -> Result<(), XdpError> {
-            for r in &change.removed_records {
-                g.maps.unblock(r.net)?;
-            }
-            let total = change.current.len();
-            for (i, r) in change.current.iter().enumerate() {
-                g.maps
-                    .block(r.net, Reason::Import, kernel_expiry(r.expires, now))?;
-                if (i + 1) % 25_000 == 0 {
-                    tracing::info!(
-                        list = name,
-                        "import: {} of {total} entries in the kernel",
-                        i + 1
-                    );
-                }
-            }
-            Ok(())
-        });
-        if let Some(Err(e)) = pushed {
+        // Verdicts queued while the store failed go first, so the list is
+        // judged against what the store really holds; a store that still
+        // fails refuses the import.
+        self.store.flush().await?;
+        let mut change = self
+            .store
+            .replace_list(
+                name,
+                ListEntries {
+                    nets,
+                    reason: Reason::Import.name().to_owned(),
+                    expires,
+                    added: now,
+                },
+            )
+            .await?;
+        let removed = std::mem::take(&mut change.removed_nets);
+        let current = std::mem::take(&mut change.current);
+        let v = Arc::clone(self);
+        let list = name.to_owned();
+        let pushed = tokio::task::spawn_blocking(move || {
+            let r = v.push_list(&list, &removed, &current, kernel_expiry(expires, now));
+            drop((removed, current));
+            crate::daemon::give_back_memory();
+            r
+        })
+        .await
+        .map_err(|e| VerdictError::Refused(format!("importing {name}: {e}")))?;
+        if let Err(e) = pushed {
             if matches!(e, XdpError::MapFull { .. }) {
                 self.counters
                     .blocks_refused_full
                     .fetch_add(1, Ordering::Relaxed);
             }
             // The store holds the list; the kernel gets the rest at the
-            // next reconcile once there is room.
+            // next start once there is room.
             return Err(e.into());
         }
         tracing::info!(
@@ -674,6 +887,41 @@ impl Verdicts {
             "imported list"
         );
         Ok(change)
+    }
+
+    /// Takes `removed` out of the kernel and puts `current` in, a batch
+    /// per hold of the gate's lock. Blocking.
+    fn push_list(
+        &self,
+        list: &str,
+        removed: &[IpNet],
+        current: &[IpNet],
+        expires: u32,
+    ) -> Result<(), XdpError> {
+        for batch in removed.chunks(KERNEL_BATCH) {
+            if let Some(r) =
+                self.with_gate(|g| batch.iter().try_for_each(|n| g.maps.unblock(*n).map(drop)))
+            {
+                r?;
+            }
+        }
+        let total = current.len();
+        for (i, batch) in current.chunks(KERNEL_BATCH).enumerate() {
+            let pushed = self.with_gate(|g| {
+                batch
+                    .iter()
+                    .try_for_each(|n| g.maps.block(*n, Reason::Import, expires))
+            });
+            match pushed {
+                None => return Ok(()),
+                Some(r) => r?,
+            }
+            let done = (i + 1) * KERNEL_BATCH;
+            if done % 25_000 < KERNEL_BATCH && done < total {
+                tracing::info!(list, "import: {done} of {total} entries in the kernel");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -702,6 +950,27 @@ mod tests {
             verdict_net("192.0.2.7".parse().unwrap(), 64).to_string(),
             "192.0.2.7/32"
         );
+    }
+
+    #[test]
+    fn offences_count_until_they_lapse() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let g = n("192.0.2.0/24");
+        let mut o = Offenders::default();
+        o.note(n("192.0.2.1/32"), 100);
+        o.note(n("192.0.2.2/32"), 200);
+        o.note(n("192.0.2.2/32"), 150);
+        o.note(n("192.0.2.3/32"), 0);
+        o.note(n("198.51.100.0/24"), 100);
+        assert_eq!(o.count(g, 50), 3);
+        assert_eq!(o.count(g, 100), 2);
+        assert_eq!(o.count(g, 200), 1, "a later offence keeps the longer lapse");
+        assert!(!o.lapse(n("192.0.2.2/32"), 199));
+        assert!(o.lapse(n("192.0.2.2/32"), 200));
+        o.prune(1_000);
+        assert_eq!(o.count(g, 1_000), 1);
+        o.forget(n("192.0.2.3/32"));
+        assert!(o.0.is_empty());
     }
 
     #[test]

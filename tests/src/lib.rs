@@ -8,6 +8,7 @@ pub mod netns;
 pub mod packet;
 pub mod rbldnsd;
 pub mod smtp_peers;
+pub mod store_damage;
 pub mod sys;
 
 use std::{net::Ipv4Addr, net::Ipv6Addr, os::fd::AsFd, os::fd::AsRawFd, time::Duration};

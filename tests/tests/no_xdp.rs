@@ -36,7 +36,11 @@ fn blocks_are_recorded_without_xdp() {
         child
     };
     let mut d = start(0);
-    ok(&cfg, &["block", "add", "203.0.113.9", "2001:db8:9::/48"]);
+    let out = ok(&cfg, &["block", "add", "203.0.113.9", "2001:db8:9::/48"]);
+    assert!(
+        out.contains("recorded 203.0.113.9/32; the daemon runs without XDP"),
+        "{out}"
+    );
     ok(&cfg, &["allow", "add", "198.51.100.0/24"]);
     d.kill9();
     let _d = start(1);

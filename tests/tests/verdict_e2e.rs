@@ -152,6 +152,57 @@ fn enough_bots_in_a_slash_24_block_the_slash_24() {
 }
 
 #[test]
+fn a_full_host_map_still_escalates_into_the_prefix_map() {
+    let ns = NetNs::new();
+    let (_pins, d, port) = screening_daemon(
+        &ns,
+        "full",
+        &[
+            ("xdp", "max_hosts = 2"),
+            ("verdict", "escalate_v4_hosts = 3"),
+        ],
+    );
+    let to = SocketAddr::new(ns.host_v4(), port);
+    for i in [4, 5] {
+        ns.add_addr(&format!("{}/28", ns.v4(i)));
+    }
+    for i in [2, 3] {
+        assert!(pregreet(&ns, ns.v4(i), to).contains("521"));
+    }
+    wait_for("two host blocks", Duration::from_secs(10), || {
+        blocked(&d.cfg).len() == 2
+    });
+    // The third bot finds the host map full; its offence still counts.
+    assert!(pregreet(&ns, ns.v4(4), to).contains("521"));
+    wait_for("the /24 escalation", Duration::from_secs(10), || {
+        blocked(&d.cfg).contains(&"192.0.2.0/24".to_owned())
+    });
+    let log = d.log(0);
+    assert!(log.contains("map block_v4 is full"), "{log}");
+    assert!(
+        log.contains("BLOCK 192.0.2.0/24 reason=escalation"),
+        "{log}"
+    );
+    assert!(
+        stats(&d.cfg)["daemon"]["blocks_refused_full"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "the refusal was not counted"
+    );
+    // The bot the host map refused, and a host that never misbehaved, are
+    // dropped by the /24.
+    assert!(
+        !ns.connects(ns.v4(4), to, DROPPED),
+        "the refused bot got through"
+    );
+    assert!(
+        !ns.connects(ns.v4(5), to, DROPPED),
+        "the /24 block did not drop"
+    );
+}
+
+#[test]
 fn allowlisted_clients_are_never_blocked() {
     let ns = NetNs::new();
     let permit = format!("access_list = [\"permit {}/32\"]", ns.neighbour_v4());

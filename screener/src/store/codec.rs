@@ -114,6 +114,16 @@ pub(super) fn decode_net_key(k: &[u8]) -> Result<IpNet, DecodeError> {
     }
 }
 
+/// `k` in lower-case hex, for naming a key that does not decode.
+pub(super) fn hex(k: &[u8]) -> String {
+    use std::fmt::Write as _;
+    k.iter()
+        .fold(String::with_capacity(k.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// Appends values to a record buffer.
 struct Writer(Vec<u8>);
 

@@ -218,6 +218,15 @@ async fn allow_round_trip() {
     assert_eq!(s.allows().await.unwrap().len(), 1);
 }
 
+fn list(nets: &[&str], reason: &str, expires: u64) -> ListEntries {
+    ListEntries {
+        nets: nets.iter().map(|n| net(n)).collect(),
+        reason: reason.into(),
+        expires,
+        added: 500,
+    }
+}
+
 #[tokio::test]
 async fn replace_list_adds_removes_keeps_and_leaves_other_owners() {
     let (_dir, s) = temp_store();
@@ -226,47 +235,45 @@ async fn replace_list_adds_removes_keeps_and_leaves_other_owners() {
     s.put_block(manual.clone()).await.unwrap();
     s.put_block(other.clone()).await.unwrap();
 
-    let first = vec![
-        block("192.0.2.0/28", Some("ignored name")),
-        block("192.0.2.16/28", None),
-        block("2001:db8::/32", None),
-    ];
+    let first = list(
+        &["192.0.2.0/28", "192.0.2.16/28", "2001:db8::/32"],
+        "import",
+        0,
+    );
     let c = s.replace_list("drop", first).await.unwrap();
     assert_eq!((c.added, c.removed, c.kept, c.shadowed), (3, 0, 0, 0));
-    assert!(c.current.iter().all(|r| r.list.as_deref() == Some("drop")));
+    let stored = s.block(net("192.0.2.16/28")).await.unwrap().unwrap();
+    assert_eq!(stored.list.as_deref(), Some("drop"));
+    assert_eq!((stored.added, stored.offences), (500, 1));
 
-    let kept_old = BlockRecord {
-        reason: "new reason".into(),
-        expires: 999,
-        added: 500,
-        offences: 0,
-        ..block("192.0.2.5/28", None) // host bits: same net as 192.0.2.0/28
-    };
-    let second = vec![
-        kept_old,
-        block("192.0.2.32/28", None),
-        block("192.0.2.32/28", None),   // duplicate collapses
-        block("203.0.113.0/24", None),  // held by the manual block
-        block("198.51.100.0/24", None), // held by list "other"
-    ];
+    let second = list(
+        &[
+            "192.0.2.5/28", // host bits: same net as 192.0.2.0/28
+            "192.0.2.32/28",
+            "192.0.2.32/28",   // duplicate collapses
+            "203.0.113.0/24",  // held by the manual block
+            "198.51.100.0/24", // held by list "other"
+        ],
+        "new reason",
+        999,
+    );
     let c = s.replace_list("drop", second).await.unwrap();
     assert_eq!((c.added, c.removed, c.kept, c.shadowed), (1, 2, 1, 2));
     assert_eq!(
-        c.removed_records.iter().map(|r| r.net).collect::<Vec<_>>(),
+        c.removed_nets,
         vec![net("192.0.2.16/28"), net("2001:db8::/32")]
     );
     let kept = s.block(net("192.0.2.0/28")).await.unwrap().unwrap();
     assert_eq!(kept.reason, "new reason");
     assert_eq!(kept.expires, 999);
-    assert_eq!(kept.added, 100, "first-added time survives a refresh");
+    assert_eq!(kept.added, 500, "first-added time survives a refresh");
     assert_eq!(kept.offences, 1);
-    assert!(c.current.contains(&kept));
-    assert_eq!(c.current.len(), 2);
+    assert_eq!(c.current, vec![net("192.0.2.0/28"), net("192.0.2.32/28")]);
 
     assert_eq!(s.block(manual.net).await.unwrap(), Some(manual.clone()));
     assert_eq!(s.block(other.net).await.unwrap(), Some(other.clone()));
 
-    let c = s.replace_list("drop", Vec::new()).await.unwrap();
+    let c = s.replace_list("drop", list(&[], "x", 0)).await.unwrap();
     assert_eq!((c.added, c.removed, c.kept, c.shadowed), (0, 2, 0, 0));
     assert_eq!(s.blocks().await.unwrap(), vec![other, manual]);
 }
@@ -274,20 +281,16 @@ async fn replace_list_adds_removes_keeps_and_leaves_other_owners() {
 #[tokio::test]
 async fn replace_list_with_100k_entries() {
     let (_dir, s) = temp_store();
-    let entries = |offset: u32| -> Vec<BlockRecord> {
-        (0..100_000u32)
+    let entries = |offset: u32| ListEntries {
+        nets: (0..100_000u32)
             .map(|i| {
                 let a = std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | u128::from(i + offset));
-                BlockRecord {
-                    net: IpNet::from(IpAddr::V6(a)),
-                    reason: "import".into(),
-                    expires: 0,
-                    added: 1,
-                    list: None,
-                    offences: 0,
-                }
+                IpNet::from(IpAddr::V6(a))
             })
-            .collect()
+            .collect(),
+        reason: "import".into(),
+        expires: 0,
+        added: 1,
     };
     let t = Instant::now();
     let c = s.replace_list("big", entries(0)).await.unwrap();
@@ -333,12 +336,12 @@ async fn data_survives_reopen() {
 }
 
 #[test]
-fn garbage_file_is_an_open_error_naming_the_path() {
+fn garbage_file_is_a_damaged_store_error_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk.redb");
     std::fs::write(&path, vec![0x5a; 8192]).unwrap();
     let err = Store::open(&path).unwrap_err();
-    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
     assert!(err.to_string().contains("junk.redb"), "{err}");
 }
 
@@ -451,4 +454,274 @@ async fn many_tasks_share_one_store() {
     // Each address belongs to one task and was updated twice by it.
     assert!(clients.iter().all(|(_, r)| r.last_seen == 2), "{clients:?}");
     assert_eq!(s.blocks().await.unwrap().len(), 32);
+}
+
+#[tokio::test]
+async fn lenient_reads_skip_and_name_undecodable_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let s = Store::open(&path).unwrap();
+        s.apply(vec![
+            Change::PutBlock(block("192.0.2.1/32", None)),
+            Change::PutBlock(block("192.0.2.2/32", None)),
+            Change::PutBlock(block("2001:db8::/64", None)),
+            Change::PutAllow(AllowRecord {
+                net: net("198.51.100.0/24"),
+                added: 1,
+                comment: None,
+            }),
+        ])
+        .await
+        .unwrap();
+    }
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut t = txn.open_table(BLOCKS).unwrap();
+        let key = codec::net_key(net("192.0.2.2/32"));
+        t.insert(key.as_slice(), [codec::RECORD_FORMAT, 1].as_slice())
+            .unwrap();
+        t.insert([9u8, 9].as_slice(), [0u8].as_slice()).unwrap();
+        drop(t);
+        txn.commit().unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    let got = s.blocks_lenient().await.unwrap();
+    assert_eq!(
+        got.records,
+        vec![block("192.0.2.1/32", None), block("2001:db8::/64", None)]
+    );
+    let named: Vec<String> = got.unreadable.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        named,
+        vec![
+            "table blocks, key 192.0.2.2/32: record truncated".to_owned(),
+            "table blocks, key 0909: network key with unknown family".to_owned(),
+        ]
+    );
+    assert_eq!(s.allows_lenient().await.unwrap().records.len(), 1);
+    // The strict reader still refuses to guess.
+    assert!(matches!(
+        s.blocks().await.unwrap_err(),
+        StoreError::Corrupt { .. }
+    ));
+}
+
+#[tokio::test]
+async fn apply_writes_a_batch_in_order() {
+    let (_dir, s) = temp_store();
+    s.apply(vec![
+        Change::PutBlock(block("192.0.2.1/32", None)),
+        Change::PutBlock(block("192.0.2.9/32", None)),
+        Change::DelBlock(net("192.0.2.1/32")),
+        Change::PutAllow(AllowRecord {
+            net: net("198.51.100.0/24"),
+            added: 1,
+            comment: None,
+        }),
+        Change::DelAllow(net("198.51.100.0/24")),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.blocks().await.unwrap(), vec![block("192.0.2.9/32", None)]);
+    assert!(s.allows().await.unwrap().is_empty());
+}
+
+/// A store of `n` blocks (reason `r<i>`), closed cleanly, and its path.
+async fn filled_store(dir: &Path, n: u32) -> PathBuf {
+    let path = dir.join("s.redb");
+    let s = Store::open(&path).unwrap();
+    let changes = (0..n)
+        .map(|i| {
+            Change::PutBlock(BlockRecord {
+                net: IpNet::from(IpAddr::from(std::net::Ipv6Addr::from(
+                    0x2001_0db8_u128 << 96 | u128::from(i),
+                ))),
+                reason: format!("r{i:05}"),
+                expires: 0,
+                added: 1,
+                list: None,
+                offences: 1,
+            })
+        })
+        .collect();
+    s.apply(changes).await.unwrap();
+    s.put_client(ip("192.0.2.1"), ClientRecord::default())
+        .await
+        .unwrap();
+    drop(s);
+    path
+}
+
+/// Overwrites every 4 KiB page holding `needle` with 0xa5 bytes.
+fn scribble_pages_holding(path: &Path, needle: &[u8]) -> usize {
+    let mut bytes = std::fs::read(path).unwrap();
+    let pages: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(at, _)| at & !4095)
+        .collect();
+    for p in &pages {
+        bytes[*p..*p + 4096].fill(0xa5);
+    }
+    std::fs::write(path, bytes).unwrap();
+    pages.len()
+}
+
+fn assert_damaged_naming(err: &StoreError, path: &Path) {
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("screener store repair"), "{text}");
+    assert!(text.contains("screener store check"), "{text}");
+}
+
+#[tokio::test]
+async fn a_scribbled_page_is_a_damaged_store_error_and_repair_salvages_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled_store(dir.path(), 2000).await;
+    assert!(scribble_pages_holding(&path, b"r01000") >= 1);
+
+    let err = Store::open(&path).unwrap_err();
+    assert_damaged_naming(&err, &path);
+
+    let report = salvage::check(&path).unwrap();
+    assert!(!report.healthy(), "{report}");
+    let blocks = &report.census.tables[1];
+    assert_eq!(blocks.name, "blocks");
+    assert!(blocks.damage.is_some(), "{report}");
+    assert!(
+        (1800..2000).contains(&blocks.readable),
+        "the walk from both ends should lose one leaf: {report}"
+    );
+    assert!(report.to_string().contains("store repair"), "{report}");
+
+    // The pinned maps hold the lost block of index 1000.
+    let lost = BlockRecord {
+        net: net("2001:db8::3e8/128"),
+        reason: "pregreet".into(),
+        expires: now_unix() + 3600,
+        added: 5,
+        list: None,
+        offences: 1,
+    };
+    let pinned = salvage::Pinned {
+        blocks: vec![lost.clone()],
+        allows: vec![AllowRecord {
+            net: net("203.0.113.0/24"),
+            added: 5,
+            comment: None,
+        }],
+    };
+    let r = salvage::repair(&path, &pinned).unwrap();
+    assert_eq!(r.adopted, 2, "{r}");
+    let kept = r.kept_as.clone().unwrap();
+    assert!(kept.exists());
+    assert!(kept
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("s.redb.damaged-"));
+
+    let (s, census) = Store::open_census(&path).unwrap();
+    assert_eq!(census.readable("blocks"), blocks.readable + 1);
+    assert_eq!(census.readable("clients"), 1);
+    assert_eq!(s.block(lost.net).await.unwrap(), Some(lost));
+    assert_eq!(s.allows().await.unwrap().len(), 1);
+    drop(s);
+    assert!(salvage::check(&path).unwrap().healthy());
+    // A healthy store is left alone.
+    let again = salvage::repair(&path, &salvage::Pinned::default()).unwrap();
+    assert!(again.kept_as.is_none(), "{again}");
+}
+
+#[tokio::test]
+async fn a_truncated_file_is_a_damaged_store_error_and_repair_reads_what_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled_store(dir.path(), 2000).await;
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+
+    let err = Store::open(&path).unwrap_err();
+    assert_damaged_naming(&err, &path);
+    let report = salvage::check(&path).unwrap();
+    assert_eq!(report.cut_short, Some(len), "{report}");
+    assert!(!report.healthy());
+    let r = salvage::repair(&path, &salvage::Pinned::default()).unwrap();
+    let (_, census) = Store::open_census(&path).unwrap();
+    assert_eq!(
+        census.readable("blocks"),
+        report.census.readable("blocks"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn check_and_repair_refuse_a_store_in_use() {
+    let (dir, s) = temp_store();
+    let path = dir.path().join("s.redb");
+    assert!(matches!(
+        salvage::check(&path).unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    assert!(matches!(
+        salvage::repair(&path, &salvage::Pinned::default()).unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    assert!(matches!(
+        Store::open(&path).unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    drop(s);
+    assert!(salvage::check(&path).unwrap().healthy());
+}
+
+#[test]
+fn store_files_and_their_new_directories_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("var/lib/s.redb");
+    drop(Store::open(&path).unwrap());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join("var/lib")), 0o700);
+    assert_eq!(mode(&dir.path().join("var")), 0o700);
+}
+
+#[tokio::test]
+async fn lapsed_blocks_are_the_ones_in_the_window_queued_changes_included() {
+    let (_dir, s) = temp_store();
+    let at = |n: &str, expires: u64| BlockRecord {
+        expires,
+        ..block(n, None)
+    };
+    s.apply(vec![
+        Change::PutBlock(at("192.0.2.1/32", 50)),
+        Change::PutBlock(at("192.0.2.2/32", 150)),
+        Change::PutBlock(at("192.0.2.3/32", 0)),
+        Change::PutBlock(at("192.0.2.4/32", 500)),
+        Change::PutBlock(at("192.0.2.5/32", 120)),
+    ])
+    .await
+    .unwrap();
+    let nets = |v: Vec<BlockRecord>| v.into_iter().map(|b| b.net.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        nets(s.lapsed_blocks(100, 200).await.unwrap()),
+        vec!["192.0.2.2/32", "192.0.2.5/32"]
+    );
+    // A queued re-block moves one out of the window, a queued lapse in.
+    s.inner
+        .queue()
+        .push(90, Change::PutBlock(at("192.0.2.2/32", 900)));
+    s.inner
+        .queue()
+        .push(91, Change::PutBlock(at("192.0.2.4/32", 180)));
+    assert_eq!(
+        nets(s.lapsed_blocks(100, 200).await.unwrap()),
+        vec!["192.0.2.4/32", "192.0.2.5/32"]
+    );
 }
