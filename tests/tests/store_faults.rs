@@ -134,7 +134,11 @@ fn a_deleted_store_adopts_the_pinned_blocks_instead_of_removing_them() {
         !g.reaches(bot),
         "a restart with an empty store opened the gate"
     );
-    assert!(g.reaches(g.ns.neighbour_v4()), "the neighbour is dropped");
+    assert!(
+        g.reaches(g.ns.neighbour_v4()),
+        "the neighbour is dropped: {}",
+        g.log(1)
+    );
     let log = g.log(1);
     assert_contains(&log, "WARN");
     assert_contains(&log, "3 adopted from the kernel into the store");
