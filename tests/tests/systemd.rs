@@ -27,14 +27,17 @@ struct Manager {
     sock: UnixDatagram,
     /// Each datagram's `KEY=VALUE` lines, in arrival order.
     seen: Vec<Vec<String>>,
+    /// The daemon's log, shown when an expected message does not come.
+    log: std::path::PathBuf,
 }
 
 impl Manager {
-    fn bind(path: &Path) -> Manager {
+    fn bind(path: &Path, log: &Path) -> Manager {
         let sock = UnixDatagram::bind(path).unwrap();
         Manager {
             sock,
             seen: Vec::new(),
+            log: log.to_owned(),
         }
     }
 
@@ -48,8 +51,9 @@ impl Manager {
             let left = end.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "no {want} within {deadline:?}; got {:?}",
-                self.seen
+                "no {want} within {deadline:?}; got {:?}; daemon log:\n{}",
+                self.seen,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
             );
             self.sock.set_read_timeout(Some(left)).unwrap();
             let n = match self.sock.recv(&mut buf) {
@@ -102,11 +106,25 @@ fn signal(child: &ChildGuard, sig: libc::c_int) {
 /// Starts `screener -c cfg run ARGS` under a notify socket in `dir` and
 /// drives it through start, reload, watchdog and stop; `at_ready` checks
 /// more of what must hold once READY=1 arrives.
-fn drive(cfg: &Path, dir: &Path, args: &[&str], smtp: SocketAddr, at_ready: &dyn Fn()) {
-    let mut manager = Manager::bind(&dir.join("notify.sock"));
+fn drive(
+    wrap: &[String],
+    cfg: &Path,
+    dir: &Path,
+    args: &[&str],
+    smtp: SocketAddr,
+    at_ready: &dyn Fn(u32),
+) {
+    let mut manager = Manager::bind(&dir.join("notify.sock"), &dir.join("daemon.log"));
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(screener_bin());
+            c
+        }
+        None => Command::new(screener_bin()),
+    };
     let mut child = spawn_logged(
-        Command::new(screener_bin())
-            .arg("-c")
+        cmd.arg("-c")
             .arg(cfg)
             .arg("run")
             .args(args)
@@ -127,7 +145,7 @@ fn drive(cfg: &Path, dir: &Path, args: &[&str], smtp: SocketAddr, at_ready: &dyn
     BufReader::new(&conn).read_line(&mut teaser).unwrap();
     assert!(teaser.starts_with("220-"), "no teaser: {teaser:?}");
     drop(conn);
-    at_ready();
+    at_ready(child.0.as_ref().unwrap().id());
 
     let before = monotonic_usec();
     signal(&child, libc::SIGHUP);
@@ -198,14 +216,43 @@ fn notify_protocol_without_xdp() {
     let port = free_port();
     let cfg = loopback_config(dir.path(), port);
     drive(
+        &[],
         &cfg,
         dir.path(),
         &["--no-xdp"],
         SocketAddr::from(([127, 0, 0, 1], port)),
-        &|| {},
+        &|_| {},
     );
 }
 
+/// The capabilities `dist/screener.service` bounds the daemon to, as
+/// `setpriv` names them (`bpf,net_admin,...`).
+fn unit_capabilities() -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/screener.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet=");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// `CapEff` of `pid` from /proc, as a bit mask.
+fn effective_caps(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// With XDP, started as the unit starts it: root bounded to the unit's
+/// capability set, which must be enough to load, pin and attach the gate
+/// and bind the listener.
 #[test]
 fn notify_protocol_with_the_gate_attached() {
     let ns = NetNs::new();
@@ -214,8 +261,15 @@ fn notify_protocol_with_the_gate_attached() {
     let port = free_port();
     let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
     set(&cfg, "smtp", &format!("listen = [\"127.0.0.1:{port}\"]"));
+    let caps = unit_capabilities();
+    let wrap: Vec<String> = [
+        "setpriv".to_owned(),
+        format!("--bounding-set=-all,+{}", caps.join(",+")),
+        "--".to_owned(),
+    ]
+    .into();
     let smtp = SocketAddr::from(([127, 0, 0, 1], port));
-    drive(&cfg, dir.path(), &[], smtp, &|| {
+    drive(&wrap, &cfg, dir.path(), &[], smtp, &|pid| {
         // READY=1 comes only after the attach: the interface runs the
         // program already.
         let st = screener::xdp::status(&pins.0, std::slice::from_ref(&ns.host_if));
@@ -224,5 +278,21 @@ fn notify_protocol_with_the_gate_attached() {
             "READY=1 before the gate is attached: {:?}",
             st.interfaces[0].state
         );
+        // And it got there with no capability beyond the unit's.
+        let bits = |names: &[String]| {
+            names.iter().fold(0u64, |m, n| {
+                m | 1
+                    << match n.as_str() {
+                        "net_bind_service" => 10,
+                        "net_admin" => 12,
+                        "sys_admin" => 21,
+                        "perfmon" => 38,
+                        "bpf" => 39,
+                        other => panic!("capability {other} unknown to this test"),
+                    }
+            })
+        };
+        let eff = effective_caps(pid);
+        assert_eq!(eff & !bits(&caps), 0, "CapEff {eff:#x} exceeds {caps:?}");
     });
 }
