@@ -724,9 +724,14 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
                 };
             }
             _ = hup.recv() => {
-                crate::notify::reloading();
+                // Before the first READY=1 the reload is part of starting.
+                if ready {
+                    crate::notify::reloading();
+                }
                 daemon.reload().await;
-                crate::notify::ready("screening");
+                if ready {
+                    crate::notify::ready("screening");
+                }
             }
         }
     }
