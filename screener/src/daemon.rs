@@ -713,8 +713,15 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut smtp_task = smtp_task;
+    let keepalive = crate::notify::spawn_watchdog();
+    let mut ready = false;
     loop {
         tokio::select! {
+            // The gate was attached above: listening is the last step.
+            () = daemon.smtp.accepting(), if !ready => {
+                ready = true;
+                crate::notify::ready("screening");
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             r = &mut smtp_task => {
@@ -727,8 +734,21 @@ pub async fn run(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result
                     Err(e) => Err(anyhow::anyhow!("SMTP server task: {e}")),
                 };
             }
-            _ = hup.recv() => daemon.reload().await,
+            _ = hup.recv() => {
+                // Before the first READY=1 the reload is part of starting.
+                if ready {
+                    crate::notify::reloading();
+                }
+                daemon.reload().await;
+                if ready {
+                    crate::notify::ready("screening");
+                }
+            }
         }
+    }
+    crate::notify::stopping();
+    if let Some(k) = keepalive {
+        k.abort();
     }
     tracing::info!("shutting down; the XDP gate stays attached");
     let _ = stop_tx.send(true);

@@ -11,6 +11,7 @@ pub mod dnsbl;
 pub mod duration;
 pub mod import;
 pub mod local;
+pub mod notify;
 pub mod proxy;
 pub mod smtp;
 pub mod store;

@@ -48,6 +48,8 @@ const TEST_PACKAGES: &[&str] = &[
     "nftables",
     "util-linux",
     "procps",
+    // systemd-analyze, to verify dist/screener.service
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -275,12 +277,47 @@ fn test(rest: &[String]) -> Result<()> {
     ]))?;
     step("building the test binaries");
     check(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    verify_unit()?;
     step("running every unit and integration test");
     check(
         Command::new("cargo")
             .args(["test", "--workspace"])
             .args(rest),
     )
+}
+
+/// `systemd-analyze verify` on the shipped unit. It insists that every
+/// `Exec*=` binary exists, so it checks a copy naming the debug build
+/// instead of `/usr/bin/screener`.
+fn verify_unit() -> Result<()> {
+    step("systemd-analyze verify dist/screener.service");
+    let unit = std::fs::read_to_string("dist/screener.service")
+        .context("reading dist/screener.service")?;
+    let bin = workspace_root().join("target/debug/screener");
+    let dir = env::temp_dir().join(format!("screener-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let copy = dir.join("screener.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/bin/screener", &bin.to_string_lossy()),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .context("cannot start systemd-analyze (Debian package systemd)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    // It reports some problems without failing: any output is one.
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !said.trim().is_empty() {
+        bail!(
+            "systemd-analyze verify dist/screener.service ({}):\n{said}",
+            out.status
+        );
+    }
+    Ok(())
 }
 
 fn bench(rest: &[String]) -> Result<()> {

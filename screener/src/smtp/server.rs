@@ -205,6 +205,9 @@ struct Shared {
     /// The accept loops by the address `smtp.listen` names, so a reload
     /// binds only what is new and closes only what was removed.
     listeners: Mutex<HashMap<SocketAddr, AcceptLoop>>,
+    /// Set once every listener of the start is accepting, so the daemon
+    /// reports readiness only when a client can already connect.
+    listening: watch::Sender<bool>,
 }
 
 /// One listening socket's accept loop.
@@ -254,6 +257,7 @@ impl Server {
                 idle: Notify::new(),
                 stop: watch::channel(false).0,
                 listeners: Mutex::new(HashMap::new()),
+                listening: watch::Sender::new(false),
             }),
         }
     }
@@ -338,6 +342,13 @@ impl Server {
         self.serve_keyed(listeners, shutdown).await
     }
 
+    /// Resolves once [`Server::run`] (or [`Server::serve`]) has every
+    /// listener accepting; pending forever if it never gets there.
+    pub async fn accepting(&self) {
+        let mut rx = self.shared.listening.subscribe();
+        let _ = rx.wait_for(|up| *up).await;
+    }
+
     /// Like [`Server::run`] on listeners bound by the caller (tests bind
     /// port 0 and read the port back).
     pub async fn serve(
@@ -374,6 +385,7 @@ impl Server {
         for (key, l) in listeners {
             self.start_accepting(key, l)?;
         }
+        self.shared.listening.send_replace(true);
         shutdown.await;
         let _ = self.shared.stop.send(true);
         // Listeners close when their loops see the signal.
