@@ -357,6 +357,10 @@ fn a_full_disk_keeps_verdicts_at_the_nic_and_the_store_catches_up() {
     set(&g.cfg, "store", &format!("path = \"{}\"", store.display()));
     let bot = g.ns.client_v4();
     let mut d = g.start(0);
+    // The admin socket answers before the SMTP listener is bound.
+    wait_for("the SMTP listener", Duration::from_secs(10), || {
+        g.log(0).contains("smtp listening on")
+    });
     let filler = disk.fill();
 
     // An operator's block and a bot's verdict, both while the disk is full.

@@ -39,7 +39,12 @@ fn screening_daemon(ns: &NetNs, tag: &str, extra: &[(&str, &str)]) -> (PinDir, D
         set(&cfg, section, line);
     }
     let child = start(&cfg, dir.path(), 0);
-    (pins, Daemon { child, cfg, dir }, port)
+    let d = Daemon { child, cfg, dir };
+    // The admin socket answers before the SMTP listener is bound.
+    wait_for("the SMTP listener", Duration::from_secs(10), || {
+        d.log(0).contains("smtp listening on")
+    });
+    (pins, d, port)
 }
 
 /// Connects from `from`, talks before the greeting ends, returns the reply.
