@@ -843,7 +843,9 @@ impl Store {
     /// fatal: one damaged record must not hide the others); queued changes
     /// included.
     pub async fn blocks_lenient(&self) -> Result<Lenient<BlockRecord>, StoreError> {
-        let mut l = self.blocks_lenient_file().await?;
+        let mut l = self
+            .lenient_file(BLOCKS, "blocks", codec::decode_block)
+            .await?;
         l.records = self.inner.queue().blocks_over(l.records);
         Ok(l)
     }
@@ -858,7 +860,9 @@ impl Store {
     /// Every allow entry that decodes, and the records that do not; queued
     /// changes included.
     pub async fn allows_lenient(&self) -> Result<Lenient<AllowRecord>, StoreError> {
-        let mut l = self.allows_lenient_file().await?;
+        let mut l = self
+            .lenient_file(ALLOWS, "allows", codec::decode_allow)
+            .await?;
         l.records = self.inner.queue().allows_over(l.records);
         Ok(l)
     }
@@ -1242,42 +1246,24 @@ impl Store {
         .await
     }
 
-    /// Every block that decodes, and the records that do not (skipped, not
-    /// fatal: one damaged record must not hide the others).
-    async fn blocks_lenient_file(&self) -> Result<Lenient<BlockRecord>, StoreError> {
-        const OP: &str = "blocks";
-        self.blocking(OP, Kind::Read, move |s| {
-            let txn = s.read_txn(OP)?;
-            let t = txn.open_table(BLOCKS).map_err(s.err(OP))?;
+    /// Every record of a net-keyed `table` (`name`) that decodes, and the
+    /// records that do not (skipped, not fatal: one damaged record must not
+    /// hide the others).
+    async fn lenient_file<T: Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static [u8], &'static [u8]>,
+        name: &'static str,
+        decode: fn(IpNet, &[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Lenient<T>, StoreError> {
+        self.blocking(name, Kind::Read, move |s| {
+            let txn = s.read_txn(name)?;
+            let t = txn.open_table(table).map_err(s.err(name))?;
             let mut out = Lenient::default();
-            for entry in t.iter().map_err(s.err(OP))? {
-                let (k, v) = entry.map_err(s.err(OP))?;
-                match codec::decode_net_key(k.value())
-                    .and_then(|net| codec::decode_block(net, v.value()))
-                {
+            for entry in t.iter().map_err(s.err(name))? {
+                let (k, v) = entry.map_err(s.err(name))?;
+                match codec::decode_net_key(k.value()).and_then(|net| decode(net, v.value())) {
                     Ok(rec) => out.records.push(rec),
-                    Err(e) => out.unreadable.push(unreadable("blocks", k.value(), e)),
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Every allow entry that decodes, and the records that do not.
-    async fn allows_lenient_file(&self) -> Result<Lenient<AllowRecord>, StoreError> {
-        const OP: &str = "allows";
-        self.blocking(OP, Kind::Read, move |s| {
-            let txn = s.read_txn(OP)?;
-            let t = txn.open_table(ALLOWS).map_err(s.err(OP))?;
-            let mut out = Lenient::default();
-            for entry in t.iter().map_err(s.err(OP))? {
-                let (k, v) = entry.map_err(s.err(OP))?;
-                match codec::decode_net_key(k.value())
-                    .and_then(|net| codec::decode_allow(net, v.value()))
-                {
-                    Ok(rec) => out.records.push(rec),
-                    Err(e) => out.unreadable.push(unreadable("allows", k.value(), e)),
+                    Err(e) => out.unreadable.push(unreadable(name, k.value(), e)),
                 }
             }
             Ok(out)
