@@ -6,12 +6,15 @@
 //! 2. new clients: many concurrent first-time clients through a 1 s greet
 //!    wait, completed screenings per second and peak memory;
 //! 3. idle horde: 10,000 clients sitting in the greet wait, memory and CPU;
-//! 5. DNSBL: scenario 2 scored against rbldnsd with three sites.
+//! 5. DNSBL: scenario 2 scored against rbldnsd with three sites;
+//! 6. re-import: scenario 1 for the screener alone, idle and while a
+//!    300,000-line list is re-imported over and over (the XDP maps loaded,
+//!    attached nowhere), so the baseline is measured in the same run.
 //!
 //! (Scenario 4, the flood, is `bench_flood`.) Everything runs in two
 //! network namespaces the benchmark creates and removes.
 //!
-//! Usage: `bench_smtp [--rounds N] [fast] [new] [horde] [dnsbl]`
+//! Usage: `bench_smtp [--rounds N] [fast] [new] [horde] [dnsbl] [import]`
 
 use std::{
     fmt::Write as _,
@@ -45,6 +48,8 @@ const HORDE: u32 = 10_000;
 const NEW_CLIENTS: u32 = 2_000;
 const NEW_CONCURRENCY: usize = 500;
 const FAST_SESSIONS: usize = 300;
+/// Lines of the list the re-import scenario imports.
+const IMPORT_LINES: u32 = 300_000;
 const TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -68,6 +73,7 @@ enum Scenario {
     New,
     Horde,
     Dnsbl,
+    Import,
 }
 
 /// rbldnsd in the server namespace on 127.0.0.1:53, killed on drop.
@@ -152,6 +158,7 @@ impl Server {
         greet_wait: u64,
         limit: u32,
         dnsbl: bool,
+        gate: bool,
     ) -> Result<Server> {
         let rbl = if dnsbl {
             Some(Rbldnsd::start(&n.server_ns)?)
@@ -184,7 +191,14 @@ impl Server {
                     );
                 }
                 cfg.push_str("\n[xdp]\npin_path = \"@PINS@\"\n");
-                let screener = Screener::start_with(&n.server_ns, &cfg, &["--no-xdp"])?;
+                let screener = if gate {
+                    // Maps and program loaded, attached to no interface:
+                    // imports go through the kernel maps as in production.
+                    cfg.push_str("interfaces = []\n");
+                    Screener::start_with(&n.server_ns, &cfg, &[])?
+                } else {
+                    Screener::start_with(&n.server_ns, &cfg, &["--no-xdp"])?
+                };
                 Ok(Server {
                     postfix,
                     screener: Some(screener),
@@ -403,6 +417,66 @@ fn fast_round(n: &BenchNet) -> Result<(Vec<f64>, Vec<String>)> {
     Ok((vec![q(0.5), q(0.99), failed], errs))
 }
 
+/// Scenario 6: figures p50 and p99 (ms) idle, p50 and p99 during
+/// re-imports, re-imports completed, failures.
+fn import_round(n: &BenchNet, server: &Server) -> Result<(Vec<f64>, Vec<String>)> {
+    let screener = server.screener.as_ref().context("the screener runs")?;
+    let (idle, mut errs) = fast_round(n)?;
+    // Two lists that share half their entries, imported in turn under one
+    // name: every import replaces 150,000 entries and keeps 150,000.
+    let dir = tempfile::tempdir()?;
+    let mut files = Vec::new();
+    for shift in [0, IMPORT_LINES / 2] {
+        let mut text = String::with_capacity(IMPORT_LINES as usize * 28);
+        for i in shift..shift + IMPORT_LINES {
+            let _ = writeln!(text, "2001:db8:{:x}:{:x}::/64 ; bench", i >> 16, i & 0xffff);
+        }
+        let path = dir.path().join(format!("list{shift}.txt"));
+        std::fs::write(&path, text)?;
+        files.push(path);
+    }
+    let bin = integration_tests::bench::screener::binary()?;
+    let config = screener.config.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::clone(&stop);
+    let importer = std::thread::spawn(move || -> Result<u32> {
+        let mut done = 0;
+        while !stopping.load(Ordering::Relaxed) {
+            let file = &files[done as usize % 2];
+            let out = Command::new(&bin)
+                .arg("-c")
+                .arg(&config)
+                .args(["import", "--reason", "bench"])
+                .arg(file)
+                .output()?;
+            if !out.status.success() {
+                bail!("import failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            done += 1;
+        }
+        Ok(done)
+    });
+    // The first import is under way before the clients start.
+    std::thread::sleep(Duration::from_millis(200));
+    let during = fast_round(n);
+    stop.store(true, Ordering::Relaxed);
+    let imports = importer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the import thread panicked"))??;
+    let (during, more) = during?;
+    errs.extend(more);
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let figures = vec![
+        idle[0],
+        idle[1],
+        during[0],
+        during[1],
+        f64::from(imports),
+        errs.len() as f64,
+    ];
+    Ok((figures, errs))
+}
+
 /// Scenarios 2 and 5: figures screenings/s, ok %, peak memory MiB (all),
 /// peak front MiB, peak smtpd processes, p50 ms.
 fn new_round(n: &BenchNet, server: &Server) -> Result<(Vec<f64>, Vec<String>)> {
@@ -552,6 +626,7 @@ fn opts() -> Result<Opts> {
             "new" => o.scenarios.push(Scenario::New),
             "horde" => o.scenarios.push(Scenario::Horde),
             "dnsbl" => o.scenarios.push(Scenario::Dnsbl),
+            "import" => o.scenarios.push(Scenario::Import),
             other => bail!("unknown argument {other:?}; usage: bench_smtp [--rounds N] [fast] [new] [horde] [dnsbl]"),
         }
     }
@@ -561,6 +636,7 @@ fn opts() -> Result<Opts> {
             Scenario::New,
             Scenario::Horde,
             Scenario::Dnsbl,
+            Scenario::Import,
         ];
     }
     if o.rounds == 0 {
@@ -581,15 +657,22 @@ fn warm(n: &BenchNet) -> Result<()> {
 
 fn run_scenario(n: &BenchNet, sc: Scenario, o: &Opts) -> Result<String> {
     let mut rows: Vec<(System, Row)> = Vec::new();
-    for system in [System::Screener, System::Postscreen] {
+    // postscreen has no list import: the re-import scenario's baseline is
+    // the screener's own idle fast path, measured in the same round.
+    let systems: &[System] = if sc == Scenario::Import {
+        &[System::Screener]
+    } else {
+        &[System::Screener, System::Postscreen]
+    };
+    for &system in systems {
         let (wait, limit, dnsbl) = match sc {
             Scenario::Horde => (HORDE_WAIT_S, HORDE + 1_000, false),
             Scenario::Dnsbl => (GREET_WAIT_S, 1_000, true),
             _ => (GREET_WAIT_S, 1_000, false),
         };
         eprintln!("==> {sc:?}: {}", system.title());
-        let server = Server::start(system, n, wait, limit, dnsbl)?;
-        if sc == Scenario::Fast {
+        let server = Server::start(system, n, wait, limit, dnsbl, sc == Scenario::Import)?;
+        if matches!(sc, Scenario::Fast | Scenario::Import) {
             warm(n)?;
         }
         let mut row = Row::default();
@@ -598,6 +681,7 @@ fn run_scenario(n: &BenchNet, sc: Scenario, o: &Opts) -> Result<String> {
                 Scenario::Fast => fast_round(n)?,
                 Scenario::New | Scenario::Dnsbl => new_round(n, &server)?,
                 Scenario::Horde => horde_round(n, &server)?,
+                Scenario::Import => import_round(n, &server)?,
             };
             eprintln!(
                 "    round {}: {figs:?}{}",
@@ -650,6 +734,10 @@ fn render(sc: Scenario, rows: &[(System, Row)]) -> String {
             "5. DNSBL: scenario 2 with three DNSBL/DNSWL sites served by rbldnsd (threshold 2)".to_owned(),
             &["screenings/s", "completed %", "peak memory MiB (all processes, PSS)", "peak MiB (screening front)", "peak smtpd processes", "p50 connect → 220 ms"],
         ),
+        Scenario::Import => (
+            format!("6. Re-import: scenario 1 idle, then while a {IMPORT_LINES}-line list is re-imported in a loop (each import replaces half of it; XDP maps loaded)"),
+            &["p50 ms idle", "p99 ms idle", "p50 ms during re-import", "p99 ms during re-import", "re-imports", "failed"],
+        ),
     };
     let mut head = vec!["system"];
     head.extend_from_slice(cols);
@@ -659,9 +747,26 @@ fn render(sc: Scenario, rows: &[(System, Row)]) -> String {
         cells.extend((0..cols.len()).map(|i| cell(row.spread(i))));
         t.row(cells);
     }
-    let mut cells = vec!["screener ÷ postscreen".to_owned()];
-    cells.extend((0..cols.len()).map(|i| ratio(rows, i)));
-    t.row(cells);
+    if sc == Scenario::Import {
+        let m = |i| rows[0].1.spread(i).map(|s| s.median);
+        let r = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b != 0.0 => format!("{}×", report::num(a / b)),
+            _ => "n/a".into(),
+        };
+        t.row(vec![
+            "during ÷ idle".to_owned(),
+            String::new(),
+            String::new(),
+            r(m(2), m(0)),
+            r(m(3), m(1)),
+            String::new(),
+            String::new(),
+        ]);
+    } else {
+        let mut cells = vec!["screener ÷ postscreen".to_owned()];
+        cells.extend((0..cols.len()).map(|i| ratio(rows, i)));
+        t.row(cells);
+    }
     let mut out = format!("{title}\n\n{}", t.render());
     for (system, row) in rows {
         if !row.failures.is_empty() {
