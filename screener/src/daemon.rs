@@ -78,6 +78,19 @@ pub fn give_back_memory() {
     }
 }
 
+/// A TTL from an admin request, bounded as the CLI bounds it: a client
+/// other than the CLI must not wrap an expiry around to the past.
+fn admin_ttl(ttl: Option<u64>) -> Result<Option<Duration>, String> {
+    match ttl.map(Duration::from_secs) {
+        Some(t) if t.is_zero() || t > crate::duration::MAX => Err(format!(
+            "ttl {}s is outside 1s..={}s",
+            t.as_secs(),
+            crate::duration::MAX.as_secs()
+        )),
+        t => Ok(t),
+    }
+}
+
 /// Parses every CIDR first, so one bad value changes nothing.
 pub fn parse_nets(nets: &[String]) -> Result<Vec<IpNet>, String> {
     if nets.is_empty() {
@@ -174,7 +187,7 @@ impl Daemon {
         match req {
             Request::BlockAdd { nets, ttl, reason } => {
                 let parsed = parse_nets(&nets)?;
-                v.block_manual(&parsed, ttl.map(Duration::from_secs), reason.as_deref())
+                v.block_manual(&parsed, admin_ttl(ttl)?, reason.as_deref())
                     .await
                     .map_err(err)?;
                 Ok(self.changed(&parsed))
@@ -292,7 +305,7 @@ impl Daemon {
         let lines_ok = parsed.nets.len();
         let change = self
             .verdicts
-            .import(&list, parsed.nets, ttl.map(Duration::from_secs))
+            .import(&list, parsed.nets, admin_ttl(ttl)?)
             .await
             .map_err(|e| e.to_string())?;
         Ok(json(ImportReport {
@@ -913,4 +926,17 @@ fn with_allows(cfg: &Arc<Config>, verdicts: &Verdicts) -> Arc<Config> {
     rules.append(&mut c.screen.access_list);
     c.screen.access_list = rules;
     Arc::new(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_ttls_are_bounded_as_the_cli_bounds_them() {
+        assert_eq!(admin_ttl(None), Ok(None));
+        assert_eq!(admin_ttl(Some(60)), Ok(Some(Duration::from_secs(60))));
+        assert!(admin_ttl(Some(0)).is_err());
+        assert!(admin_ttl(Some(u64::MAX)).unwrap_err().contains("outside"));
+    }
 }
