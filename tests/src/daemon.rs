@@ -114,6 +114,22 @@ pub fn start(cfg: &Path, dir: &Path, n: u32) -> ChildGuard {
     child
 }
 
+/// Starts the daemon on `cfg` without XDP (`run --no-xdp`), logging to
+/// `log`, and waits until its admin socket answers.
+pub fn start_no_xdp(cfg: &Path, log: &Path) -> ChildGuard {
+    let child = spawn_logged(
+        Command::new(screener_bin())
+            .arg("-c")
+            .arg(cfg)
+            .args(["run", "--no-xdp"]),
+        log,
+    );
+    wait_for("the admin socket", Duration::from_secs(20), || {
+        cli(cfg, &["stats", "--json"]).0
+    });
+    child
+}
+
 /// Writes the default test configuration and starts a daemon on it.
 pub fn daemon(ns: &NetNs, pins: &PinDir, mode: &str, port: u16) -> Daemon {
     let dir = tempfile::tempdir().unwrap();

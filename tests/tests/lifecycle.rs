@@ -2,11 +2,10 @@
 //! connections (and refuses a bad file), SIGTERM tells clients still in the
 //! tests `421 4.3.2` and exits.
 
-use std::{io::Read, path::Path, process::Command, time::Duration};
+use std::{io::Read, path::Path, time::Duration};
 
 use integration_tests::{
-    daemon::cli,
-    netns::{screener_bin, spawn_logged, wait_for, ChildGuard},
+    netns::{wait_for, ChildGuard},
     smtp_peers::{free_port, Bot},
 };
 
@@ -20,17 +19,7 @@ fn config(dir: &Path, port: u16, banner: &str) -> String {
 }
 
 fn start(dir: &Path, cfg: &Path) -> ChildGuard {
-    let child = spawn_logged(
-        Command::new(screener_bin())
-            .arg("-c")
-            .arg(cfg)
-            .args(["run", "--no-xdp"]),
-        &dir.join("daemon.log"),
-    );
-    wait_for("the admin socket", Duration::from_secs(20), || {
-        cli(cfg, &["stats", "--json"]).0
-    });
-    child
+    integration_tests::daemon::start_no_xdp(cfg, &dir.join("daemon.log"))
 }
 
 fn signal(child: &ChildGuard, sig: i32) {

@@ -3,11 +3,11 @@
 //! the backend and never blocked; with the switch off it is screened,
 //! rejected at RCPT and blocked like any bot.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use integration_tests::{
-    daemon::{blocked, cli, stats},
-    netns::{screener_bin, spawn_logged, wait_for, ChildGuard},
+    daemon::{blocked, stats},
+    netns::{wait_for, ChildGuard},
     smtp_peers::{free_port, Bot, Postfix, Upstream},
 };
 
@@ -27,17 +27,7 @@ fn daemon(dir: &Path, backend: &Postfix, port: u16, extra: &str) -> ChildGuard {
         ),
     )
     .unwrap();
-    let child = spawn_logged(
-        Command::new(screener_bin())
-            .arg("-c")
-            .arg(&cfg)
-            .args(["run", "--no-xdp"]),
-        &dir.join("daemon.log"),
-    );
-    wait_for("the admin socket", Duration::from_secs(20), || {
-        cli(&cfg, &["stats", "--json"]).0
-    });
-    child
+    integration_tests::daemon::start_no_xdp(&cfg, &dir.join("daemon.log"))
 }
 
 fn log(dir: &Path) -> String {

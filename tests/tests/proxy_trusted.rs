@@ -6,13 +6,12 @@
 use std::{
     io::{Read as _, Write as _},
     net::SocketAddr,
-    process::Command,
     time::Duration,
 };
 
 use integration_tests::{
-    daemon::{blocked, cli, stats},
-    netns::{screener_bin, spawn_logged, wait_for, NetNs},
+    daemon::{blocked, stats},
+    netns::{wait_for, NetNs},
     smtp_peers::{free_port, Bot},
 };
 
@@ -38,16 +37,7 @@ fn a_proxy_header_from_an_untrusted_host_is_refused_and_blocks_nobody() {
     )
     .unwrap();
     let log = dir.path().join("daemon.log");
-    let _d = spawn_logged(
-        Command::new(screener_bin())
-            .arg("-c")
-            .arg(&cfg)
-            .args(["run", "--no-xdp"]),
-        &log,
-    );
-    wait_for("the admin socket", Duration::from_secs(20), || {
-        cli(&cfg, &["stats", "--json"]).0
-    });
+    let _d = integration_tests::daemon::start_no_xdp(&cfg, &log);
 
     // A host on the network, not the balancer, names a victim and then
     // talks early, which would get the victim blocked.

@@ -6,13 +6,12 @@ use std::{
     io::Read as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
 use integration_tests::{
     daemon::{blocked, ok, set, start, stats, write_config},
-    netns::{listen, screener_bin, spawn_logged, wait_for, ChildGuard, NetNs, PinDir},
+    netns::{listen, wait_for, ChildGuard, NetNs, PinDir},
     rbldnsd::Rbldnsd,
     smtp_peers::{free_port, Bot, Postfix, Upstream},
 };
@@ -52,16 +51,7 @@ impl Loopback {
             ),
         )
         .unwrap();
-        let child = spawn_logged(
-            Command::new(screener_bin())
-                .arg("-c")
-                .arg(&cfg)
-                .args(["run", "--no-xdp"]),
-            &dir.path().join("daemon.log"),
-        );
-        wait_for("the admin socket", Duration::from_secs(20), || {
-            integration_tests::daemon::cli(&cfg, &["stats", "--json"]).0
-        });
+        let child = integration_tests::daemon::start_no_xdp(&cfg, &dir.path().join("daemon.log"));
         Loopback { child, cfg, dir }
     }
 
