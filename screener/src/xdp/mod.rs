@@ -803,6 +803,15 @@ pub fn status(dir: &Path, interfaces: &[String]) -> Status {
 pub fn detach(dir: &Path) -> Result<Vec<String>, XdpError> {
     let mut removed = Vec::new();
     for (iface, path) in pinned_links(dir) {
+        // Detach before unpinning: an unpinned link is released later, from
+        // a kernel work queue, and until then it still drops traffic.
+        // A link that cannot be opened (a stale pin) is only unpinned.
+        if let Ok(fd) = sys::obj_get(&path) {
+            use std::os::fd::AsFd as _;
+            if let Err(e) = sys::link_detach(fd.as_fd()) {
+                tracing::warn!("detaching the link on {iface} at once failed ({e}); it goes when the kernel releases it");
+            }
+        }
         std::fs::remove_file(&path).map_err(io("removing", &path))?;
         removed.push(format!("link {iface}"));
     }

@@ -1,6 +1,6 @@
 //! The few `bpf(2)` commands aya 0.14 does not expose for links: open a
-//! pinned object as a plain descriptor, pin one, and read a link's full
-//! info (aya's `LinkInfo` hides the XDP link's interface index, which is
+//! pinned object as a plain descriptor, pin one, detach one at once, and
+//! read a link's full info (aya's `LinkInfo` hides the XDP link's interface index, which is
 //! how a link that lost its interface is told from a live one).
 
 use std::{
@@ -13,6 +13,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
 /// `bpf_link_type` of an XDP attachment.
 pub const BPF_LINK_TYPE_XDP: u32 = 6;
 
@@ -38,6 +39,14 @@ struct InfoAttr {
     info_len: u32,
     /// User pointer to a `struct bpf_link_info`.
     info: u64,
+}
+
+/// The `BPF_LINK_DETACH` part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct DetachAttr {
+    /// The link to detach.
+    link_fd: u32,
 }
 
 /// `struct bpf_link_info` as far as an XDP link needs: the union that
@@ -139,6 +148,17 @@ pub fn link_facts(fd: BorrowedFd<'_>) -> io::Result<LinkFacts> {
             0
         },
     })
+}
+
+/// Detaches the link behind `fd` from its hook now. Dropping the last
+/// reference to a link (closing it, unpinning it) releases it from a
+/// kernel work queue a moment later; an operator who asked for the gate
+/// to open, and a test that checks it did, need it gone when we return.
+pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = DetachAttr {
+        link_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("bad descriptor"))?,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// The link pinned at `path`, with its facts.
