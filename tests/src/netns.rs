@@ -49,6 +49,39 @@ pub struct NetNs {
     /// Its peer, inside the namespace.
     pub peer_if: String,
     pub n: u32,
+    /// The lock that makes `n` ours machine-wide: two test runs at once
+    /// (two checkouts) would otherwise put the same /28 on two veths.
+    _slot: std::fs::File,
+}
+
+/// Takes a namespace slot (1..=15) no other process on this machine holds,
+/// waiting up to ten minutes for one to come free.
+fn machine_slot() -> (u32, std::fs::File) {
+    let dir = std::env::temp_dir().join("screener-test-slots");
+    std::fs::create_dir_all(&dir).expect("creating the slot lock directory");
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    // Start from this process's own counter so tests in one run spread
+    // over the slots instead of all contending for slot 1.
+    let first = slot();
+    loop {
+        for i in 0..15 {
+            let n = (first - 1 + i) % 15 + 1;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("slot-{n}")))
+                .expect("opening a slot lock");
+            if f.try_lock().is_ok() {
+                return (n, f);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no free namespace slot for ten minutes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 impl NetNs {
@@ -58,8 +91,7 @@ impl NetNs {
         reason = "creating one changes the system"
     )]
     pub fn new() -> NetNs {
-        let n = slot();
-        assert!(n < 16, "too many namespaces for the /28 plan");
+        let (n, lock) = machine_slot();
         let name = format!("scr{}-{n}", std::process::id());
         let host_if = format!("scr{n}h{}", std::process::id() % 10000);
         let peer_if = format!("scr{n}c{}", std::process::id() % 10000);
@@ -68,6 +100,7 @@ impl NetNs {
             host_if: host_if.clone(),
             peer_if: peer_if.clone(),
             n,
+            _slot: lock,
         };
         sh(&["ip", "netns", "add", &name]);
         ns.inns(&["ip", "link", "set", "lo", "up"]);
