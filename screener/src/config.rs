@@ -715,7 +715,10 @@ impl Config {
             &mut self.admin.socket,
             &mut self.xdp.pin_path,
         ];
-        for p in paths.into_iter().chain(self.import.lists.iter_mut().map(|l| &mut l.file)) {
+        for p in paths
+            .into_iter()
+            .chain(self.import.lists.iter_mut().map(|l| &mut l.file))
+        {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }

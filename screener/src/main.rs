@@ -21,7 +21,13 @@ use screener::{
 struct Cli {
     /// Configuration file (default /etc/screener/screener.toml); admin
     /// commands find the daemon's admin socket in it.
-    #[arg(short, long, global = true, value_name = "FILE", env = "SCREENER_CONFIG")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "SCREENER_CONFIG"
+    )]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,

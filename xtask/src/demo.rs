@@ -87,7 +87,10 @@ impl Demo {
         let end = Instant::now() + PATIENCE;
         while TcpStream::connect_timeout(&backend, Duration::from_secs(1)).is_err() {
             if Instant::now() > end {
-                bail!("the backend Postfix does not listen on {backend} after {PATIENCE:?}; see {}", demo.maillog().display());
+                bail!(
+                    "the backend Postfix does not listen on {backend} after {PATIENCE:?}; see {}",
+                    demo.maillog().display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

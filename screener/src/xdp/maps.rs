@@ -298,7 +298,7 @@ pub fn pinned_sizes(dir: &Path) -> Result<Vec<(&'static str, u32)>, XdpError> {
     configured_sizes(&crate::config::Xdp::default())
         .iter()
         .map(|(name, _)| {
-            let info = MapInfo::from_pin(dir.join(name)).map_err(map_err(*name))?;
+            let info = MapInfo::from_pin(dir.join(name)).map_err(map_err(name))?;
             Ok((*name, info.max_entries()))
         })
         .collect()
@@ -410,7 +410,7 @@ fn copy_hash<K: aya::Pod>(
 ) -> Result<(), XdpError> {
     let old: HashMap<MapData, K, Entry> = take(Map::HashMap(old), name)?;
     let mut new: HashMap<MapData, K, Entry> = take(Map::HashMap(new), name)?;
-    for item in old.iter() {
+    for item in &old {
         let (k, v) = item.map_err(map_err(name))?;
         new.insert(k, v, 0).map_err(insert_err(name, size))?;
     }
@@ -425,7 +425,7 @@ fn copy_trie<K: aya::Pod>(
 ) -> Result<(), XdpError> {
     let old: LpmTrie<MapData, K, Entry> = take(Map::LpmTrie(old), name)?;
     let mut new: LpmTrie<MapData, K, Entry> = take(Map::LpmTrie(new), name)?;
-    for item in old.iter() {
+    for item in &old {
         let (k, v) = item.map_err(map_err(name))?;
         new.insert(&k, v, 0).map_err(insert_err(name, size))?;
     }
