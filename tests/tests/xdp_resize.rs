@@ -168,3 +168,34 @@ fn shrinking_below_the_entries_held_is_refused_naming_the_key() {
     assert!(st.contains("block_v4") && st.contains("entries 3/"), "{st}");
     assert!(!pins.0.join("resize_block_v4").exists());
 }
+
+#[test]
+fn a_reload_keeps_the_pinned_sizes_until_the_next_start() {
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("resizehup{}", ns.n));
+    let port = 2500 + u16::try_from(ns.n).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", port);
+    set(&cfg, "xdp", "max_hosts = 4");
+    let running = start(&cfg, dir.path(), 0);
+    ok(&cfg, &["block", "add", "203.0.113.1"]);
+
+    // A new log level loads a new program instance on the pinned maps;
+    // the new size must not be applied under the running daemon, whose
+    // verdicts go into the maps meanwhile.
+    set(&cfg, "xdp", "max_hosts = 8");
+    set(&cfg, "xdp", "log_level = \"info\"");
+    let pid = i32::try_from(running.0.as_ref().unwrap().id()).unwrap();
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_for("the reload", Duration::from_secs(15), || {
+        integration_tests::daemon::stats(&cfg)["daemon"]["config_generation"].as_u64() == Some(1)
+    });
+    let st = integration_tests::daemon::stats(&cfg);
+    let pending = st["daemon"]["config_restart_pending"].to_string();
+    assert!(pending.contains("xdp.max_hosts"), "{st}");
+    assert_eq!(size_of(&cfg, "block_v4"), 4);
+    assert_eq!(blocked(&cfg), vec!["203.0.113.1/32".to_owned()]);
+    ok(&cfg, &["block", "add", "203.0.113.2"]);
+    assert_eq!(blocked(&cfg).len(), 2);
+}
