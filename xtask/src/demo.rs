@@ -69,6 +69,19 @@ impl Demo {
             screener: None,
         };
         let dir = demo.write_postfix(backend)?;
+        if master_alive(&dir.join("queue/pid/master.pid")) {
+            // Left running by a run that was killed before it could stop it.
+            say("==> stopping the backend Postfix a previous run left running");
+            let _ = Command::new("postfix")
+                .arg("-c")
+                .arg(&dir)
+                .arg("stop")
+                .output();
+            let end = Instant::now() + PATIENCE;
+            while master_alive(&dir.join("queue/pid/master.pid")) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let out = Command::new("postfix")
             .arg("-c")
             .arg(&dir)
