@@ -736,7 +736,7 @@ impl Store {
             if let Some(up) = (Session { inner: &inner, db }).check_layout()? {
                 log_upgrade(path, up);
             }
-            Ok(salvage::census(db, layout::Reading::Current))
+            Ok(salvage::census(db, Ok(layout::Reading::Current)))
         });
         let census = checked.map_err(|detail| StoreError::Damaged {
             path: path.to_path_buf(),

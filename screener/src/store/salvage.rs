@@ -47,18 +47,42 @@ use super::{
 type Table = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
 /// The tables holding records, with a decoder that checks one, for a file
-/// read as `reading`.
-fn tables(reading: Reading) -> [(&'static str, Table, Decode); 3] {
+/// read as `reading`. The records of a layout this build cannot read are
+/// not decoded: judged by another layout, every one would look damaged.
+fn tables(reading: Result<Reading, Refusal>) -> [(&'static str, Table, Decode); 3] {
     let clients: Decode = match reading {
-        Reading::Current => |k, v| client(Reading::Current, k, v).map(drop),
-        Reading::Legacy => |k, v| client(Reading::Legacy, k, v).map(drop),
-        Reading::Unrecorded => |k, v| client(Reading::Unrecorded, k, v).map(drop),
+        Ok(Reading::Current) => |k, v| client(Reading::Current, k, v).map(drop),
+        Ok(Reading::Legacy) => |k, v| client(Reading::Legacy, k, v).map(drop),
+        Ok(Reading::Unrecorded) => |k, v| client(Reading::Unrecorded, k, v).map(drop),
+        Err(_) => undecoded,
     };
-    [
+    let mut t: [(&'static str, Table, Decode); 3] = [
         ("clients", CLIENTS, clients),
         ("blocks", BLOCKS, decode_block),
         ("allows", ALLOWS, decode_allow),
-    ]
+    ];
+    if let Err(r) = reading {
+        for (name, _, decode) in &mut t {
+            if not_decoded(r, name) {
+                *decode = undecoded;
+            }
+        }
+    }
+    t
+}
+
+/// Whether the records of table `name` go undecoded under refusal `r`.
+fn not_decoded(r: Refusal, name: &str) -> bool {
+    match r.part {
+        layout::CLIENTS_PART => name == "clients",
+        layout::VERDICTS_PART => name != "clients",
+        _ => true,
+    }
+}
+
+/// Takes any record: see [`tables`].
+fn undecoded(_: &[u8], _: &[u8]) -> Result<(), codec::DecodeError> {
+    Ok(())
 }
 
 /// Records copied per table, and pinned verdicts added.
@@ -145,7 +169,7 @@ impl fmt::Display for Census {
 
 /// Walks every table of `db`, decoding each record as a file read as
 /// `reading` holds it; see WALKING A DAMAGED TABLE.
-pub(super) fn census(db: &Database, reading: Reading) -> Census {
+pub(super) fn census(db: &Database, reading: Result<Reading, Refusal>) -> Census {
     let tables = tables(reading)
         .iter()
         .map(|(name, def, decode)| {
@@ -314,8 +338,12 @@ impl fmt::Display for CheckReport {
                 r.expected
             )?,
         }
+        let refused = self.layout_refused();
         for t in &self.census.tables {
             write!(f, "table {}: {} records", t.name, t.readable)?;
+            if refused.is_some_and(|r| not_decoded(r, t.name)) {
+                write!(f, " (not decoded: their layout is not this build's)")?;
+            }
             if !t.unreadable.is_empty() {
                 write!(f, ", {} unreadable", t.unreadable.len())?;
             }
@@ -410,10 +438,7 @@ fn open_read_only(path: &Path, file: &File) -> Result<ReadOnly, StoreError> {
         .ok()
         .flatten()
         .unwrap_or_default();
-        // A refused layout is reported as such; its records are counted
-        // as the current layout reads them.
-        let reading = report.layouts.reading().unwrap_or(Reading::Current);
-        report.census = census(d, reading);
+        report.census = census(d, report.layouts.reading());
     }
     Ok(ReadOnly { db, report })
 }
@@ -539,7 +564,7 @@ pub fn repair(path: &Path, pinned: &Pinned) -> Result<RepairReport, StoreError> 
                 .map_err(|e| db_err("repair")(e.into()))?;
             layout::write_current(&mut meta).map_err(|e| db_err("repair")(e.into()))?;
         }
-        for (name, def, decode) in tables(reading) {
+        for (name, def, decode) in tables(Ok(reading)) {
             let mut t = txn
                 .open_table(def)
                 .map_err(|e| db_err("repair")(e.into()))?;
