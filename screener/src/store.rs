@@ -691,7 +691,12 @@ impl Session<'_> {
                     layout::write_current(&mut meta).map_err(self.err(op))?;
                 }
                 Ok(layout::Reading::Legacy) => {
-                    upgrade = Some(layout::upgrade_clients(txn).map_err(self.err(op))?);
+                    let done = layout::upgrade_clients(txn).map_err(|source| StoreError::Db {
+                        path: self.path.clone(),
+                        op,
+                        source,
+                    })?;
+                    upgrade = Some(done);
                     layout::write_current(&mut meta).map_err(self.err(op))?;
                 }
                 Err(r) => {

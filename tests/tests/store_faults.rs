@@ -440,7 +440,10 @@ fn a_store_of_a_later_layout_is_refused_and_the_pinned_gate_is_left_alone() {
     set_layouts(&g.store(), &[("layout.clients", 9)]);
 
     let (started, out) = run_to_exit(&g);
-    assert!(!started, "the daemon started on a store it cannot read: {out}");
+    assert!(
+        !started,
+        "the daemon started on a store it cannot read: {out}"
+    );
     assert_contains(
         &out,
         &format!(

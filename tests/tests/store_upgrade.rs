@@ -68,7 +68,10 @@ fn expected_clients(l: &Value) -> Vec<(String, u64, u64, Vec<u64>)> {
 /// their expiry; tests added since read as never passed.
 #[track_caller]
 fn assert_expiries(ip: &str, now: &[u64], then: &[u64]) {
-    assert!(now.len() >= then.len(), "{ip}: {now:?} lost tests of {then:?}");
+    assert!(
+        now.len() >= then.len(),
+        "{ip}: {now:?} lost tests of {then:?}"
+    );
     assert_eq!(&now[..then.len()], then, "{ip}");
     assert!(
         now[then.len()..].iter().all(|e| *e == 0),
@@ -161,7 +164,9 @@ fn the_daemon_upgrades_the_fixture_once_and_lists_every_record() {
     // `store check` reads the old layout and says what will happen to it.
     let before = ok(&cfg, &["store", "check"]);
     assert!(
-        before.contains("layout 1: written by an earlier release; the daemon upgrades it to layout 2"),
+        before.contains(
+            "layout 1: written by an earlier release; the daemon upgrades it to layout 2"
+        ),
         "{before}"
     );
     assert!(before.contains("table clients: 5 records"), "{before}");
@@ -229,13 +234,19 @@ fn the_daemon_upgrades_the_fixture_once_and_lists_every_record() {
 
     d.kill9();
     let after = ok(&cfg, &["store", "check"]);
-    assert!(after.contains("layout 2: table clients layout 2"), "{after}");
+    assert!(
+        after.contains("layout 2: table clients layout 2"),
+        "{after}"
+    );
     assert!(after.trim_end().ends_with("healthy"), "{after}");
 
     // Logged once: the second start finds layout 2.
     let _d = daemon(dir.path(), &cfg, 1);
     let second = log(dir.path(), 1);
-    assert!(second.contains("store opened: 5 clients, 10 blocks, 3 allows"), "{second}");
+    assert!(
+        second.contains("store opened: 5 clients, 10 blocks, 3 allows"),
+        "{second}"
+    );
     assert!(!second.contains("store upgraded"), "{second}");
     assert_eq!(rows(&cfg, "cache").len(), want.len());
 }

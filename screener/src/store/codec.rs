@@ -250,7 +250,10 @@ impl<'a> Reader<'a> {
 /// The most expiries a record can count.
 const MAX_TESTS: usize = u8::MAX as usize;
 
-const _: () = assert!(Test::COUNT <= MAX_TESTS, "a client record counts its tests in one byte");
+const _: () = assert!(
+    Test::COUNT <= MAX_TESTS,
+    "a client record counts its tests in one byte"
+);
 
 pub(super) fn encode_client(r: &ClientRecord) -> Vec<u8> {
     let mut w = Writer::new(CLIENT_FORMAT);
@@ -459,11 +462,7 @@ mod tests {
         // Written back, it counts every test this build knows.
         assert_eq!(
             encode_client(&rec),
-            counted(
-                &older.iter().copied().chain([0]).collect::<Vec<_>>(),
-                5,
-                6
-            )
+            counted(&older.iter().copied().chain([0]).collect::<Vec<_>>(), 5, 6)
         );
         // No tests at all (a client seen, none run yet) is a record too.
         let empty = decode_client(&counted(&[], 1, 2)).unwrap();

@@ -186,18 +186,16 @@ const BATCH: usize = 4096;
 
 /// Rewrites every layout-1 cache record in `txn` in the counted form; see
 /// UPGRADE FROM LAYOUT 1. The caller writes the new numbers.
-pub(super) fn upgrade_clients(txn: &WriteTransaction) -> Result<Upgrade, redb::Error> {
-    let mut t = txn.open_table(CLIENTS)?;
+pub(super) fn upgrade_clients(txn: &WriteTransaction) -> Result<Upgrade, Box<redb::Error>> {
+    let mut t = txn.open_table(CLIENTS).map_err(boxed)?;
     let mut done = Upgrade::default();
     let mut after: Option<Vec<u8>> = None;
     loop {
         let batch: Vec<(Vec<u8>, Vec<u8>)> = {
-            let lower = after
-                .as_deref()
-                .map_or(Bound::Unbounded, Bound::Excluded);
+            let lower = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
             let mut batch = Vec::with_capacity(BATCH);
-            for entry in t.range::<&[u8]>((lower, Bound::Unbounded))? {
-                let (k, v) = entry?;
+            for entry in t.range::<&[u8]>((lower, Bound::Unbounded)).map_err(boxed)? {
+                let (k, v) = entry.map_err(boxed)?;
                 batch.push((k.value().to_vec(), v.value().to_vec()));
                 if batch.len() == BATCH {
                     break;
@@ -212,13 +210,19 @@ pub(super) fn upgrade_clients(txn: &WriteTransaction) -> Result<Upgrade, redb::E
         for (k, v) in &batch {
             match codec::decode_legacy_client(v) {
                 Ok(rec) => {
-                    t.insert(k.as_slice(), codec::encode_client(&rec).as_slice())?;
+                    t.insert(k.as_slice(), codec::encode_client(&rec).as_slice())
+                        .map_err(boxed)?;
                     done.rewritten += 1;
                 }
                 Err(_) => done.unreadable += 1,
             }
         }
     }
+}
+
+/// redb's error, boxed: it is large and travels through every `Result`.
+fn boxed(e: impl Into<redb::Error>) -> Box<redb::Error> {
+    Box::new(e.into())
 }
 
 #[cfg(test)]

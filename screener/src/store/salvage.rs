@@ -54,7 +54,7 @@ fn tables(reading: Result<Reading, Refusal>) -> [(&'static str, Table, Decode); 
         Ok(Reading::Current) => |k, v| client(Reading::Current, k, v).map(drop),
         Ok(Reading::Legacy) => |k, v| client(Reading::Legacy, k, v).map(drop),
         Ok(Reading::Unrecorded) => |k, v| client(Reading::Unrecorded, k, v).map(drop),
-        Err(_) => undecoded,
+        Err(_) => UNDECODED,
     };
     let mut t: [(&'static str, Table, Decode); 3] = [
         ("clients", CLIENTS, clients),
@@ -64,7 +64,7 @@ fn tables(reading: Result<Reading, Refusal>) -> [(&'static str, Table, Decode); 
     if let Err(r) = reading {
         for (name, _, decode) in &mut t {
             if not_decoded(r, name) {
-                *decode = undecoded;
+                *decode = UNDECODED;
             }
         }
     }
@@ -81,9 +81,7 @@ fn not_decoded(r: Refusal, name: &str) -> bool {
 }
 
 /// Takes any record: see [`tables`].
-fn undecoded(_: &[u8], _: &[u8]) -> Result<(), codec::DecodeError> {
-    Ok(())
-}
+const UNDECODED: Decode = |_, _| Ok(());
 
 /// Records copied per table, and pinned verdicts added.
 type Salvaged = (Vec<(&'static str, u64)>, usize);

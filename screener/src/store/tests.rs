@@ -480,8 +480,11 @@ fn layout_1_file(path: &Path) {
     {
         let mut t = txn.open_table(CLIENTS).unwrap();
         let a = codec::ip_key(ip("192.0.2.1"));
-        t.insert(a.as_slice(), legacy_client([1, 2, 3, 4, 5], 6, 7).as_slice())
-            .unwrap();
+        t.insert(
+            a.as_slice(),
+            legacy_client([1, 2, 3, 4, 5], 6, 7).as_slice(),
+        )
+        .unwrap();
         let b = codec::ip_key(ip("2001:db8::2"));
         t.insert(
             b.as_slice(),
@@ -584,7 +587,10 @@ async fn a_layout_1_file_is_upgraded_in_place_at_open() {
     );
     drop(s);
     let report = salvage::check(&path).unwrap();
-    assert!(report.to_string().contains("table clients layout 2"), "{report}");
+    assert!(
+        report.to_string().contains("table clients layout 2"),
+        "{report}"
+    );
 
     // Repair drops the record that never decoded and keeps the others.
     let r = salvage::repair(&path, &salvage::Pinned::default()).unwrap();
@@ -959,4 +965,51 @@ async fn lapsed_blocks_are_the_ones_in_the_window_queued_changes_included() {
         nets(s.lapsed_blocks(100, 200).await.unwrap()),
         vec!["192.0.2.4/32", "192.0.2.5/32"]
     );
+}
+
+#[tokio::test]
+async fn upgrading_many_cache_records_rewrites_every_batch() {
+    // More than two batches of the upgrade, and keys in both families.
+    let n: u32 = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let addr = |i: u32| -> IpAddr {
+        if i % 2 == 0 {
+            IpAddr::from(std::net::Ipv4Addr::from(0xc000_0000 | i))
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::from(
+                0x2001_0db8_u128 << 96 | u128::from(i),
+            ))
+        }
+    };
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("layout", 1).unwrap();
+        {
+            let mut t = txn.open_table(CLIENTS).unwrap();
+            for i in 0..n {
+                let e = u64::from(i);
+                t.insert(
+                    codec::ip_key(addr(i)).as_slice(),
+                    legacy_client([e, e + 1, 0, 0, e + 4], e, e + 9).as_slice(),
+                )
+                .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let t = Instant::now();
+    let (s, census) = Store::open_census(&path).unwrap();
+    eprintln!("upgrading {n} cache records: {:?}", t.elapsed());
+    assert_eq!(census.readable("clients"), u64::from(n));
+    assert_eq!(census.unreadable().count(), 0);
+    for i in [0, 1, 4095, 4096, 4097, n / 2, n - 1] {
+        let e = u64::from(i);
+        assert_eq!(
+            s.client(addr(i)).await.unwrap(),
+            Some(upgraded([e, e + 1, 0, 0, e + 4], e, e + 9)),
+            "record {i}"
+        );
+    }
 }
