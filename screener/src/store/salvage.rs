@@ -266,7 +266,8 @@ impl CheckReport {
             && self.census.unreadable().next().is_none()
     }
 
-    /// Whether this build can read (or upgrade) the file's layouts.
+    /// Why this build can neither read nor upgrade the file's layouts, if
+    /// it cannot.
     pub fn layout_refused(&self) -> Option<Refusal> {
         self.layouts.reading().err()
     }

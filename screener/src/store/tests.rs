@@ -974,7 +974,7 @@ async fn upgrading_many_cache_records_rewrites_every_batch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     let addr = |i: u32| -> IpAddr {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             IpAddr::from(std::net::Ipv4Addr::from(0xc000_0000 | i))
         } else {
             IpAddr::from(std::net::Ipv6Addr::from(
