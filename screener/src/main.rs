@@ -545,8 +545,8 @@ fn store_cmd(cfg: &Config, s: &StoreCmd) -> anyhow::Result<()> {
         StoreCmd::Check => {
             let report = store::salvage::check(path)?;
             println!("{report}");
-            if !report.healthy() {
-                bail!("store {} is damaged", path.display());
+            if let Some(problem) = report.problem() {
+                bail!("store {} is {problem}", path.display());
             }
         }
         StoreCmd::Repair => {
