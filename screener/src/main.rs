@@ -77,13 +77,6 @@ enum Command {
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// Write the manual pages (screener.1, one page per subcommand, and
-    /// screener.toml.5) into DIR; packaging runs it.
-    #[command(hide = true)]
-    Manpages {
-        #[arg(value_name = "DIR")]
-        dir: PathBuf,
-    },
 }
 
 /// The shells `completions` writes for.
@@ -228,6 +221,22 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // `screener manpages DIR`, for packaging, is no subcommand: completion
+    // scripts offer hidden subcommands too, and operators have no use for it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "manpages") {
+        let [_, _, dir] = &args[..] else {
+            eprintln!("usage: screener manpages DIR");
+            return ExitCode::from(2);
+        };
+        return match manpages(std::path::Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("screener: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
@@ -386,7 +395,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .write_all(&script)
                 .context("writing the completion script")
         }
-        Command::Manpages { dir } => manpages(&dir),
     }
 }
 
