@@ -99,11 +99,10 @@ fn package_installs_binary_unit_config_manuals_and_completions() {
         })
         .collect();
     let mode_of = |path: &str| {
-        files
-            .iter()
-            .find(|(_, p)| *p == path)
-            .map(|(m, _)| *m)
-            .unwrap_or_else(|| panic!("{path} is not in the package:\n{listing}"))
+        files.iter().find(|(_, p)| *p == path).map_or_else(
+            || panic!("{path} is not in the package:\n{listing}"),
+            |(m, _)| *m,
+        )
     };
     assert_eq!(mode_of("/usr/bin/screener"), "-rwxr-xr-x");
     for path in [
@@ -195,8 +194,8 @@ fn control_conffiles_and_maintainer_scripts() {
     assert_eq!(read("conffiles").trim(), "/etc/screener/screener.toml");
 
     for script in ["postinst", "prerm", "postrm"] {
-        let path = ctrl.path().join(script);
         use std::os::unix::fs::PermissionsExt as _;
+        let path = ctrl.path().join(script);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o111, 0o111, "{script} not executable");
         let st = Command::new("sh").arg("-n").arg(&path).status().unwrap();

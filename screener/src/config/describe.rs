@@ -786,9 +786,7 @@ mod tests {
         assert!(page.contains("Default: this host's name"));
         // No text line starts with a roff control character by accident.
         for line in page.lines() {
-            if line.starts_with('\'') {
-                panic!("unguarded line {line:?}");
-            }
+            assert!(!line.starts_with('\''), "unguarded line {line:?}");
         }
     }
 
