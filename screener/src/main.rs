@@ -404,6 +404,11 @@ fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     clap_mangen::generate_to(Cli::command(), dir)
         .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+    let one = dir.join("screener.1");
+    let page =
+        std::fs::read_to_string(&one).with_context(|| format!("reading {}", one.display()))?;
+    std::fs::write(&one, page + config::describe::MAN1_FILES)
+        .with_context(|| format!("writing {}", one.display()))?;
     let five = dir.join("screener.toml.5");
     std::fs::write(&five, config::describe::man_page(env!("CARGO_PKG_VERSION")))
         .with_context(|| format!("writing {}", five.display()))?;
