@@ -215,13 +215,21 @@ fn control_conffiles_and_maintainer_scripts() {
     // The directories belong to the account's group: account first.
     assert!(user < tmpfiles, "{postinst}");
     assert!(postinst.contains("screener.service"), "{postinst}");
-    // Neither enabled nor started before the interfaces are configured.
+    // Neither enabled nor started before the interfaces are configured:
+    // the unit is only re-enabled where it was before (an upgrade), and
+    // restarted only when it runs.
     assert!(
-        !postinst.contains("deb-systemd-invoke $_dh_action"),
+        postinst.contains("deb-systemd-helper debian-installed screener.service"),
         "{postinst}"
     );
     assert!(
-        !postinst.contains("deb-systemd-helper enable"),
+        !postinst.contains("was-enabled defaults to true"),
+        "{postinst}"
+    );
+    assert!(!postinst.contains("_dh_action=start"), "{postinst}");
+    assert!(!postinst.contains("deb-systemd-invoke start"), "{postinst}");
+    assert!(
+        postinst.contains("deb-systemd-invoke try-restart screener.service"),
         "{postinst}"
     );
 
