@@ -19,6 +19,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::duration::serde_str as dur;
 
+/// What each key means: `config show --describe` and screener.toml(5).
+pub mod describe;
+
 /// Where the daemon and the admin commands look without `-c`.
 pub const DEFAULT_PATH: &str = "/etc/screener/screener.toml";
 

@@ -7,7 +7,7 @@
 use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use screener::{
     admin::{self, Request},
     config::{self, Config, Show},
@@ -76,6 +76,22 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Print a shell completion script.
+    ///
+    /// The package installs them; by hand, e.g. `screener completions bash
+    /// > /usr/share/bash-completion/completions/screener`.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// The shells `completions` writes for.
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand)]
@@ -90,6 +106,9 @@ enum ConfigCmd {
         /// The defaults instead of the file's values.
         #[arg(short = 'd')]
         defaults: bool,
+        /// Describe each key below its line (as screener.toml(5) does).
+        #[arg(long)]
+        describe: bool,
         /// Names such as screen.greet_wait (all when none).
         names: Vec<String>,
     },
@@ -209,6 +228,22 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // `screener manpages DIR`, for packaging, is no subcommand: completion
+    // scripts offer hidden subcommands too, and operators have no use for it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "manpages") {
+        let [_, _, dir] = &args[..] else {
+            eprintln!("usage: screener manpages DIR");
+            return ExitCode::from(2);
+        };
+        return match manpages(std::path::Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("screener: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
@@ -354,7 +389,38 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print_flat("", &data);
             Ok(())
         }
+        Command::Completions { shell } => {
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            // Into a buffer first: the generator panics on a write error
+            // (a closed pipe), which is an ordinary error here.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "screener", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("writing the completion script")
+        }
     }
+}
+
+/// Writes screener(1), a page per subcommand and screener.toml(5) into
+/// `dir`.
+fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+    let one = dir.join("screener.1");
+    let page =
+        std::fs::read_to_string(&one).with_context(|| format!("reading {}", one.display()))?;
+    std::fs::write(&one, page + config::describe::MAN1_FILES)
+        .with_context(|| format!("writing {}", one.display()))?;
+    let five = dir.join("screener.toml.5");
+    std::fs::write(&five, config::describe::man_page(env!("CARGO_PKG_VERSION")))
+        .with_context(|| format!("writing {}", five.display()))?;
+    Ok(())
 }
 
 /// A block/allow request to the daemon, its answer printed (listings as
@@ -507,6 +573,7 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
         ConfigCmd::Show {
             non_default,
             defaults,
+            describe,
             names,
         } => {
             let cfg = if defaults && !p.exists() {
@@ -519,7 +586,11 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
                 (_, true) => Show::Defaults,
                 _ => Show::Effective,
             };
-            for line in config::show(&cfg, which, &names)? {
+            let mut lines = config::show(&cfg, which, &names)?;
+            if describe {
+                lines = config::describe::describe_lines(&lines);
+            }
+            for line in lines {
                 println!("{line}");
             }
         }

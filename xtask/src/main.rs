@@ -26,6 +26,8 @@ commands:
   test [ARGS...]     bootstrap, then fmt check, clippy and every unit and integration test
   bench xdp|smtp|flood|all
                      bootstrap, then run the benchmarks
+  deb                bootstrap, build (release), then the Debian package
+                     target/debian/screener_<version>_amd64.deb
 ";
 
 /// Debian packages for building the eBPF side: Debian's rustc with the
@@ -98,6 +100,10 @@ fn run() -> Result<()> {
         "bench" => {
             bootstrap(&everything)?;
             bench(rest)
+        }
+        "deb" => {
+            bootstrap()?;
+            deb().map(|path| println!("{}", path.display()))
         }
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -318,6 +324,9 @@ fn test(rest: &[String]) -> Result<()> {
     ]))?;
     step("building the test binaries");
     check(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    // The package test (tests/deb_package.rs) packages the release binary;
+    // built here, where its progress shows, and only when stale.
+    build_release()?;
     verify_unit()?;
     step("running every unit and integration test");
     check(
@@ -409,4 +418,104 @@ fn bench(rest: &[String]) -> Result<()> {
         }
         other => bail!("unknown benchmark {other:?}: xdp, smtp, flood or all"),
     }
+}
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// Installs cargo-deb when it is missing (or another version).
+fn cargo_deb() -> Result<()> {
+    let have = Command::new(cargo_bin_dir().join("cargo-deb"))
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if let Some(v) = &have {
+        if v.split_whitespace().any(|w| w == CARGO_DEB_VERSION) {
+            eprintln!("    cargo-deb: {}", v.trim());
+            return Ok(());
+        }
+    }
+    step(&format!(
+        "installing cargo-deb {CARGO_DEB_VERSION} (about two minutes)"
+    ));
+    check(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+        "--force",
+    ]))
+    .context("installing cargo-deb")
+}
+
+/// Where cargo puts its output: `CARGO_TARGET_DIR`, else `target/`.
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+/// `cargo xtask deb`: the release binary (rebuilt only when stale), its
+/// manual pages and shell completions, then cargo-deb with the metadata in
+/// screener/Cargo.toml. Returns the package's path.
+fn deb() -> Result<PathBuf> {
+    cargo_deb()?;
+    build_release()?;
+    let release = target_dir().join("release");
+    let bin = release.join("screener");
+    step("writing the manual pages and shell completions");
+    // Where screener/Cargo.toml's assets look for them.
+    let assets = release.join("deb-assets");
+    let _ = std::fs::remove_dir_all(&assets);
+    let man = assets.join("man");
+    check(Command::new(&bin).arg("manpages").arg(&man))?;
+    // Debian installs manual pages compressed; -n leaves out the time, so
+    // the same sources give the same package.
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(&man)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    pages.sort();
+    check(Command::new("gzip").args(["-9", "-n", "-f"]).args(&pages))?;
+    let completions = assets.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for (shell, file) in [
+        ("bash", "screener.bash"),
+        ("zsh", "_screener"),
+        ("fish", "screener.fish"),
+    ] {
+        let out = Command::new(&bin)
+            .args(["completions", shell])
+            .output()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "screener completions {shell} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::write(completions.join(file), out.stdout)?;
+    }
+    step("building the Debian package (cargo deb)");
+    let out_dir = target_dir().join("debian");
+    let out = Command::new("cargo")
+        .args(["deb", "-p", "screener", "--no-build", "--fast", "--output"])
+        .arg(&out_dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start cargo deb")?;
+    if !out.status.success() {
+        bail!("cargo deb failed ({})", out.status);
+    }
+    // cargo-deb prints the package's path last.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.ends_with(".deb"))
+        .map(PathBuf::from)
+        .with_context(|| format!("cargo deb named no package: {stdout}"))?;
+    eprintln!("    {}", path.display());
+    Ok(path)
 }
