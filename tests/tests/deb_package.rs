@@ -2,8 +2,9 @@
 //! control data and maintainer scripts, and that the binary it ships needs
 //! nothing beyond libc (no Rust, no LLVM, no bpf-linker on the target).
 //!
-//! The package is built once per run, from the release binary: `xtask deb`
-//! rebuilds that only when it is stale (`cargo xtask test` builds it first).
+//! The package is built once per run with `xtask deb --debug-build`: the
+//! same package as the release one, made from the debug build the suite
+//! already has, so the suite needs no release build of every dependency.
 
 use std::{
     path::{Path, PathBuf},
@@ -31,7 +32,7 @@ fn package() -> &'static Path {
             xtask.display()
         );
         let out = Command::new(&xtask)
-            .arg("deb")
+            .args(["deb", "--debug-build"])
             .stderr(std::process::Stdio::inherit())
             .output()
             .unwrap();

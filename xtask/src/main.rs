@@ -26,8 +26,11 @@ commands:
   test [ARGS...]     bootstrap, then fmt check, clippy and every unit and integration test
   bench xdp|smtp|flood|all
                      bootstrap, then run the benchmarks
-  deb                bootstrap, build (release), then the Debian package
-                     target/debian/screener_<version>_amd64.deb
+  deb [--debug-build]
+                     install what building needs, build (release), then the Debian
+                     package target/debian/screener_<version>_amd64.deb; with
+                     --debug-build, the same package from the debug build (what the
+                     test suite checks, without a release build)
 ";
 
 /// Debian packages for building the eBPF side: Debian's rustc with the
@@ -102,8 +105,13 @@ fn run() -> Result<()> {
             bench(rest)
         }
         "deb" => {
-            bootstrap()?;
-            deb().map(|path| println!("{}", path.display()))
+            bootstrap(BUILD_PACKAGES)?;
+            let debug = match rest {
+                [] => false,
+                [flag] if flag == "--debug-build" => true,
+                _ => bail!("usage: cargo xtask deb [--debug-build]"),
+            };
+            deb(debug).map(|path| println!("{}", path.display()))
         }
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -324,9 +332,6 @@ fn test(rest: &[String]) -> Result<()> {
     ]))?;
     step("building the test binaries");
     check(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
-    // The package test (tests/deb_package.rs) packages the release binary;
-    // built here, where its progress shows, and only when stale.
-    build_release()?;
     verify_unit()?;
     step("running every unit and integration test");
     check(
@@ -457,11 +462,20 @@ fn target_dir() -> PathBuf {
 
 /// `cargo xtask deb`: the release binary (rebuilt only when stale), its
 /// manual pages and shell completions, then cargo-deb with the metadata in
-/// screener/Cargo.toml. Returns the package's path.
-fn deb() -> Result<PathBuf> {
+/// screener/Cargo.toml. Returns the package's path. With `debug`, the
+/// package is made from the debug build instead: the suite checks the
+/// package's shape without a release build of every dependency.
+fn deb(debug: bool) -> Result<PathBuf> {
     cargo_deb()?;
-    build_release()?;
-    let release = target_dir().join("release");
+    let (profile, dir) = if debug {
+        step("building screener (debug)");
+        check(Command::new("cargo").args(["build", "-p", "screener"]))?;
+        ("dev", "debug")
+    } else {
+        build_release()?;
+        ("release", "release")
+    };
+    let release = target_dir().join(dir);
     let bin = release.join("screener");
     step("writing the manual pages and shell completions");
     // Where screener/Cargo.toml's assets look for them.
@@ -499,7 +513,16 @@ fn deb() -> Result<PathBuf> {
     step("building the Debian package (cargo deb)");
     let out_dir = target_dir().join("debian");
     let out = Command::new("cargo")
-        .args(["deb", "-p", "screener", "--no-build", "--fast", "--output"])
+        .args([
+            "deb",
+            "-p",
+            "screener",
+            "--no-build",
+            "--fast",
+            "--profile",
+            profile,
+        ])
+        .arg("--output")
         .arg(&out_dir)
         .stderr(std::process::Stdio::inherit())
         .output()
