@@ -62,6 +62,9 @@ pub struct Daemon {
     dnsbl: RwLock<Option<Dnsbl>>,
     /// Where the configuration came from, for SIGHUP.
     cfg_path: PathBuf,
+    /// The admin socket bound at start, removed at stop (a reload that
+    /// changes `admin.socket` applies only on restart).
+    admin_socket: PathBuf,
     /// Started with `--no-xdp`: block and allow changes only reach the
     /// store, and the CLI says so.
     no_xdp: bool,

@@ -29,8 +29,10 @@ fn admin_ttl(ttl: Option<u64>) -> Result<Option<Duration>, String> {
     }
 }
 
+/// The daemon's own part of `stats`.
 #[derive(Serialize)]
 struct DaemonStats {
+    /// Seconds since start.
     uptime_secs: u64,
     /// True only when every configured interface runs the program now.
     xdp_attached: bool,
@@ -40,16 +42,23 @@ struct DaemonStats {
     config_restart_pending: Vec<&'static str>,
     /// Each configured interface as the kernel sees it (none without XDP).
     xdp_interfaces: Vec<xdp::InterfaceStatus>,
+    /// Blocks, unblocks, refusals, escalations.
     #[serde(flatten)]
     verdicts: verdict::CountersSnapshot,
 }
 
+/// The answer to `stats`: one section per part of the daemon.
 #[derive(Serialize)]
 struct Stats {
+    /// The program's counters and map fill (none without a gate).
     kernel: Option<xdp::maps::KernelStats>,
+    /// Uptime, configuration, interfaces, verdict counters.
     daemon: DaemonStats,
+    /// Whether the store works and what waits to be written.
     store: crate::store::StoreHealth,
+    /// Connections, passes, failures, queues.
     smtp: smtp::SmtpStats,
+    /// Lookups and site health (none without sites).
     dnsbl: Option<dnsbl::DnsblStats>,
 }
 
@@ -76,15 +85,24 @@ struct Changed {
     kernel: Kernel,
 }
 
+/// The answer to `import`.
 #[derive(Serialize)]
 struct ImportReport {
+    /// The list's name (its entries' owner in the store).
     list: String,
+    /// Lines that gave a network.
     lines_ok: usize,
+    /// Lines skipped.
     lines_bad: usize,
+    /// The first skipped lines, with why.
     errors: Vec<String>,
+    /// Networks new to the list.
     added: usize,
+    /// Networks the new version no longer has.
     removed: usize,
+    /// Networks in both versions.
     kept: usize,
+    /// Networks a manual block or another list already holds.
     shadowed: usize,
 }
 

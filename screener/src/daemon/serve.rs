@@ -36,6 +36,7 @@ pub(super) async fn serve(s: Started) -> (Arc<Daemon>, anyhow::Result<()>) {
         smtp: s.smtp.clone(),
         dnsbl: RwLock::new(None),
         cfg_path: s.cfg_path,
+        admin_socket: socket.clone(),
         no_xdp: s.no_xdp,
         started: Instant::now(),
         tasks: tasks.clone(),

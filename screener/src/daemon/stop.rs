@@ -41,5 +41,5 @@ pub(super) async fn stop(daemon: &Daemon) {
             store.health().queued
         ),
     }
-    let _ = std::fs::remove_file(&daemon.cfg().admin.socket);
+    let _ = std::fs::remove_file(&daemon.admin_socket);
 }

@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use super::{apply::kernel_expiry, policy, VerdictError, Verdicts};
 use crate::{
     store::{now_unix, salvage, AllowRecord, BlockRecord, Change, Unreadable},
-    xdp::{maps::Listed, XdpError},
+    xdp::{maps::Listed, Gate, XdpError},
 };
 
 /// What [`Verdicts::reconcile`] did.
@@ -95,67 +95,15 @@ impl Verdicts {
             ..Restored::default()
         };
         out.skipped.extend(allows.unreadable);
-        let stored: HashMap<IpNet, BlockRecord> =
-            blocks.records.into_iter().map(|b| (b.net, b)).collect();
-        let stored_allows: HashSet<IpNet> = allows.records.iter().map(|a| a.net).collect();
-        let live = |b: &BlockRecord| b.expires == 0 || b.expires > now;
-
-        let mut adopt: Vec<Change> = Vec::new();
-        let mut kernel_allows: Vec<IpNet> = Vec::new();
-        let kernel = self.with_gate(|g| -> Result<(), XdpError> {
-            let mut in_kernel = HashSet::new();
-            for l in g.maps.blocks()? {
-                if l.expires_in == Some(0) {
-                    // Lapsed in the kernel: the program ignores it already.
-                    g.maps.unblock(l.net)?;
-                    out.expired += 1;
-                    continue;
-                }
-                in_kernel.insert(l.net);
-                let prev = stored.get(&l.net);
-                if prev.is_some_and(live) {
-                    out.kept += 1;
-                    continue;
-                }
-                // The store lacks it (new, emptied or damaged store) or
-                // holds a lapsed record: the kernel is right.
-                adopt.push(Change::PutBlock(adopted(l, prev, now)));
-            }
-            for b in stored.values().filter(|b| live(b)) {
-                if in_kernel.contains(&b.net) {
-                    continue;
-                }
-                match g.maps.block(
-                    b.net,
-                    policy::kernel_reason(&b.reason),
-                    kernel_expiry(b.expires, now),
-                ) {
-                    Ok(()) => out.restored += 1,
-                    Err(XdpError::MapFull { .. }) => out.refused_full += 1,
-                    Err(e) => return Err(e),
-                }
-            }
-            let allowed: HashSet<IpNet> = g.maps.allows()?.into_iter().map(|l| l.net).collect();
-            for a in &allowed {
-                if stored_allows.contains(a) {
-                    out.kept += 1;
-                } else {
-                    adopt.push(Change::PutAllow(AllowRecord {
-                        net: *a,
-                        added: now,
-                        comment: Some(ADOPTED.into()),
-                    }));
-                    kernel_allows.push(*a);
-                }
-            }
-            for a in stored_allows.difference(&allowed) {
-                match g.maps.allow(*a) {
-                    Ok(()) => out.restored += 1,
-                    Err(XdpError::MapFull { .. }) => out.refused_full += 1,
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
+        let stored = Stored {
+            blocks: blocks.records.into_iter().map(|b| (b.net, b)).collect(),
+            allows: allows.records.iter().map(|a| a.net).collect(),
+            now,
+        };
+        let mut found = FromKernel::default();
+        let kernel = self.with_gate(|g| {
+            agree_blocks(g, &stored, &mut out, &mut found)?;
+            agree_allows(g, &stored, &mut out, &mut found)
         });
         if let Some(Err(e)) = kernel {
             return Err(e.into());
@@ -167,21 +115,21 @@ impl Verdicts {
         }
 
         let mut all_allows: Vec<IpNet> = allows.records.iter().map(|a| a.net).collect();
-        all_allows.extend(kernel_allows);
+        all_allows.extend(found.allows);
         *self.allows.write().expect("allows lock") = all_allows;
         {
             let mut groups = self.groups.lock().expect("groups lock");
             *groups = policy::Offenders::default();
-            let adopted = adopt.iter().filter_map(|c| match c {
+            let adopted = found.adopt.iter().filter_map(|c| match c {
                 Change::PutBlock(b) => Some(b),
                 _ => None,
             });
-            for b in stored.values().filter(|b| live(b)).chain(adopted) {
+            for b in stored.live().chain(adopted) {
                 groups.note(b.net, b.expires);
             }
         }
-        out.adopted = adopt.len();
-        self.store.record(adopt).await;
+        out.adopted = found.adopt.len();
+        self.store.record(found.adopt).await;
         Ok(out)
     }
 
@@ -218,4 +166,102 @@ impl Verdicts {
         let retention = self.cfg().screen.cache_retention_time;
         Ok(self.store.cleanup(now_unix(), retention).await?)
     }
+}
+
+/// What the store held at start, as [`Verdicts::reconcile`] compares it
+/// with the kernel.
+struct Stored {
+    /// Block records by network, lapsed ones included.
+    blocks: HashMap<IpNet, BlockRecord>,
+    /// Allow entries.
+    allows: HashSet<IpNet>,
+    /// The unix second of the comparison.
+    now: u64,
+}
+
+impl Stored {
+    /// The block records still in force.
+    fn live(&self) -> impl Iterator<Item = &BlockRecord> {
+        self.blocks
+            .values()
+            .filter(|b| b.expires == 0 || b.expires > self.now)
+    }
+}
+
+/// What the kernel holds that the store lacks, to be written into it.
+#[derive(Default)]
+struct FromKernel {
+    /// Store changes adopting kernel entries.
+    adopt: Vec<Change>,
+    /// Allow entries only the kernel had.
+    allows: Vec<IpNet>,
+}
+
+/// Block entries: lapsed kernel entries removed, kernel entries the store
+/// lacks adopted, store entries the kernel lacks put in.
+fn agree_blocks(
+    g: &mut Gate,
+    stored: &Stored,
+    out: &mut Restored,
+    found: &mut FromKernel,
+) -> Result<(), XdpError> {
+    let now = stored.now;
+    let mut in_kernel = HashSet::new();
+    for l in g.maps.blocks()? {
+        if l.expires_in == Some(0) {
+            // Lapsed in the kernel: the program ignores it already.
+            g.maps.unblock(l.net)?;
+            out.expired += 1;
+            continue;
+        }
+        in_kernel.insert(l.net);
+        let prev = stored.blocks.get(&l.net);
+        if prev.is_some_and(|b| b.expires == 0 || b.expires > now) {
+            out.kept += 1;
+            continue;
+        }
+        // The store lacks it (new, emptied or damaged store) or holds a
+        // lapsed record: the kernel is right.
+        found.adopt.push(Change::PutBlock(adopted(l, prev, now)));
+    }
+    for b in stored.live().filter(|b| !in_kernel.contains(&b.net)) {
+        let reason = policy::kernel_reason(&b.reason);
+        match g.maps.block(b.net, reason, kernel_expiry(b.expires, now)) {
+            Ok(()) => out.restored += 1,
+            Err(XdpError::MapFull { .. }) => out.refused_full += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Allow entries: kernel entries the store lacks adopted, store entries
+/// the kernel lacks put in.
+fn agree_allows(
+    g: &mut Gate,
+    stored: &Stored,
+    out: &mut Restored,
+    found: &mut FromKernel,
+) -> Result<(), XdpError> {
+    let allowed: HashSet<IpNet> = g.maps.allows()?.into_iter().map(|l| l.net).collect();
+    for a in &allowed {
+        if stored.allows.contains(a) {
+            out.kept += 1;
+        } else {
+            found.adopt.push(Change::PutAllow(AllowRecord {
+                net: *a,
+                added: stored.now,
+                comment: Some(ADOPTED.into()),
+            }));
+            found.allows.push(*a);
+        }
+    }
+    for a in stored.allows.difference(&allowed) {
+        match g.maps.allow(*a) {
+            Ok(()) => out.restored += 1,
+            Err(XdpError::MapFull { .. }) => out.refused_full += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
