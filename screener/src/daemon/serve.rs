@@ -45,7 +45,7 @@ pub(super) async fn serve(s: Started) -> (Arc<Daemon>, anyhow::Result<()>) {
         restart_pending: Mutex::new(Vec::new()),
         xdp_logger: Mutex::new(None),
     });
-    daemon.set_xdp_logger(s.xdp_logger);
+    daemon.set_xdp_logger(s.verdicts.with_gate(Gate::spawn_logger).flatten());
     if let Some(d) = &s.dnsbl {
         tasks.adopt("DNSBL health checks", d.spawn_health_checks());
     }

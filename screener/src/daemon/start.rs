@@ -40,8 +40,6 @@ pub(super) struct Started {
     /// The DNSBL engine (`None` without sites); its health checks start
     /// with the serving.
     pub dnsbl: Option<Dnsbl>,
-    /// The program's log reader, if the program logs.
-    pub xdp_logger: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Opens the store and the gate, restores the verdicts, attaches, binds.
@@ -49,15 +47,12 @@ pub(super) struct Started {
 /// removed); the gate, if attached, stays attached, as at every exit.
 pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<Started> {
     let store = open_store(&cfg).await?;
-    let mut xdp_logger = None;
     let gate = if no_xdp {
         tracing::info!("running without XDP (--no-xdp)");
         None
     } else {
         // Loaded, not yet attached: the maps are filled from the store first.
-        let mut gate = Gate::load(&cfg).context("loading the XDP gate")?;
-        xdp_logger = gate.spawn_logger();
-        Some(gate)
+        Some(Gate::load(&cfg).context("loading the XDP gate")?)
     };
     let admin = admin::bind(&cfg.admin.socket)
         .await
@@ -65,7 +60,7 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
     let socket = cfg.admin.socket.clone();
     let (config, watching) = watch::channel(Arc::new(cfg));
     let verdicts = Arc::new(Verdicts::new(watching, store, gate));
-    let bound = async {
+    let built = async {
         restore(&verdicts).await;
         if let Some(Err(e)) = verdicts.with_gate(Gate::attach) {
             return Err(e).context("attaching the XDP gate");
@@ -73,25 +68,12 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         let cfg = verdicts.cfg();
         cfg.log_warnings();
         crate::local::refresh();
-        let dnsbl = build_dnsbl(&cfg)?;
-        let failures = Arc::new(smtp::FailureQueue::default());
-        let server = smtp::Server::new(
-            Arc::clone(&cfg),
-            Some(verdicts.store().clone()),
-            super::dnsbl::lookup(dnsbl.as_ref(), &verdicts),
-            Some(Arc::clone(&failures)),
-        );
-        server.set_allows(&verdicts.allowed());
-        let listeners = server.bind().context("SMTP server")?;
-        Ok((server, listeners, failures, dnsbl))
+        bind_smtp(&verdicts, &cfg)
     }
     .await;
-    let (smtp, listeners, failures, dnsbl) = match bound {
+    let (smtp, listeners, failures, dnsbl) = match built {
         Ok(b) => b,
         Err(e) => {
-            if let Some(t) = xdp_logger {
-                t.abort();
-            }
             let _ = std::fs::remove_file(&socket);
             return Err(e);
         }
@@ -106,8 +88,31 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         listeners,
         failures,
         dnsbl,
-        xdp_logger,
     })
+}
+
+/// The SMTP server with its DNSBL engine and failure queue, its
+/// listeners bound.
+fn bind_smtp(
+    verdicts: &Arc<Verdicts>,
+    cfg: &Arc<Config>,
+) -> anyhow::Result<(
+    smtp::Server,
+    smtp::server::Bound,
+    Arc<smtp::FailureQueue>,
+    Option<Dnsbl>,
+)> {
+    let dnsbl = build_dnsbl(cfg)?;
+    let failures = Arc::new(smtp::FailureQueue::default());
+    let server = smtp::Server::new(
+        Arc::clone(cfg),
+        Some(verdicts.store().clone()),
+        super::dnsbl::lookup(dnsbl.as_ref(), verdicts),
+        Some(Arc::clone(&failures)),
+    );
+    server.set_allows(&verdicts.allowed());
+    let listeners = server.bind().context("SMTP server")?;
+    Ok((server, listeners, failures, dnsbl))
 }
 
 /// Opens the store, saying what it holds and what it could not read.

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -29,7 +30,6 @@ use super::{FailedTest, Failure, Test};
 use crate::config::{AccessAction, AccessRule, Config, Upstream};
 use crate::proxy;
 use crate::store::{now_unix as unix_now, ClientRecord, Store};
-use ipnet::IpNet;
 
 /// A future DNSBL score.
 pub type ScoreFuture = Pin<Box<dyn Future<Output = Option<DnsblScore>> + Send>>;

@@ -110,7 +110,7 @@ pub struct Verdicts {
     /// `None` with `--no-xdp` or after `xdp detach`: the store still
     /// records verdicts, and they reach the kernel at the next start.
     gate: Mutex<Option<Gate>>,
-    /// Offenders per escalation prefix (/24, /48): see ESCALATION.
+    /// Offenders per escalation prefix (/24, /48): see ESCALATION in [`policy`].
     groups: Mutex<policy::Offenders>,
     /// Unix second up to which lapsed blocks have been swept.
     swept: AtomicU64,
