@@ -240,6 +240,18 @@ pub mod prefilter {
     }
 }
 
+/// The destination-port bitmap with `ports` in scope: the one place that
+/// knows a port's word and bit, shared by the daemon that writes the
+/// settings and the tests that craft them.
+#[must_use]
+pub fn port_bitmap(ports: &[u16]) -> [u64; PORT_WORDS] {
+    let mut words = [0; PORT_WORDS];
+    for &p in ports {
+        words[usize::from(p >> 6)] |= 1u64 << (p & 63);
+    }
+    words
+}
+
 impl Config {
     #[must_use]
     pub const fn port_enabled(&self, port: u16) -> bool {
@@ -253,4 +265,27 @@ mod pod {
     // that could leak uninitialised bytes (checked by their layouts above).
     unsafe impl aya::Pod for super::Entry {}
     unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_bitmap_sets_each_port_and_only_those() {
+        let cfg = Config {
+            layout: LAYOUT_VERSION,
+            ipv6_prefix: 64,
+            flags: FLAG_READY,
+            reserved: 0,
+            ports: port_bitmap(&[0, 25, 63, 64, 65535]),
+        };
+        for p in [0, 25, 63, 64, 65535] {
+            assert!(cfg.port_enabled(p), "port {p}");
+        }
+        for p in [1, 24, 26, 62, 65, 65534] {
+            assert!(!cfg.port_enabled(p), "port {p}");
+        }
+        assert_eq!(port_bitmap(&[]), [0; PORT_WORDS]);
+    }
 }

@@ -9,6 +9,7 @@
 //! broke off). Neither side ever holds the whole listing.
 
 use std::{
+    future::Future,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -304,38 +305,27 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(listener)
 }
 
-/// Serves requests until the task is dropped.
-pub async fn serve(listener: UnixListener, handler: Handler) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("admin socket accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            // A client that sends nothing within a minute is dropped.
-            let read = tokio::time::timeout(
-                Duration::from_secs(60),
-                BufReader::new(r).read_line(&mut line),
-            )
-            .await;
-            let reply = match read {
-                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => handler(req).await,
-                    Err(e) => Reply::One(Response::err(format!("bad request: {e}"))),
-                },
-                Ok(Err(e)) => Reply::One(Response::err(format!("reading request: {e}"))),
-                Err(_) => return,
-            };
-            let _ = write_reply(&mut w, reply).await;
-        });
-    }
+/// Serves one admin connection: one request, one reply. A client that
+/// sends nothing within a minute is dropped, and so is one that has not
+/// sent its request when `stop` resolves (a request already read is
+/// answered).
+pub async fn connection(stream: UnixStream, handler: Handler, stop: impl Future<Output = ()>) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut r = BufReader::new(r);
+    let read = tokio::select! {
+        read = tokio::time::timeout(Duration::from_secs(60), r.read_line(&mut line)) => read,
+        () = stop => return,
+    };
+    let reply = match read {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handler(req).await,
+            Err(e) => Reply::One(Response::err(format!("bad request: {e}"))),
+        },
+        Ok(Err(e)) => Reply::One(Response::err(format!("reading request: {e}"))),
+        Err(_) => return,
+    };
+    let _ = write_reply(&mut w, reply).await;
 }
 
 /// Writes `reply`; a client that goes away stops a streamed listing (its

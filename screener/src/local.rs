@@ -23,8 +23,6 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use ipnet::IpNet;
 
-use crate::config::Config;
-
 /// The loopback networks, permitted whatever the interfaces say.
 fn loopback() -> [IpNet; 2] {
     [
@@ -118,17 +116,6 @@ pub fn refresh() -> Arc<HostAddrs> {
     );
     *CURRENT.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&fresh));
     fresh
-}
-
-/// Why a verdict on `net` must not be made under `cfg`: it covers a local
-/// address and `screen.permit_local` is on.
-pub fn protects(cfg: &Config, net: &IpNet) -> Option<String> {
-    if !cfg.screen.permit_local {
-        return None;
-    }
-    current()
-        .within(net)
-        .map(|a| format!("local address {a} (screen.permit_local)"))
 }
 
 /// Every address of every interface, by `getifaddrs(3)`.
@@ -229,14 +216,5 @@ mod tests {
         let h = HostAddrs::read();
         assert!(h.addrs().contains(&ip("127.0.0.1")), "{h:?}");
         assert!(h.contains(ip("127.0.0.1")));
-    }
-
-    #[test]
-    fn protection_follows_permit_local() {
-        let mut cfg = Config::default();
-        assert!(protects(&cfg, &net("127.0.0.1/32")).is_some());
-        assert!(protects(&cfg, &net("192.0.2.77/32")).is_none());
-        cfg.screen.permit_local = false;
-        assert!(protects(&cfg, &net("127.0.0.1/32")).is_none());
     }
 }

@@ -19,7 +19,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader, Pod,
 };
-use screener_common::{Config, Entry, FLAG_ALL_PORTS, FLAG_READY, LAYOUT_VERSION, PORT_WORDS};
+use screener_common::{port_bitmap, Config, Entry, FLAG_ALL_PORTS, FLAG_READY, LAYOUT_VERSION};
 
 /// `XDP_ABORTED`: the program must never return it.
 pub const XDP_ABORTED: u32 = 0;
@@ -48,15 +48,13 @@ pub fn config(extra_flags: u32, ipv6_prefix: u32, ports: Ports<'_>) -> Config {
         ipv6_prefix,
         flags: FLAG_READY | extra_flags,
         reserved: 0,
-        ports: [0; PORT_WORDS],
+        ports: port_bitmap(match ports {
+            Ports::All => &[],
+            Ports::List(list) => list,
+        }),
     };
-    match ports {
-        Ports::All => cfg.flags |= FLAG_ALL_PORTS,
-        Ports::List(list) => {
-            for &p in list {
-                cfg.ports[usize::from(p >> 6)] |= 1u64 << (p & 63);
-            }
-        }
+    if matches!(ports, Ports::All) {
+        cfg.flags |= FLAG_ALL_PORTS;
     }
     cfg
 }

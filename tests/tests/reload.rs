@@ -326,3 +326,98 @@ fn reload_attaches_and_detaches_interfaces() {
         "still dropped after the interface was removed by reload"
     );
 }
+
+/// Drain, don't abort: SIGTERM right after a reload dropped a big import
+/// list from the configuration. The list's removal (store, then kernel)
+/// is finished before the daemon exits, so the kernel keeps none of its
+/// entries and the next start has nothing to adopt. Cut halfway, the
+/// store would forget entries the kernel still holds, and the next start
+/// would adopt every one of them as a block.
+#[test]
+fn sigterm_after_a_reload_finishes_removing_the_dropped_list() {
+    const LINES: u32 = 100_000;
+    let ns = NetNs::new();
+    let pins = PinDir::new(&format!("drain{}", ns.n));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &ns, &pins, "skb", 25);
+    let list = dir.path().join("drop.txt");
+    let mut text = String::with_capacity(LINES as usize * 24);
+    for i in 0..LINES {
+        text += &format!("2001:db8:{:x}:{:x}::/64\n", i >> 16, i & 0xffff);
+    }
+    std::fs::write(&list, text).unwrap();
+    let without = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{without}[import]\nlists = [{{ file = \"{}\", interval = \"1h\" }}]\n",
+            list.display()
+        ),
+    )
+    .unwrap();
+    let log = |n: u32| {
+        plain(
+            &std::fs::read_to_string(dir.path().join(format!("daemon{n}.log"))).unwrap_or_default(),
+        )
+    };
+    let mut daemon = start(&cfg, dir.path(), 0);
+    wait_for("the list imported", Duration::from_secs(120), || {
+        log(0).contains("imported list")
+    });
+    assert!(log(0).contains(&format!("added={LINES}")), "{}", log(0));
+
+    std::fs::write(&cfg, &without).unwrap();
+    hup(&daemon);
+    wait_for("the reload", Duration::from_secs(15), || {
+        log(0).contains("configuration reloaded")
+    });
+    let child = daemon.0.as_mut().expect("running");
+    // SAFETY: a signal to our own child.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) },
+        0
+    );
+    wait_for("the daemon to exit", Duration::from_secs(90), || {
+        child.try_wait().unwrap().is_some()
+    });
+    assert!(child.try_wait().unwrap().unwrap().success(), "{}", log(0));
+    assert!(
+        log(0).contains(&format!("removed={LINES}")),
+        "the removal did not finish before the exit:\n{}",
+        log(0)
+    );
+
+    let _daemon = start(&cfg, dir.path(), 1);
+    let left = blocked(&cfg);
+    assert!(
+        left.is_empty(),
+        "{} entries of the removed list were still in the kernel: {:?}…\n{}",
+        left.len(),
+        &left[..left.len().min(3)],
+        log(1)
+    );
+    assert!(
+        log(1).contains("0 adopted from the kernel into the store"),
+        "{}",
+        log(1)
+    );
+}
+
+/// `log` without its ANSI colour sequences, so structured fields read
+/// `key=value`.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -182,12 +182,14 @@ fn a_full_host_map_still_escalates_into_the_prefix_map() {
     wait_for("the /24 escalation", Duration::from_secs(10), || {
         blocked(&d.cfg).contains(&"192.0.2.0/24".to_owned())
     });
+    // The line follows the store write, which follows the kernel entry.
+    wait_for(
+        "the escalation's BLOCK line",
+        Duration::from_secs(10),
+        || d.log(0).contains("BLOCK 192.0.2.0/24 reason=escalation"),
+    );
     let log = d.log(0);
     assert!(log.contains("map block_v4 is full"), "{log}");
-    assert!(
-        log.contains("BLOCK 192.0.2.0/24 reason=escalation"),
-        "{log}"
-    );
     assert!(
         stats(&d.cfg)["daemon"]["blocks_refused_full"]
             .as_u64()

@@ -6,7 +6,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
-use super::give_back_memory;
+use super::{give_back_memory, tasks::Tasks};
 use crate::{
     admin::{self, Rows},
     verdict::Verdicts,
@@ -82,10 +82,14 @@ where
 /// (through their pins, so the gate's lock is not held while a million
 /// entries are walked), else from the store. Rows are serialised on the
 /// blocking pool, a chunk at a time, and the memory is given back after.
-pub(super) fn start(verdicts: Arc<Verdicts>, what: Listing) -> tokio::sync::mpsc::Receiver<Rows> {
+pub(super) fn start(
+    verdicts: Arc<Verdicts>,
+    what: Listing,
+    tasks: &Tasks,
+) -> tokio::sync::mpsc::Receiver<Rows> {
     let (tx, rx) = tokio::sync::mpsc::channel(LISTING_CHUNKS);
     let pins = verdicts.with_gate(|g| g.pin_dir().to_owned());
-    tokio::spawn(async move {
+    tasks.spawn("listing", async move {
         let result = match (what, pins) {
             (Listing::Blocks | Listing::Allows, Some(dir)) => {
                 let blocks = what == Listing::Blocks;

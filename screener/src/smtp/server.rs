@@ -10,9 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
+use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -26,9 +27,9 @@ use super::params::{Action, Params};
 use super::session::{DnsblScore, Output, Plan, Session, Todo};
 use super::text::{escape, Peer};
 use super::{FailedTest, Failure, Test};
-use crate::config::{Config, Upstream};
+use crate::config::{AccessAction, AccessRule, Config, Upstream};
 use crate::proxy;
-use crate::store::{ClientRecord, Store};
+use crate::store::{now_unix as unix_now, ClientRecord, Store};
 
 /// A future DNSBL score.
 pub type ScoreFuture = Pin<Box<dyn Future<Output = Option<DnsblScore>> + Send>>;
@@ -127,11 +128,20 @@ struct Settings {
 }
 
 impl Settings {
-    fn new(cfg: Arc<Config>, keywords: Arc<Vec<String>>) -> Settings {
+    fn new(cfg: Arc<Config>, keywords: Arc<Vec<String>>, allows: &[IpNet]) -> Settings {
         let s = &cfg.screen;
         let normal = Arc::new(Params::from_config(&cfg, false, Arc::clone(&keywords)));
         let gate = GateParams {
-            access_list: s.access_list.clone(),
+            // An allow entry skips every test, as a `permit` rule ahead of
+            // the access list would.
+            access_list: allows
+                .iter()
+                .map(|&net| AccessRule {
+                    action: AccessAction::Permit,
+                    net,
+                })
+                .chain(s.access_list.iter().copied())
+                .collect(),
             local: s.permit_local.then(crate::local::current),
             client_connection_count_limit: s.client_connection_count_limit,
             post_queue_limit: s.post_queue_limit,
@@ -177,6 +187,8 @@ struct Shared {
     settings: RwLock<Arc<Settings>>,
     /// The backend's EHLO keywords, kept across reloads.
     keywords: RwLock<Arc<Vec<String>>>,
+    /// The allow entries (`screener allow add`), kept across reloads.
+    allows: RwLock<Arc<[IpNet]>>,
     /// Connection counts.
     load: Mutex<Load_>,
     /// What `stats` shows.
@@ -210,6 +222,10 @@ struct Shared {
     listening: watch::Sender<bool>,
 }
 
+/// Listeners bound by [`Server::bind`], each under the address
+/// `smtp.listen` names (a reload compares against those, port 0 included).
+pub struct Bound(Vec<(SocketAddr, TcpListener)>);
+
 /// One listening socket's accept loop.
 struct AcceptLoop {
     /// The address actually bound (differs from the key for port 0).
@@ -225,12 +241,6 @@ pub struct Server {
     shared: Arc<Shared>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Server {
     /// A server with the given cache (`store.path`), DNSBL scorer and
     /// queue of clients to block; each may be absent.
@@ -243,8 +253,9 @@ impl Server {
         let keywords = Arc::new(Vec::new());
         Server {
             shared: Arc::new(Shared {
-                settings: RwLock::new(Arc::new(Settings::new(cfg, Arc::clone(&keywords)))),
+                settings: RwLock::new(Arc::new(Settings::new(cfg, Arc::clone(&keywords), &[]))),
                 keywords: RwLock::new(keywords),
+                allows: RwLock::new(Arc::from([])),
                 load: Mutex::new(Load_::default()),
                 counters: Counters::default(),
                 stress: watch::Sender::new(false),
@@ -265,10 +276,24 @@ impl Server {
     /// Swaps the parameters for new connections; connections already open
     /// keep the ones they started with.
     pub fn reload(&self, cfg: Arc<Config>) {
-        let keywords = Arc::clone(&self.shared.keywords.read().expect("keywords lock"));
-        *self.shared.settings.write().expect("settings lock") =
-            Arc::new(Settings::new(cfg, keywords));
+        self.rebuild(cfg);
         tracing::info!("smtp parameters reloaded");
+    }
+
+    /// Sets the allow entries: clients they cover skip every test, from
+    /// the next connection on.
+    pub fn set_allows(&self, allows: &[IpNet]) {
+        *self.shared.allows.write().expect("allows lock") = Arc::from(allows);
+        self.rebuild(Arc::clone(&self.settings().cfg));
+    }
+
+    /// New parameters from `cfg`, the backend's keywords and the allow
+    /// entries.
+    fn rebuild(&self, cfg: Arc<Config>) {
+        let keywords = Arc::clone(&self.shared.keywords.read().expect("keywords lock"));
+        let allows = Arc::clone(&self.shared.allows.read().expect("allows lock"));
+        *self.shared.settings.write().expect("settings lock") =
+            Arc::new(Settings::new(cfg, keywords, &allows));
     }
 
     /// The EHLO keywords learned from the backend and offered to clients
@@ -322,6 +347,14 @@ impl Server {
     /// shutting down`, and gives hand-offs in flight `smtp.shutdown_grace`.
     /// Raises the soft open-file limit to the hard limit first.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let bound = self.bind()?;
+        self.run_bound(bound, shutdown).await
+    }
+
+    /// The first half of [`Server::run`]: raises the open-file limit and
+    /// binds `smtp.listen`, so a daemon can bind while privileged and
+    /// serve after.
+    pub fn bind(&self) -> anyhow::Result<Bound> {
         match descriptors::raise_soft_limit() {
             Ok(n) => tracing::info!(
                 "open-file limit: soft {} -> {}, hard {}",
@@ -339,7 +372,17 @@ impl Server {
                 bind(*addr).with_context(|| format!("smtp.listen {addr}"))?,
             ));
         }
-        self.serve_keyed(listeners, shutdown).await
+        Ok(Bound(listeners))
+    }
+
+    /// The second half of [`Server::run`]: serves on what
+    /// [`Server::bind`] bound until `shutdown` resolves.
+    pub async fn run_bound(
+        &self,
+        bound: Bound,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        self.serve_keyed(bound.0, shutdown).await
     }
 
     /// Resolves once [`Server::run`] (or [`Server::serve`]) has every
@@ -376,12 +419,11 @@ impl Server {
             budget.reserve
         );
         *self.shared.budget.write().expect("budget lock") = budget;
-        let stop_rx = self.shared.stop.subscribe();
         let mut background = tokio::task::JoinSet::new();
-        background.spawn(probe_loop(Arc::clone(&self.shared), stop_rx.clone()));
-        if self.shared.cache.is_some() {
-            background.spawn(cleanup_loop(Arc::clone(&self.shared), stop_rx.clone()));
-        }
+        background.spawn(probe_loop(
+            Arc::clone(&self.shared),
+            self.shared.stop.subscribe(),
+        ));
         for (key, l) in listeners {
             self.start_accepting(key, l)?;
         }
@@ -649,8 +691,9 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     let kw = Arc::new(kw);
                     *shared.keywords.write().expect("keywords lock") = Arc::clone(&kw);
                     let cfg = Arc::clone(&shared.settings.read().expect("settings lock").cfg);
+                    let allows = Arc::clone(&shared.allows.read().expect("allows lock"));
                     *shared.settings.write().expect("settings lock") =
-                        Arc::new(Settings::new(cfg, kw));
+                        Arc::new(Settings::new(cfg, kw, &allows));
                 }
                 Duration::from_secs(300)
             }
@@ -662,25 +705,6 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             () = stopped(&mut stop) => return,
             () = tokio::time::sleep(next) => {}
-        }
-    }
-}
-
-async fn cleanup_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let cfg = Arc::clone(&shared.settings.read().expect("settings lock").cfg);
-        tokio::select! {
-            () = stopped(&mut stop) => return,
-            () = tokio::time::sleep(cfg.screen.cache_cleanup_interval) => {}
-        }
-        if let Some(cache) = &shared.cache {
-            match cache
-                .cleanup(unix_now(), cfg.screen.cache_retention_time)
-                .await
-            {
-                Ok(n) => tracing::info!("cache cleanup: {n} expired client records removed"),
-                Err(e) => tracing::warn!("cache cleanup: {e}"),
-            }
         }
     }
 }

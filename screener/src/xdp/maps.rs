@@ -511,15 +511,10 @@ impl Maps {
             ipv6_prefix,
             flags: screener_common::FLAG_READY,
             reserved: 0,
-            ports: [0; screener_common::PORT_WORDS],
+            ports: screener_common::port_bitmap(ports.unwrap_or_default()),
         };
-        match ports {
-            None => s.flags |= screener_common::FLAG_ALL_PORTS,
-            Some(list) => {
-                for p in list {
-                    s.ports[usize::from(*p >> 6)] |= 1u64 << (p & 63);
-                }
-            }
+        if ports.is_none() {
+            s.flags |= screener_common::FLAG_ALL_PORTS;
         }
         self.settings = s;
         self.refresh_flags()
