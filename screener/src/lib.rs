@@ -5,6 +5,7 @@
 //! that an XDP program reads, so a bot's next packets are dropped at the NIC.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dnsbl;
