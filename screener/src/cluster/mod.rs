@@ -627,7 +627,7 @@ impl Cluster {
                         Ok(ev) if ev.node == self.inner.node => {}
                         Ok(ev) => events.push(ev),
                         Err(e) => {
-                            tracing::error!("cluster: stream entry {} skipped: {e}", entry.id)
+                            tracing::error!("cluster: stream entry {} skipped: {e}", entry.id);
                         }
                     }
                     newest = Some(entry.id);
@@ -700,11 +700,19 @@ impl Cluster {
             }
             Err(e) => return Err(e.into()),
         };
-        let deleted = info
-            .get("max-deleted-entry-id")
-            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-            .unwrap_or_else(|| "0-0".into());
-        Ok(wire::id_cmp(id, &deleted) == Some(std::cmp::Ordering::Less))
+        let id_field = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+        };
+        // Trimming removes from the front and moves `recorded-first-entry-id`;
+        // XDEL moves `max-deleted-entry-id`. Either beyond our place means
+        // entries we never read are gone. (A first entry that is exactly
+        // our next one also counts: a needless resync, never a lost entry.)
+        let after_us = |other: Option<String>| {
+            other.is_some_and(|o| wire::id_cmp(id, &o) == Some(std::cmp::Ordering::Less))
+        };
+        Ok(after_us(id_field("max-deleted-entry-id"))
+            || after_us(id_field("recorded-first-entry-id")))
     }
 
     /// Sends the fleet's whole block set; returns the stream position it
