@@ -3,7 +3,7 @@
 //! the stream, or from the snapshot once the stream was trimmed), passes
 //! are shared, and a Redis outage loses nothing this node published.
 
-use std::{net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use integration_tests::redis::Redis;
 use ipnet::IpNet;
@@ -81,8 +81,8 @@ impl Node {
     /// position acknowledged and whether a snapshot came.
     async fn apply_until(
         &mut self,
-        set: &mut std::collections::BTreeMap<IpNet, String>,
-        mut done: impl FnMut(&std::collections::BTreeMap<IpNet, String>) -> bool,
+        set: &mut BTreeMap<IpNet, String>,
+        mut done: impl FnMut(&BTreeMap<IpNet, String>) -> bool,
     ) -> (Option<String>, bool) {
         let mut last = None;
         let mut snapshot = false;
@@ -123,7 +123,7 @@ impl Node {
     }
 }
 
-fn apply(set: &mut std::collections::BTreeMap<IpNet, String>, e: Event) {
+fn apply(set: &mut BTreeMap<IpNet, String>, e: Event) {
     match e.op {
         Op::Block { reason, .. } => {
             set.insert(e.net, format!("{reason} from {}", e.node));
@@ -161,7 +161,7 @@ async fn wait(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// `n` distinct host networks in 198.51.100.0/24 and 2001:db8:77::/48.
+/// `n` distinct host networks in `198.51.100.0/24` and `2001:db8:77::/48`.
 fn nets(n: usize) -> Vec<String> {
     (0..n)
         .map(|i| {
@@ -207,7 +207,7 @@ async fn a_node_that_was_away_replays_what_it_missed() {
     let redis = Redis::start();
     let mx1 = Node::start(settings(&redis, "mx1"), None);
     let mut mx3 = Node::start(settings(&redis, "mx3"), None);
-    let mut seen = Default::default();
+    let mut seen = BTreeMap::default();
     wait("mx1 connected", || mx1.cluster.status().connected).await;
     mx1.cluster.publish(block("mx1", "203.0.113.1/32"));
     let (last, _) = mx3.apply_until(&mut seen, |s| s.len() == 1).await;
@@ -236,7 +236,7 @@ async fn a_node_behind_a_trimmed_stream_resynchronises_to_the_same_set() {
     let redis = Redis::start();
     let mx1 = Node::start(settings(&redis, "mx1"), None);
     let mut mx3 = Node::start(settings(&redis, "mx3"), None);
-    let mut seen = Default::default();
+    let mut seen = BTreeMap::default();
     wait("mx1 connected", || mx1.cluster.status().connected).await;
     mx1.cluster.publish(block("mx1", "203.0.113.1/32"));
     mx1.cluster.publish(block("mx1", "203.0.113.2/32"));
@@ -317,7 +317,7 @@ async fn verdicts_made_during_an_outage_reach_the_fleet_after_it() {
     let mut redis = Redis::start();
     let mx1 = Node::start(settings(&redis, "mx1"), None);
     let mut mx2 = Node::start(settings(&redis, "mx2"), None);
-    let mut seen = Default::default();
+    let mut seen = BTreeMap::default();
     wait("mx1 connected", || mx1.cluster.status().connected).await;
     mx1.cluster.publish(block("mx1", "192.0.2.200/32"));
     mx2.apply_until(&mut seen, |s| s.len() == 1).await;
