@@ -12,6 +12,7 @@ pub mod dnsbl;
 pub mod duration;
 pub mod import;
 pub mod local;
+pub mod logging;
 pub mod notify;
 pub mod proxy;
 pub mod smtp;

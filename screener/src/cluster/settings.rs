@@ -144,7 +144,7 @@ impl Settings {
 }
 
 /// This host's name, or `node` when it has none.
-fn hostname() -> String {
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname
     // NUL-terminates when the name fits.
