@@ -5,12 +5,14 @@
 //! that an XDP program reads, so a bot's next packets are dropped at the NIC.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dnsbl;
 pub mod duration;
 pub mod import;
 pub mod local;
+pub mod logging;
 pub mod notify;
 pub mod proxy;
 pub mod smtp;

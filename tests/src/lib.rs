@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod netns;
 pub mod packet;
 pub mod rbldnsd;
+pub mod redis;
 pub mod smtp_peers;
 pub mod store_damage;
 pub mod sys;

@@ -65,6 +65,8 @@ const TEST_PACKAGES: &[&str] = &[
     "procps",
     // systemd-analyze, to verify dist/screener.service
     "systemd",
+    // the fleet's shared verdicts (redis-cli comes with it)
+    "redis-server",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

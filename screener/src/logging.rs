@@ -1,0 +1,370 @@
+//! Where the daemon's log lines go, and in which shape.
+//!
+//! The output chooses itself: under systemd (its journal stream on our
+//! stderr, as `JOURNAL_STREAM` says) events go to journald as native
+//! entries with `SYSLOG_IDENTIFIER` and facility mail; on a terminal they
+//! are coloured; anywhere else they are plain text. `log.format =
+//! "postscreen"` writes every line as postscreen writes its own —
+//! identifier `postfix/postscreen` (`postfix/dnsblog` for list answers),
+//! the bare text, nothing appended — so pflogsumm, Logwatch and fail2ban's
+//! `postfix` filter read them unchanged.
+
+use std::{fmt, io::IsTerminal as _};
+
+use serde::{Deserialize, Serialize};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::{
+    fmt::{format::Writer, FmtContext, FormatEvent, FormatFields},
+    layer::SubscriberExt as _,
+    registry::LookupSpan,
+    util::SubscriberInitExt as _,
+    EnvFilter, Layer as _,
+};
+
+/// The target of the `dnsblog`-style list answer lines, which postscreen
+/// writes under its own program name.
+pub const DNSBLOG_TARGET: &str = "screener::dnsblog";
+
+/// Syslog facility "mail" (2), as journald's `SYSLOG_FACILITY` wants it.
+const FACILITY_MAIL: &str = "2";
+
+/// `log.format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Journald under systemd, colour on a terminal, plain text otherwise.
+    #[default]
+    Auto,
+    /// postscreen's own lines, for the tools that parse Postfix logs.
+    Postscreen,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The shape of the lines.
+    pub format: Format,
+    /// The syslog identifier of SMTP and daemon lines; empty means
+    /// `screener`, or `postfix/postscreen` under `format = "postscreen"`.
+    pub identifier: String,
+    /// The identifier of DNSBL answer lines; empty means the same as
+    /// `identifier`, or `postfix/dnsblog` under `format = "postscreen"`.
+    pub dnsblog_identifier: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            format: Format::Auto,
+            identifier: String::new(),
+            dnsblog_identifier: String::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// The identifier of ordinary lines.
+    pub fn identifier(&self) -> &str {
+        match (self.identifier.as_str(), self.format) {
+            ("", Format::Postscreen) => "postfix/postscreen",
+            ("", Format::Auto) => "screener",
+            (id, _) => id,
+        }
+    }
+
+    /// The identifier of DNSBL answer lines.
+    pub fn dnsblog_identifier(&self) -> &str {
+        match (self.dnsblog_identifier.as_str(), self.format) {
+            ("", Format::Postscreen) => "postfix/dnsblog",
+            ("", Format::Auto) => self.identifier(),
+            (id, _) => id,
+        }
+    }
+
+    /// Checks what serde cannot; `Err((key, value, reason))`.
+    pub fn check(&self) -> Result<(), (&'static str, String, String)> {
+        for (key, v) in [
+            ("log.identifier", &self.identifier),
+            ("log.dnsblog_identifier", &self.dnsblog_identifier),
+        ] {
+            if v.len() > 64
+                || v.bytes()
+                    .any(|b| !b.is_ascii_graphic() || b == b'[' || b == b':')
+            {
+                return Err((
+                    key,
+                    v.clone(),
+                    "up to 64 printable characters without spaces, '[' or ':' (syslog would split the line there)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the lines go, decided from the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sink {
+    /// journald's native protocol.
+    Journald,
+    /// stderr, with colour.
+    Terminal,
+    /// stderr, plain.
+    Plain,
+}
+
+/// Whether our stderr is the journal stream systemd gave us:
+/// `JOURNAL_STREAM` is `device:inode` of that stream, and a redirection
+/// of stderr (to a file, a pipe) no longer matches it.
+pub fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fd 2 and a buffer of the right type.
+    if unsafe { libc::fstat(2, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded and filled it.
+    let st = unsafe { st.assume_init() };
+    st.st_dev == dev && st.st_ino == ino
+}
+
+/// The sink for this process.
+pub fn sink() -> Sink {
+    if stderr_is_journal() {
+        Sink::Journald
+    } else if std::io::stderr().is_terminal() {
+        Sink::Terminal
+    } else {
+        Sink::Plain
+    }
+}
+
+/// The level filter: `RUST_LOG`, else `info`; the resolver's debug events
+/// name the queries it sends, which would print a paid DNSBL feed's
+/// secret domain.
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive("hickory_proto=info".parse().expect("valid directive"))
+        .add_directive("hickory_resolver=info".parse().expect("valid directive"))
+}
+
+/// Installs the global subscriber for `settings`. Falls back to stderr,
+/// saying so, when journald cannot be reached.
+pub fn init(settings: &Settings) {
+    let sink = sink();
+    let journald = (sink == Sink::Journald)
+        .then(|| {
+            let main = tracing_journald::layer()
+                .map(|l| {
+                    l.with_syslog_identifier(settings.identifier().to_owned())
+                        .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
+                })
+                .map_err(|e| e.to_string())?;
+            let dnsblog = tracing_journald::layer()
+                .map(|l| {
+                    l.with_syslog_identifier(settings.dnsblog_identifier().to_owned())
+                        .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
+                })
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((main, dnsblog))
+        })
+        .transpose();
+    let registry = tracing_subscriber::registry().with(filter());
+    match journald {
+        Ok(Some((main, dnsblog))) => {
+            let not_dnsblog =
+                tracing_subscriber::filter::filter_fn(|m| m.target() != DNSBLOG_TARGET);
+            let only_dnsblog =
+                tracing_subscriber::filter::filter_fn(|m| m.target() == DNSBLOG_TARGET);
+            registry
+                .with(main.with_filter(not_dnsblog))
+                .with(dnsblog.with_filter(only_dnsblog))
+                .init();
+        }
+        other => {
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(sink == Sink::Terminal);
+            match settings.format {
+                Format::Postscreen => registry
+                    .with(fmt.event_format(Syslog::new(settings)))
+                    .init(),
+                Format::Auto => registry.with(fmt).init(),
+            }
+            if let Err(e) = other {
+                tracing::warn!("journald unreachable ({e}); logging to stderr");
+            }
+        }
+    }
+    // aya-log speaks `log`; carry its records into tracing.
+    let _ = tracing_log::LogTracer::init();
+}
+
+/// Lines as syslog writes postscreen's: `Mon dd hh:mm:ss host
+/// identifier[pid]: text`, local time, the event's text and nothing else.
+pub struct Syslog {
+    /// This host's short name, as syslog writes it.
+    host: String,
+    /// For ordinary lines.
+    identifier: String,
+    /// For DNSBL answer lines.
+    dnsblog: String,
+    /// Ours.
+    pid: u32,
+}
+
+impl Syslog {
+    pub fn new(settings: &Settings) -> Syslog {
+        let host = crate::cluster::settings::hostname();
+        let host = host.split('.').next().unwrap_or("localhost").to_owned();
+        Syslog {
+            host,
+            identifier: settings.identifier().to_owned(),
+            dnsblog: settings.dnsblog_identifier().to_owned(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// One line's prefix, for `now` seconds since the epoch.
+    fn prefix(&self, now: i64, target: &str) -> String {
+        let ident = if target == DNSBLOG_TARGET {
+            &self.dnsblog
+        } else {
+            &self.identifier
+        };
+        format!("{} {} {ident}[{}]: ", syslog_time(now), self.host, self.pid)
+    }
+}
+
+/// `Mon dd hh:mm:ss` in local time, day space-padded as syslog pads it.
+fn syslog_time(now: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut tm = std::mem::MaybeUninit::<libc::tm>::zeroed();
+    let t: libc::time_t = now;
+    // SAFETY: valid pointers; localtime_r fills `tm`.
+    let ok = !unsafe { libc::localtime_r(&raw const t, tm.as_mut_ptr()) }.is_null();
+    // SAFETY: zero-initialised, and filled when `ok`.
+    let tm = unsafe { tm.assume_init() };
+    if !ok {
+        return "Jan  1 00:00:00".into();
+    }
+    let month = usize::try_from(tm.tm_mon).unwrap_or(0).min(11);
+    format!(
+        "{} {:>2} {:02}:{:02}:{:02}",
+        MONTHS[month], tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec
+    )
+}
+
+/// Collects only an event's message.
+struct Message<'a>(&'a mut String);
+
+impl tracing::field::Visit for Message<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            use fmt::Write as _;
+            let _ = write!(self.0, "{value:?}");
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for Syslog
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+        let mut text = String::new();
+        event.record(&mut Message(&mut text));
+        // One event, one line: a line break inside would start a line a
+        // log parser reads as something else.
+        let text = text.replace(['\r', '\n'], " ");
+        writeln!(
+            writer,
+            "{}{text}",
+            self.prefix(now, event.metadata().target())
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postscreen_format_names_postfix_programs() {
+        let s = Settings {
+            format: Format::Postscreen,
+            ..Settings::default()
+        };
+        assert_eq!(s.identifier(), "postfix/postscreen");
+        assert_eq!(s.dnsblog_identifier(), "postfix/dnsblog");
+        let auto = Settings::default();
+        assert_eq!(auto.identifier(), "screener");
+        assert_eq!(auto.dnsblog_identifier(), "screener");
+        let own = Settings {
+            format: Format::Postscreen,
+            identifier: "postfix-in/postscreen".into(),
+            dnsblog_identifier: String::new(),
+        };
+        assert_eq!(own.identifier(), "postfix-in/postscreen");
+    }
+
+    #[test]
+    fn identifiers_that_would_split_a_syslog_line_are_refused() {
+        for bad in ["post fix", "a[1]", "x:y", &"y".repeat(65)] {
+            let s = Settings {
+                identifier: bad.into(),
+                ..Settings::default()
+            };
+            assert_eq!(s.check().unwrap_err().0, "log.identifier", "{bad}");
+        }
+        assert!(Settings::default().check().is_ok());
+    }
+
+    #[test]
+    fn the_prefix_is_syslogs() {
+        let s = Syslog {
+            host: "mx1".into(),
+            identifier: "postfix/postscreen".into(),
+            dnsblog: "postfix/dnsblog".into(),
+            pid: 4242,
+        };
+        let p = s.prefix(0, "screener::smtp::server");
+        let re_like = p.split(' ').filter(|w| !w.is_empty()).collect::<Vec<_>>();
+        assert_eq!(re_like.len(), 5, "{p:?}");
+        assert!(p.ends_with(" mx1 postfix/postscreen[4242]: "), "{p:?}");
+        assert!(s
+            .prefix(0, DNSBLOG_TARGET)
+            .ends_with(" mx1 postfix/dnsblog[4242]: "));
+        // `Mon dd hh:mm:ss` with a space-padded day.
+        let t = syslog_time(1_700_000_000);
+        assert_eq!(t.len(), 15, "{t:?}");
+        assert_eq!(&t[3..4], " ");
+    }
+}
