@@ -226,6 +226,10 @@ pub struct BlockRecord {
     pub list: Option<String>,
     /// How many times this source has been blocked.
     pub offences: u32,
+    /// The fleet node that made the verdict, when another node did (see
+    /// `[cluster]`); `None` for this node's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// An allow entry: never dropped, skips all tests.
@@ -1242,6 +1246,7 @@ impl Store {
                     expires,
                     added,
                     list: Some(name.clone()),
+                    origin: None,
                     offences: 1,
                 };
                 for net in nets {

@@ -17,6 +17,7 @@ fn block(n: &str, list: Option<&str>) -> BlockRecord {
         expires: 0,
         added: 100,
         list: list.map(str::to_owned),
+        origin: None,
         offences: 1,
     }
 }
@@ -783,6 +784,7 @@ async fn filled_store(dir: &Path, n: u32) -> PathBuf {
                 expires: 0,
                 added: 1,
                 list: None,
+                origin: None,
                 offences: 1,
             })
         })
@@ -846,6 +848,7 @@ async fn a_scribbled_page_is_a_damaged_store_error_and_repair_salvages_the_rest(
         expires: now_unix() + 3600,
         added: 5,
         list: None,
+        origin: None,
         offences: 1,
     };
     let pinned = salvage::Pinned {

@@ -166,6 +166,7 @@ pub fn on_failure(
             expires: now + ttl.as_secs(),
             added: prev.map_or(now, |p| p.added),
             list: None,
+            origin: None,
             offences,
         },
         ttl,
@@ -186,6 +187,7 @@ pub fn manual(
         expires: now + ttl.as_secs().max(1),
         added: prev.map_or(now, |p| p.added),
         list: None,
+        origin: None,
         offences: prev.map_or(1, |p| p.offences + 1),
     }
 }
@@ -206,6 +208,7 @@ pub fn escalation(group: IpNet, now: u64, ttl_max: Duration) -> BlockRecord {
         expires: now + ttl_max.as_secs(),
         added: now,
         list: None,
+        origin: None,
         offences: 1,
     }
 }
@@ -378,6 +381,7 @@ mod tests {
         assert_eq!((ttl, again.offences, again.added), (2 * H, 2, 1000));
         let listed = BlockRecord {
             list: Some("drop".into()),
+            origin: None,
             expires: 0,
             ..rec
         };
