@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::duration::serde_str as dur;
+use crate::screen::TestId;
 
 /// Where the daemon and the admin commands look without `-c`.
 pub const DEFAULT_PATH: &str = "/etc/screener/screener.toml";
@@ -332,16 +333,62 @@ mod cidrs {
     }
 }
 
-/// Outcomes that put the client into the kernel block maps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Outcomes that put the client into the kernel block maps, named in
+/// `verdict.block_on` by the test's name or `denylist`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BlockOn {
-    Pregreet,
-    Dnsbl,
-    Pipelining,
-    NonSmtpCommand,
-    BareNewline,
+    /// A screening test failed with action `enforce` or `drop`.
+    Test(TestId),
+    /// A `reject` rule of `screen.access_list` matched.
     Denylist,
+}
+
+impl BlockOn {
+    /// The name in `verdict.block_on`.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            BlockOn::Test(t) => t.name(),
+            BlockOn::Denylist => "denylist",
+        }
+    }
+
+    /// The reason a kernel block for this outcome carries.
+    #[must_use]
+    pub const fn reason(self) -> screener_common::Reason {
+        match self {
+            BlockOn::Test(t) => t.reason(),
+            BlockOn::Denylist => screener_common::Reason::Denylist,
+        }
+    }
+}
+
+impl From<TestId> for BlockOn {
+    fn from(t: TestId) -> BlockOn {
+        BlockOn::Test(t)
+    }
+}
+
+impl Serialize for BlockOn {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        if name == "denylist" {
+            return Ok(BlockOn::Denylist);
+        }
+        TestId::from_name(&name).map(BlockOn::Test).ok_or_else(|| {
+            let known: Vec<&str> = TestId::ALL.iter().map(|t| t.name()).collect();
+            serde::de::Error::custom(format!(
+                "unknown outcome `{name}`, expected one of {}, denylist",
+                known.join(", ")
+            ))
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -600,9 +647,9 @@ impl Default for Verdict {
     fn default() -> Self {
         Verdict {
             block_on: vec![
-                BlockOn::Pregreet,
-                BlockOn::Dnsbl,
-                BlockOn::NonSmtpCommand,
+                BlockOn::Test(TestId::Pregreet),
+                BlockOn::Test(TestId::Dnsbl),
+                BlockOn::Test(TestId::NonSmtpCommand),
                 BlockOn::Denylist,
             ],
             block_ttl: Duration::from_secs(3600),
@@ -1043,30 +1090,10 @@ impl Config {
                 "is ignored: smtp.upstream_proxy_protocol is \"none\"".to_owned(),
             );
         }
-        let s = &self.screen;
-        for (key, ttl, on) in [
-            (
-                "screen.greet_ttl",
-                s.greet_ttl,
-                !self.smtp.greet_banner.is_empty(),
-            ),
-            (
-                "screen.pipelining_ttl",
-                s.pipelining_ttl,
-                s.pipelining_enable,
-            ),
-            (
-                "screen.non_smtp_command_ttl",
-                s.non_smtp_command_ttl,
-                s.non_smtp_command_enable,
-            ),
-            (
-                "screen.bare_newline_ttl",
-                s.bare_newline_ttl,
-                s.bare_newline_enable,
-            ),
-        ] {
-            if on && ttl.is_zero() {
+        for t in TestId::ALL {
+            let set = t.settings(self);
+            let Some(key) = t.keys().ttl else { continue };
+            if set.enable && set.ttl.is_zero() {
                 warn(
                     key,
                     "is 0s: a pass is never remembered, every connection is screened again"

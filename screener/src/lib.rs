@@ -13,6 +13,7 @@ pub mod import;
 pub mod local;
 pub mod notify;
 pub mod proxy;
+pub mod screen;
 pub mod smtp;
 pub mod store;
 pub mod verdict;

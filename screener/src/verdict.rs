@@ -306,14 +306,7 @@ pub fn kernel_reason(text: &str) -> Reason {
 }
 
 fn block_on_reason(o: BlockOn) -> Reason {
-    match o {
-        BlockOn::Pregreet => Reason::Pregreet,
-        BlockOn::Dnsbl => Reason::Dnsbl,
-        BlockOn::Pipelining => Reason::Pipelining,
-        BlockOn::NonSmtpCommand => Reason::NonSmtpCommand,
-        BlockOn::BareNewline => Reason::BareNewline,
-        BlockOn::Denylist => Reason::Denylist,
-    }
+    o.reason()
 }
 
 /// The kernel `expires` for a store expiry in unix seconds.

@@ -173,6 +173,7 @@ impl Default for FailureQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::screen::TestId;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -186,12 +187,21 @@ mod tests {
     #[test]
     fn one_entry_per_address_with_the_tests_merged() {
         let q = FailureQueue::new(10);
-        assert!(q.push(failure("192.0.2.1:1000", FailedTest::Pregreet)));
-        assert!(q.push(failure("192.0.2.2:1000", FailedTest::Dnsbl)));
+        assert!(q.push(failure(
+            "192.0.2.1:1000",
+            FailedTest::Test(TestId::Pregreet)
+        )));
+        assert!(q.push(failure("192.0.2.2:1000", FailedTest::Test(TestId::Dnsbl))));
         // Same address, another port, the same test: coalesced.
-        assert!(q.push(failure("192.0.2.1:1001", FailedTest::Pregreet)));
+        assert!(q.push(failure(
+            "192.0.2.1:1001",
+            FailedTest::Test(TestId::Pregreet)
+        )));
         // The IPv4-mapped form is the same address; a new test joins.
-        assert!(q.push(failure("[::ffff:192.0.2.1]:1002", FailedTest::Pipelining)));
+        assert!(q.push(failure(
+            "[::ffff:192.0.2.1]:1002",
+            FailedTest::Test(TestId::Pipelining)
+        )));
         assert_eq!(
             q.stats(),
             FailureQueueStats {
@@ -204,11 +214,17 @@ mod tests {
             q.try_recv(),
             Some(Queued {
                 ip: "192.0.2.1".parse().unwrap(),
-                tests: vec![FailedTest::Pregreet, FailedTest::Pipelining],
+                tests: vec![
+                    FailedTest::Test(TestId::Pregreet),
+                    FailedTest::Test(TestId::Pipelining)
+                ],
             })
         );
         // Once handed out, the address queues afresh.
-        assert!(q.push(failure("192.0.2.1:1003", FailedTest::Pregreet)));
+        assert!(q.push(failure(
+            "192.0.2.1:1003",
+            FailedTest::Test(TestId::Pregreet)
+        )));
         assert_eq!(
             q.try_recv().unwrap().ip,
             "192.0.2.2".parse::<IpAddr>().unwrap()
@@ -224,10 +240,13 @@ mod tests {
     fn bounded_and_counted() {
         let q = FailureQueue::new(3);
         for i in 1..=5 {
-            q.push(failure(&format!("198.51.100.{i}:25"), FailedTest::Pregreet));
+            q.push(failure(
+                &format!("198.51.100.{i}:25"),
+                FailedTest::Test(TestId::Pregreet),
+            ));
         }
         // A queued address still coalesces when the queue is full.
-        assert!(q.push(failure("198.51.100.1:26", FailedTest::Dnsbl)));
+        assert!(q.push(failure("198.51.100.1:26", FailedTest::Test(TestId::Dnsbl))));
         assert_eq!(
             q.stats(),
             FailureQueueStats {
@@ -241,17 +260,26 @@ mod tests {
             .collect();
         assert_eq!(ips, ["198.51.100.1", "198.51.100.2", "198.51.100.3"]);
         // Room again.
-        assert!(q.push(failure("198.51.100.4:25", FailedTest::Pregreet)));
+        assert!(q.push(failure(
+            "198.51.100.4:25",
+            FailedTest::Test(TestId::Pregreet)
+        )));
     }
 
     #[tokio::test]
     async fn close_drains_what_is_queued() {
         let q = Arc::new(FailureQueue::new(100));
         for i in 1..=50 {
-            q.push(failure(&format!("203.0.113.{i}:25"), FailedTest::Pregreet));
+            q.push(failure(
+                &format!("203.0.113.{i}:25"),
+                FailedTest::Test(TestId::Pregreet),
+            ));
         }
         q.close();
-        assert!(!q.push(failure("203.0.113.200:25", FailedTest::Pregreet)));
+        assert!(!q.push(failure(
+            "203.0.113.200:25",
+            FailedTest::Test(TestId::Pregreet)
+        )));
         let mut n = 0;
         while q.recv().await.is_some() {
             n += 1;
@@ -275,7 +303,7 @@ mod tests {
         });
         // The consumer runs until it waits (one thread: yielding lets it).
         tokio::task::yield_now().await;
-        q.push(failure("192.0.2.9:25", FailedTest::Pregreet));
+        q.push(failure("192.0.2.9:25", FailedTest::Test(TestId::Pregreet)));
         tokio::task::yield_now().await;
         q.close();
         let got = tokio::time::timeout(Duration::from_secs(5), consumer)

@@ -25,9 +25,10 @@ use super::gate::{self, Admission, GateParams, Load};
 use super::params::{Action, Params};
 use super::session::{DnsblScore, Output, Plan, Session, Todo};
 use super::text::{escape, Peer};
-use super::{FailedTest, Failure, Test};
+use super::{FailedTest, Failure};
 use crate::config::{Config, Upstream};
 use crate::proxy;
+use crate::screen::PerTest;
 use crate::store::{ClientRecord, Store};
 
 /// A future DNSBL score.
@@ -80,19 +81,12 @@ pub struct DescriptorStats {
     pub refused: u64,
 }
 
-/// Failures per test.
+/// Failures per test, and `reject` access rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FailCounts {
-    /// Talking before the greeting.
-    pub pregreet: u64,
-    /// DNSBL score over the threshold.
-    pub dnsbl: u64,
-    /// Pipelining without PIPELINING.
-    pub pipelining: u64,
-    /// Non-SMTP commands.
-    pub non_smtp_command: u64,
-    /// Bare newlines.
-    pub bare_newline: u64,
+    /// Failures of each test (any action), shown under the test's name.
+    #[serde(flatten)]
+    pub tests: PerTest<u64>,
     /// `reject` access rules.
     pub denylist: u64,
 }
@@ -106,8 +100,10 @@ struct Counters {
     pass_new: AtomicU64,
     /// `PASS OLD`.
     pass_old: AtomicU64,
-    /// Failures per test, in [`FailCounts`] order.
-    fails: [AtomicU64; 6],
+    /// Failures per test (any action).
+    fails: PerTest<AtomicU64>,
+    /// `reject` access rules matched.
+    denylist: AtomicU64,
     /// Connections and RCPTs turned away.
     rejects: AtomicU64,
     /// PROXY-mode connections from peers outside the trusted list.
@@ -136,13 +132,7 @@ impl Settings {
             client_connection_count_limit: s.client_connection_count_limit,
             post_queue_limit: s.post_queue_limit,
             pre_queue_limit: s.pre_queue_limit,
-            enabled: [
-                !normal.greet_banner.is_empty(),
-                normal.dnsbl_enable,
-                s.pipelining_enable,
-                s.non_smtp_command_enable,
-                s.bare_newline_enable,
-            ],
+            enabled: normal.tests.map(|_, t| t.enable),
         };
         Settings {
             stress: Arc::new(Params::from_config(&cfg, true, keywords)),
@@ -280,19 +270,14 @@ impl Server {
     /// Current counters.
     pub fn stats(&self) -> SmtpStats {
         let c = &self.shared.counters;
-        let f = |i: usize| c.fails[i].load(Ordering::Relaxed);
         let load = self.shared.load.lock().expect("load lock");
         SmtpStats {
             connections: c.connections.load(Ordering::Relaxed),
             pass_new: c.pass_new.load(Ordering::Relaxed),
             pass_old: c.pass_old.load(Ordering::Relaxed),
             fails: FailCounts {
-                pregreet: f(0),
-                dnsbl: f(1),
-                pipelining: f(2),
-                non_smtp_command: f(3),
-                bare_newline: f(4),
-                denylist: f(5),
+                tests: c.fails.map(|_, n| n.load(Ordering::Relaxed)),
+                denylist: c.denylist.load(Ordering::Relaxed),
             },
             rejects: c.rejects.load(Ordering::Relaxed),
             screening: load.pre_queue as u64,
@@ -782,7 +767,7 @@ impl Drop for Slot {
 
 /// Records passes: tests with a lifetime get `now + ttl`, the others keep
 /// their cached expiry.
-async fn store_pass(cache: Store, ip: IpAddr, ttl: [Option<Duration>; Test::COUNT]) {
+async fn store_pass(cache: Store, ip: IpAddr, ttl: PerTest<Option<Duration>>) {
     let now = unix_now();
     let mut rec = match cache.client(ip).await {
         Ok(r) => r.unwrap_or(ClientRecord {
@@ -794,11 +779,11 @@ async fn store_pass(cache: Store, ip: IpAddr, ttl: [Option<Duration>; Test::COUN
             return;
         }
     };
-    for (exp, ttl) in rec.expires.iter_mut().zip(ttl) {
-        if let Some(ttl) = ttl {
-            *exp = now + ttl.as_secs();
-        }
-    }
+    let expires = PerTest::from(rec.expires).map(|t, &exp| match ttl[t] {
+        Some(ttl) => now + ttl.as_secs(),
+        None => exp,
+    });
+    rec.expires = expires.into();
     rec.last_seen = now;
     if let Err(e) = cache.put_client(ip, rec).await {
         tracing::warn!("cache: {e}");
@@ -815,15 +800,11 @@ fn post_queue_full(shared: &Shared, limit: usize) -> bool {
 }
 
 fn record_failure(shared: &Shared, client: SocketAddr, test: FailedTest, action: Action) {
-    let i = match test {
-        FailedTest::Pregreet => 0,
-        FailedTest::Dnsbl => 1,
-        FailedTest::Pipelining => 2,
-        FailedTest::NonSmtpCommand => 3,
-        FailedTest::BareNewline => 4,
-        FailedTest::Denylist => 5,
+    let counter = match test {
+        FailedTest::Test(t) => &shared.counters.fails[t],
+        FailedTest::Denylist => &shared.counters.denylist,
     };
-    shared.counters.fails[i].fetch_add(1, Ordering::Relaxed);
+    counter.fetch_add(1, Ordering::Relaxed);
     if let Some(cache) = shared.cache.clone() {
         // A failure clears the record: a failed client is never allowlisted.
         let ip = client.ip().to_canonical();
@@ -877,7 +858,7 @@ async fn connection(
     let mut slot = slot.unwrap_or_else(|| Slot::claim(shared, ip));
     let expiries = match &shared.cache {
         Some(cache) => match cache.client(ip).await {
-            Ok(rec) => rec.map(|r| r.expires),
+            Ok(rec) => rec.map(|r| PerTest::from(r.expires)),
             Err(e) => {
                 // A broken cache screens everyone afresh rather than failing.
                 tracing::warn!("cache: {e}");
@@ -957,7 +938,7 @@ fn admit(
     shared: &Shared,
     settings: &Settings,
     slot: &Slot,
-    expiries: Option<[u64; Test::COUNT]>,
+    expiries: Option<PerTest<u64>>,
 ) -> (Admission, bool) {
     let load = shared.load.lock().expect("load lock");
     let l = Load {
@@ -1016,7 +997,7 @@ async fn screen(
                     return;
                 }
                 Output::Fail { test, action } => {
-                    record_failure(shared, client, test, action);
+                    record_failure(shared, client, test.into(), action);
                 }
                 Output::Pass(ttl) => {
                     shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
