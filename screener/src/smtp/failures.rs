@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+use super::locks::lock;
 use super::{FailedTest, Failure};
 
 /// Addresses waiting at most, unless the caller says otherwise: at a few
@@ -92,7 +93,7 @@ impl FailureQueue {
     /// Queues a failure; returns whether it is (now or already) queued.
     pub fn push(&self, f: Failure) -> bool {
         let ip = f.client.ip().to_canonical();
-        let mut inner = self.inner.lock().expect("failure queue lock");
+        let mut inner = lock(&self.inner);
         if inner.closed {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -127,7 +128,7 @@ impl FailureQueue {
 
     /// The oldest entry, if any, without waiting.
     pub fn try_recv(&self) -> Option<Queued> {
-        let mut inner = self.inner.lock().expect("failure queue lock");
+        let mut inner = lock(&self.inner);
         let ip = inner.order.pop_front()?;
         let tests = inner.tests.remove(&ip).unwrap_or_default();
         Some(Queued { ip, tests })
@@ -140,7 +141,7 @@ impl FailureQueue {
             if let Some(q) = self.try_recv() {
                 return Some(q);
             }
-            if self.inner.lock().expect("failure queue lock").closed {
+            if lock(&self.inner).closed {
                 return None;
             }
             ready.await;
@@ -149,13 +150,13 @@ impl FailureQueue {
 
     /// Takes no more entries; what is queued stays for [`FailureQueue::recv`].
     pub fn close(&self) {
-        self.inner.lock().expect("failure queue lock").closed = true;
+        lock(&self.inner).closed = true;
         self.ready.notify_one();
     }
 
     /// Current counters.
     pub fn stats(&self) -> FailureQueueStats {
-        let queued = self.inner.lock().expect("failure queue lock").order.len();
+        let queued = lock(&self.inner).order.len();
         FailureQueueStats {
             queued: queued as u64,
             coalesced: self.coalesced.load(Ordering::Relaxed),

@@ -16,6 +16,7 @@ pub mod descriptors;
 pub mod dialogue;
 pub mod failures;
 pub mod gate;
+mod locks;
 pub mod params;
 pub mod server;
 pub mod session;
