@@ -1316,11 +1316,38 @@ ports = ["all"]
             ("[xdp]\nports = [\"all\", 25]", "xdp.ports", "all"),
             ("[verdict]\nipv6_prefix = 129", "verdict.ipv6_prefix", "129"),
             ("[smtp]\nbackend = \"nowhere\"", "smtp.backend", "nowhere"),
+            (
+                "[verdict]\nblock_on = [\"pregreet\", \"greylist\"]",
+                "verdict.block_on",
+                "greylist",
+            ),
         ];
         for (text, key, value) in cases {
             let msg = Config::from_toml(text).unwrap_err().to_string();
             assert!(msg.contains(key), "{text:?}: {msg}");
             assert!(msg.contains(value), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn block_on_names_every_test_and_denylist() {
+        let text: String = TestId::ALL.iter().map(|t| format!("\"{t}\", ")).collect();
+        let c = Config::from_toml(&format!("[verdict]\nblock_on = [{text}\"denylist\"]")).unwrap();
+        let mut want: Vec<BlockOn> = TestId::ALL.into_iter().map(BlockOn::Test).collect();
+        want.push(BlockOn::Denylist);
+        assert_eq!(c.verdict.block_on, want);
+        // The default is written back as the names it was read from.
+        let shown = toml::to_string(&Config::default().verdict).unwrap();
+        assert!(
+            shown.contains(r#"block_on = ["pregreet", "dnsbl", "non_smtp_command", "denylist"]"#),
+            "{shown}"
+        );
+        assert_eq!(
+            BlockOn::Denylist.reason(),
+            screener_common::Reason::Denylist
+        );
+        for t in TestId::ALL {
+            assert_eq!(BlockOn::from(t).reason(), t.reason());
         }
     }
 

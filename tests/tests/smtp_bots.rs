@@ -124,7 +124,7 @@ fn misbehaving_clients_get_postscreens_outcome() {
     );
     let stats = scr.server.stats();
     assert_eq!(stats.pass_new, 0, "{stats:?}");
-    assert_eq!(stats.fails.non_smtp_command, 3, "{stats:?}");
+    assert_eq!(stats.fails.tests[TestId::NonSmtpCommand], 3, "{stats:?}");
 }
 
 /// 1000 idle connections: each gets the teaser, then the 220, then is

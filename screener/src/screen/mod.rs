@@ -28,10 +28,13 @@
 //!    in `Reason::ALL`, `name` and `from_u32`);
 //! 5. `README.md`: the test in "The tests".
 //!
-//! Nothing else: the store keeps one expiry per test in the order of
-//! [`TestId::ALL`] (new tests go last; a record written before a test
-//! existed reads as "never passed" for it), `verdict.block_on` accepts any
-//! test by name, the counters and admission iterate over [`TestId::ALL`].
+//! Nothing else, and no store layout bump: a client record holds one
+//! expiry per test in [`TestId::ALL`] order, and a new test goes last, so
+//! an older record keeps its meaning and lacks only the new test (read as
+//! "never passed"). `verdict.block_on` accepts any test by its name, the
+//! `stats` counters show every test by its name, admission, the session's
+//! bookkeeping and the configuration warnings iterate over
+//! [`TestId::ALL`].
 
 pub mod bare_newline;
 pub mod dnsbl;

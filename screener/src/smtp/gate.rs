@@ -1,6 +1,6 @@
 //! Admission of a new connection, before any test: postscreen's order of
-//! per-client count, post-queue limit, permanent access list, temporary
-//! allowlist (cache) and pre-queue limit.
+//! per-client count, post-queue limit, the host's own addresses, permanent
+//! access list, temporary allowlist (cache) and pre-queue limit.
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -116,10 +116,16 @@ struct Counters {
 /// What a connection reads from the configuration, rebuilt on reload and
 /// when the backend's EHLO keywords change.
 struct Settings {
+    /// The configuration itself, for the keys read at the point of use
+    /// (listeners, PROXY, shutdown grace, cache cleanup).
     cfg: Arc<Config>,
+    /// What a session starts with.
     normal: Arc<Params>,
+    /// What a session starts with in stress mode (shorter deadlines).
     stress: Arc<Params>,
+    /// What admission looks at.
     gate: GateParams,
+    /// Where and how good clients are handed over.
     backend: Backend,
 }
 

@@ -11,11 +11,15 @@
 //! PHASES. Early: the `220-` teaser goes out and the client must stay
 //! silent for `greet_wait` while the DNSBL query runs; whatever it says
 //! anyway is kept (bounded) for the next stage, as postscreen leaves it in
-//! the socket. Deep: a dummy SMTP engine that never takes mail reads that
-//! first, then watches for pipelining, non-SMTP commands and bare newlines
-//! until the client reaches RCPT TO (or STARTTLS). Then the client is
+//! the socket. Deep: the dummy SMTP dialogue ([`dialogue`]), which never
+//! takes mail, reads that first; every command line goes through the deep
+//! tests of [`crate::screen::DEEP`] before the dialogue answers it, until
+//! the client reaches RCPT TO (or STARTTLS). Then the client is
 //! handed to the backend, with its early bytes when it goes there straight
 //! from the early phase (or, in reconnect mode, told to come back).
+//!
+//! What each test looks for lives in its file under [`crate::screen`];
+//! this file only decides when a test runs and what its outcome does.
 //!
 //! FAILURE ACTIONS. `drop` answers with the test's 5xx and hangs up;
 //! `enforce` lets the dialogue go on and rejects every RCPT TO; `ignore`
@@ -134,10 +138,14 @@ enum State {
     Closed,
 }
 
+/// Where the DNSBL test stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Dnsbl {
+    /// Not to run, or already judged.
     Off,
+    /// Asked; the answer counts until the greet wait ends.
     Pending,
+    /// Answered in time, judged at the end of the greet wait.
     Done(DnsblScore),
 }
 
