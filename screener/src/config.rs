@@ -1331,8 +1331,10 @@ ports = ["all"]
 
     #[test]
     fn block_on_names_every_test_and_denylist() {
-        let text: String = TestId::ALL.iter().map(|t| format!("\"{t}\", ")).collect();
-        let c = Config::from_toml(&format!("[verdict]\nblock_on = [{text}\"denylist\"]")).unwrap();
+        let names: Vec<String> = TestId::ALL.iter().map(|t| format!("\"{t}\"")).collect();
+        let text = names.join(", ");
+        let c =
+            Config::from_toml(&format!("[verdict]\nblock_on = [{text}, \"denylist\"]")).unwrap();
         let mut want: Vec<BlockOn> = TestId::ALL.into_iter().map(BlockOn::Test).collect();
         want.push(BlockOn::Denylist);
         assert_eq!(c.verdict.block_on, want);

@@ -103,10 +103,11 @@ pub fn admit(
             Admission::Denylisted
         };
     }
-    let todo = Todo(
-        p.enabled
-            .map(|t, &on| on && !expires.is_some_and(|e| e[t] > now_unix)),
-    );
+    let todo = Todo(p.enabled.map(|t, &on| {
+        // Due: switched on, and no unexpired pass in the cache.
+        let passed = expires.is_some_and(|e| e[t] > now_unix);
+        on && !passed
+    }));
     if expires.is_some() && todo == Todo::default() {
         return Admission::PassOld;
     }
