@@ -19,9 +19,10 @@
 //! ADDING A DEEP TEST touches exactly these files:
 //! 1. `screen/<test>.rs`: `check` (does this line fail?), `log` (its
 //!    upper-case log keyword) and `DROP_REPLY`, with unit tests;
-//! 2. `screen/mod.rs` (this file): a [`TestId`] variant, its entry in
-//!    [`TestId::ALL`], its arm in each `match` below (the compiler points
-//!    at every one), and its row in [`DEEP`];
+//! 2. `screen/mod.rs` (this file): its `pub mod`, a [`TestId`] variant
+//!    (last), its entry in [`TestId::ALL`], its arm in each `match` of
+//!    `impl TestId` (the compiler points at every one), and its row in
+//!    [`DEEP`] (a unit test checks that every deep test has one);
 //! 3. `config.rs`: the keys `screen.<test>_enable`, `screen.<test>_action`
 //!    and `screen.<test>_ttl` with their defaults;
 //! 4. `screener-common`: a kernel [`Reason`] for its blocks (a new number,

@@ -1,6 +1,6 @@
 //! The socket side: listeners, per-connection tasks, shared counters,
 //! stress mode, the cache, the descriptor budget and the queue of clients
-//! to block. Everything that decides lives in [`gate`](super::gate) and
+//! to block. Everything that decides lives in [`gate`] and
 //! [`session`](super::session); this loop only moves bytes, time and
 //! results between them and the world.
 
