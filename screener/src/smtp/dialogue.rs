@@ -388,6 +388,69 @@ mod tests {
         assert_eq!(Verb::Empty.name(), "empty line");
     }
 
+    fn say(d: &mut Dialogue, p: &Params, line: &str) -> Step {
+        d.command(&parse(line.as_bytes()), line.as_bytes(), p)
+    }
+
+    #[test]
+    fn the_dialogue_hands_rcpt_and_starttls_to_the_session() {
+        use crate::smtp::session::testing::params;
+        let p = params(|_| {});
+        let mut d = Dialogue::default();
+        assert_eq!(
+            say(&mut d, &p, "RCPT TO:<b@example.net>"),
+            reply("503 5.5.1 Error: need MAIL command")
+        );
+        assert_eq!(
+            say(&mut d, &p, "HELO"),
+            reply("501 5.5.4 Syntax: HELO hostname")
+        );
+        assert_eq!(say(&mut d, &p, "HELO c.example"), reply("250 mx.example"));
+        assert_eq!(
+            say(&mut d, &p, "MAIL FROM:<a@example.org>"),
+            reply("250 2.1.0 Ok")
+        );
+        assert_eq!(
+            say(&mut d, &p, "MAIL FROM:<a@example.org>"),
+            reply("503 5.5.1 Error: nested MAIL command")
+        );
+        assert_eq!(
+            say(&mut d, &p, "RCPT <b@example.net>"),
+            reply("501 5.5.4 Syntax: RCPT TO:<address>")
+        );
+        assert_eq!(say(&mut d, &p, "rcpt to:<b@example.net>"), Step::Rcpt);
+        assert_eq!(d.helo.as_deref(), Some(&b"HELO c.example"[..]));
+        assert_eq!(d.mail.as_deref(), Some(&b"MAIL FROM:<a@example.org>"[..]));
+        assert_eq!(say(&mut d, &p, "RSET"), reply("250 2.0.0 Ok"));
+        assert_eq!(d.mail, None);
+        assert_eq!(
+            say(&mut d, &p, "QUIT"),
+            Step::Close("221 2.0.0 Bye\r\n".into())
+        );
+
+        // STARTTLS only when the backend offers it, bare, after EHLO.
+        let tls = params(|p| p.ehlo_keywords = std::sync::Arc::new(vec!["STARTTLS".into()]));
+        let mut d = Dialogue::default();
+        assert_eq!(
+            say(&mut d, &p, "STARTTLS"),
+            reply("502 5.5.1 Error: command not implemented")
+        );
+        assert_eq!(
+            say(&mut d, &tls, "STARTTLS"),
+            reply("503 5.5.1 Error: send EHLO first")
+        );
+        assert_eq!(
+            say(&mut d, &tls, "EHLO c"),
+            Step::Reply("250-mx.example\r\n250 STARTTLS\r\n".into())
+        );
+        assert_eq!(
+            say(&mut d, &tls, "STARTTLS now"),
+            reply("501 5.5.4 Syntax: STARTTLS")
+        );
+        assert_eq!(say(&mut d, &tls, "STARTTLS"), Step::StartTls);
+        assert!(d.esmtp);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
 
