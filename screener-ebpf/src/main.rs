@@ -112,7 +112,7 @@ static block_v6_cidr: LpmTrie<[u8; 16], Entry, CIDRS> = LpmTrie::new();
 /// One bit per IPv4 /24 that some block entry covers (see `prefilter`).
 #[btf_map]
 static prefilter_v4: Array<u64, { prefilter::WORDS }> = Array::new();
-/// One bit per hashed IPv6 /32 that some block entry covers.
+/// One bit per hashed IPv6 /48 that some block entry covers.
 #[btf_map]
 static prefilter_v6: Array<u64, { prefilter::WORDS }> = Array::new();
 

@@ -733,13 +733,43 @@ impl Default for Admin {
 }
 
 impl Config {
-    /// Reads, parses and checks `path`.
+    /// Reads, parses and checks `path`. Relative paths in it are taken
+    /// relative to the file's own directory, not to wherever the command
+    /// happens to run: the daemon and every admin command then agree on
+    /// the store, the admin socket, the pins and the import lists.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml(&text)
+        let mut cfg = Config::from_toml(&text)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir = std::path::absolute(dir).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        cfg.resolve_paths(&dir);
+        Ok(cfg)
+    }
+
+    /// Makes every relative path absolute under `dir`.
+    fn resolve_paths(&mut self, dir: &Path) {
+        let paths = [
+            &mut self.store.path,
+            &mut self.admin.socket,
+            &mut self.xdp.pin_path,
+        ];
+        for p in paths
+            .into_iter()
+            .chain(self.import.lists.iter_mut().map(|l| &mut l.file))
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
     }
 
     /// Parses and checks a configuration. Each key is checked on its own
@@ -1246,9 +1276,14 @@ fn edit_value(text: &str, default: &toml::Value) -> toml_edit::Value {
         return v;
     }
     if default.is_array() {
+        // `25,587` and `a.example,b.example`: each item as TOML when it
+        // parses (a number stays a number), else as text.
         let mut arr = toml_edit::Array::new();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            arr.push(part);
+            match part.parse::<toml_edit::Value>() {
+                Ok(v) if !v.is_array() && !v.is_inline_table() => arr.push(v),
+                _ => arr.push(part),
+            }
         }
         return arr.into();
     }
@@ -1561,6 +1596,41 @@ ports = ["all"]
         let e = set(text, &["screen.greet_wait=soon".into()]).unwrap_err();
         assert!(e.to_string().contains("screen.greet_wait"), "{e}");
         assert!(set(text, &["screen.nope=1".into()]).is_err());
+    }
+
+    #[test]
+    fn set_takes_comma_separated_lists_of_numbers_and_words() {
+        let out = set("", &["xdp.ports=25,587".into()]).unwrap();
+        let c = Config::from_toml(&out).unwrap();
+        assert_eq!(c.xdp.ports, Ports::List(vec![25, 587]));
+        let out = set(
+            "",
+            &["xdp.interfaces=eth0, eth1".into(), "xdp.ports=25".into()],
+        )
+        .unwrap();
+        let c = Config::from_toml(&out).unwrap();
+        assert_eq!(c.xdp.interfaces, vec!["eth0", "eth1"]);
+        assert_eq!(c.xdp.ports, Ports::List(vec![25]));
+        let e = set("", &["xdp.ports=25,0".into()]).unwrap_err();
+        assert!(e.to_string().contains("xdp.ports"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "[store]\npath = \"var/s.redb\"\n[admin]\nsocket = \"./a.sock\"\n\
+             [xdp]\npin_path = \"/sys/fs/bpf/x\"\n\
+             [import]\nlists = [{ file = \"../drop.txt\" }]\n",
+        )
+        .unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.store.path, dir.path().join("var/s.redb"));
+        assert_eq!(c.admin.socket, dir.path().join("./a.sock"));
+        assert_eq!(c.xdp.pin_path, Path::new("/sys/fs/bpf/x"));
+        assert_eq!(c.import.lists[0].file, dir.path().join("../drop.txt"));
     }
 
     #[test]

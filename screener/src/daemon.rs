@@ -491,7 +491,7 @@ impl Daemon {
         }
         let cfg = new.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let mut gate = Gate::load(&cfg)?;
+            let mut gate = Gate::reload(&cfg)?;
             gate.attach()?;
             Ok::<_, xdp::XdpError>(gate)
         });

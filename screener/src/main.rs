@@ -19,8 +19,15 @@ use screener::{
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Configuration file.
-    #[arg(short, long, global = true, value_name = "FILE")]
+    /// Configuration file (default /etc/screener/screener.toml); admin
+    /// commands find the daemon's admin socket in it.
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "SCREENER_CONFIG"
+    )]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -225,8 +232,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The configuration file: `-c`, else the default path. Admin commands
-/// fall back to the defaults when the default file does not exist.
+/// The configuration file: `-c`, else `SCREENER_CONFIG`, else the default
+/// path. Admin commands fall back to the defaults when the default file
+/// does not exist.
 fn load_config(path: Option<&PathBuf>, required: bool) -> anyhow::Result<(Config, PathBuf)> {
     let p = path
         .cloned()
@@ -537,8 +545,8 @@ fn store_cmd(cfg: &Config, s: &StoreCmd) -> anyhow::Result<()> {
         StoreCmd::Check => {
             let report = store::salvage::check(path)?;
             println!("{report}");
-            if !report.healthy() {
-                bail!("store {} is damaged", path.display());
+            if let Some(problem) = report.problem() {
+                bail!("store {} is {problem}", path.display());
             }
         }
         StoreCmd::Repair => {

@@ -6,15 +6,19 @@
 //! - `blocks` and `allows`: every verdict entry pushed into the kernel maps,
 //!   so a restarted daemon (or a rebooted host, which loses pinned maps) can
 //!   put them back;
-//! - `meta`: the layout number of the whole file.
+//! - `meta`: the layout numbers of the file and of its tables.
 //!
 //! # Versioning
 //!
-//! The file carries a layout number in `meta`, checked on open: a file
-//! written by another layout is refused with [`StoreError::Layout`] rather
-//! than half-read. Each value also starts with a record format byte, so a
-//! record that slipped past the layout check is reported as
-//! [`StoreError::Corrupt`] instead of being misread.
+//! `meta` holds a layout number for the file, one for the cache table and
+//! one for the verdict tables ([`layout`]), checked on open: a layout this
+//! build cannot read is refused with [`StoreError::Layout`] rather than
+//! half-read, and a file of the first releases (layout 1) is upgraded in
+//! place. Adding a test needs no new layout: a client record counts its
+//! tests, and one with fewer reads the missing ones as never passed. Each
+//! value also starts with a record format byte, so a record that slipped
+//! past the layout check is reported as [`StoreError::Corrupt`] instead of
+//! being misread.
 //!
 //! # Blocking
 //!
@@ -56,6 +60,7 @@
 mod codec;
 mod guard;
 mod health;
+pub mod layout;
 mod overlay;
 mod queue;
 pub mod salvage;
@@ -94,12 +99,9 @@ const CACHE_BYTES: usize = 64 << 20;
 /// How often queued verdict changes are retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
-/// The layout this build reads and writes. Bump it when a table's meaning
-/// or key/value encoding changes.
-pub const LAYOUT_VERSION: u64 = 1;
-
+/// Layout numbers (see [`layout`]); a table's number changes when its
+/// meaning or key/value encoding does.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const LAYOUT_KEY: &str = "layout";
 const CLIENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clients");
 const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
 const ALLOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("allows");
@@ -125,6 +127,11 @@ pub struct ClientRecord {
     pub first_seen: u64,
     /// When the client last connected (unix seconds).
     pub last_seen: u64,
+    /// Pass expiries of tests this build does not know (a later release
+    /// wrote the record), in index order after [`Test::COUNT`]: written back
+    /// unchanged so that release finds them again.
+    #[serde(skip)]
+    pub later: Vec<u64>,
 }
 
 impl ClientRecord {
@@ -133,10 +140,15 @@ impl ClientRecord {
         self.expires[t.index()] > now
     }
 
-    /// Latest pass expiry over all tests (0 if none ever passed); cleanup
-    /// measures retention from this.
+    /// Latest pass expiry over all tests, later releases' included (0 if
+    /// none ever passed); cleanup measures retention from this.
     pub fn newest_expiry(&self) -> u64 {
-        self.expires.iter().copied().max().unwrap_or(0)
+        self.expires
+            .iter()
+            .chain(&self.later)
+            .copied()
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -300,17 +312,22 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
-    /// The file was written with another layout.
+    /// The file, or a group of its tables, has a layout this build cannot
+    /// read (see [`layout`]).
     #[error(
-        "store {} has layout version {found}, this build reads version {expected}",
-        path.display()
+        "store {}: {part} has {}, this build reads layout {expected}; {}",
+        path.display(),
+        layout::Refusal::found_text(*found),
+        layout::Refusal::advice(*found, *expected)
     )]
     Layout {
         /// The database file.
         path: PathBuf,
-        /// The layout number found in the file.
-        found: u64,
-        /// [`LAYOUT_VERSION`].
+        /// Which layout: the file's, or a table's (named).
+        part: &'static str,
+        /// The layout number found; `None` when it is missing.
+        found: Option<u64>,
+        /// The number this build reads.
         expected: u64,
     },
     /// The file holds tables but no layout number: it is not a screener
@@ -591,8 +608,10 @@ impl Session<'_> {
         self.db.begin_read().map_err(self.err(op))
     }
 
-    /// Checks the layout number, writing it into a new file.
-    fn check_layout(&self) -> Result<(), StoreError> {
+    /// Checks the layout numbers, writing them into a new file and
+    /// upgrading a layout-1 file (see [`layout`]); what the upgrade did,
+    /// when there was one.
+    fn check_layout(&self) -> Result<Option<layout::Upgrade>, StoreError> {
         let op = "open";
         self.write(op, Durability::Immediate, |txn| {
             let other_tables = txn
@@ -600,27 +619,35 @@ impl Session<'_> {
                 .map_err(self.err(op))?
                 .any(|t| t.name() != META.name());
             let mut meta = txn.open_table(META).map_err(self.err(op))?;
-            let found = meta
-                .get(LAYOUT_KEY)
-                .map_err(self.err(op))?
-                .map(|v| v.value());
-            match found {
-                Some(LAYOUT_VERSION) => {}
-                Some(found) => {
-                    return Err(StoreError::Layout {
-                        path: self.path.clone(),
-                        found,
-                        expected: LAYOUT_VERSION,
-                    })
-                }
-                None if other_tables => {
+            let found = layout::Found::read(|k| Ok(meta.get(k)?.map(|v| v.value())))
+                .map_err(self.err(op))?;
+            let mut upgrade = None;
+            match found.reading() {
+                Ok(layout::Reading::Current) => {}
+                Ok(layout::Reading::Unrecorded) if other_tables => {
                     return Err(StoreError::Foreign {
                         path: self.path.clone(),
                     })
                 }
-                None => {
-                    meta.insert(LAYOUT_KEY, LAYOUT_VERSION)
-                        .map_err(self.err(op))?;
+                Ok(layout::Reading::Unrecorded) => {
+                    layout::write_current(&mut meta).map_err(self.err(op))?;
+                }
+                Ok(layout::Reading::Legacy) => {
+                    let done = layout::upgrade_clients(txn).map_err(|source| StoreError::Db {
+                        path: self.path.clone(),
+                        op,
+                        source,
+                    })?;
+                    upgrade = Some(done);
+                    layout::write_current(&mut meta).map_err(self.err(op))?;
+                }
+                Err(r) => {
+                    return Err(StoreError::Layout {
+                        path: self.path.clone(),
+                        part: r.part,
+                        found: r.found,
+                        expected: r.expected,
+                    })
                 }
             }
             drop(meta);
@@ -628,7 +655,7 @@ impl Session<'_> {
             for def in [CLIENTS, BLOCKS, ALLOWS] {
                 txn.open_table(def).map_err(self.err(op))?;
             }
-            Ok(())
+            Ok(upgrade)
         })
     }
 }
@@ -646,14 +673,17 @@ impl Store {
         Ok(store)
     }
 
-    /// [`Store::open`], also returning what each table holds.
+    /// [`Store::open`], also returning what each table holds. Upgrading a
+    /// layout-1 file is logged here (once: the file is then layout 2).
     pub fn open_census(path: &Path) -> Result<(Store, salvage::Census), StoreError> {
         let inner = Inner::new(open_db(path)?, path);
         let checked = guard::catching(|| -> Result<salvage::Census, StoreError> {
             let guard = inner.db.read().unwrap_or_else(PoisonError::into_inner);
             let db = guard.as_ref().expect("just opened");
-            Session { inner: &inner, db }.check_layout()?;
-            Ok(salvage::census(db))
+            if let Some(up) = (Session { inner: &inner, db }).check_layout()? {
+                log_upgrade(path, up);
+            }
+            Ok(salvage::census(db, Ok(layout::Reading::Current)))
         });
         let census = checked.map_err(|detail| StoreError::Damaged {
             path: path.to_path_buf(),
@@ -1278,6 +1308,25 @@ impl Store {
             Ok(out)
         })
         .await
+    }
+}
+
+/// Says that the file at `path` was upgraded from layout 1.
+fn log_upgrade(path: &Path, up: layout::Upgrade) {
+    tracing::info!(
+        store = %path.display(),
+        "store upgraded from layout {} to layout {}: {} cache records rewritten with their count of tests",
+        layout::LEGACY_FILE_LAYOUT,
+        layout::FILE_LAYOUT,
+        up.rewritten
+    );
+    if up.unreadable > 0 {
+        tracing::warn!(
+            store = %path.display(),
+            "{} cache records of layout {} do not decode and were left as they were;              `screener store repair` drops them",
+            up.unreadable,
+            layout::LEGACY_FILE_LAYOUT
+        );
     }
 }
 

@@ -410,3 +410,57 @@ fn a_full_disk_keeps_verdicts_at_the_nic_and_the_store_catches_up() {
         sorted(vec![format!("{bot}/32"), format!("{manual}/32")])
     );
 }
+
+/// Sets the meta layout numbers of the (closed) store at `path`.
+fn set_layouts(path: &std::path::Path, numbers: &[(&str, u64)]) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let def: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let mut meta = txn.open_table(def).unwrap();
+        for (k, v) in numbers {
+            meta.insert(*k, *v).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_store_of_a_later_layout_is_refused_and_the_pinned_gate_is_left_alone() {
+    let g = Guarded::new("later");
+    let bot = blocked_then_killed(&g, "manual");
+    store_damage::settle(&g.store());
+    let pinned = |g: &Guarded| {
+        let p = screener::verdict::pinned_verdicts(&g.pins.0).unwrap();
+        sorted(p.blocks.iter().map(|b| b.net.to_string()).collect())
+    };
+    let before = pinned(&g);
+    assert_eq!(before.len(), 601, "{before:?}");
+    // What a later release with another cache record encoding leaves.
+    set_layouts(&g.store(), &[("layout.clients", 9)]);
+
+    let (started, out) = run_to_exit(&g);
+    assert!(
+        !started,
+        "the daemon started on a store it cannot read: {out}"
+    );
+    assert_contains(
+        &out,
+        &format!(
+            "store {}: table clients has layout 9, this build reads layout 2",
+            g.store().display()
+        ),
+    );
+    assert_contains(&out, "later release");
+    assert!(!g.reaches(bot), "the gate opened on a refused store");
+    assert_eq!(pinned(&g), before, "the refused store changed the kernel");
+    let (healthy, report) = cli(&g.cfg, &["store", "check"]);
+    assert!(!healthy, "{report}");
+    assert_contains(&report, "NOT READABLE BY THIS BUILD");
+
+    // Back to a layout this build reads, nothing was lost.
+    set_layouts(&g.store(), &[("layout.clients", 2)]);
+    let _d = g.start(1);
+    assert!(!g.reaches(bot), "the bot got through");
+    assert_eq!(sorted(blocked(&g.cfg)), before);
+}

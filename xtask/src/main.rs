@@ -18,14 +18,20 @@ usage: cargo xtask <command>
 
 commands:
   bootstrap          install what building and testing need (Debian packages, bpf-linker)
-  build              bootstrap, then build the daemon (release)
-  run [ARGS...]      bootstrap, build, and run the daemon with ./screener.toml
+  build              install what building needs, then build the daemon (release)
+  run [ARGS...]      install what building and the demonstration need, build, then run
+                     a private Postfix as the backend (mail to var/mail/inbox) and the
+                     daemon (`screener -c screener.toml run ARGS`) in front of it;
+                     Ctrl-C stops both
   test [ARGS...]     bootstrap, then fmt check, clippy and every unit and integration test
   bench xdp|smtp|flood|all
                      bootstrap, then run the benchmarks
 ";
 
-/// Debian packages for building the eBPF side (TOOLCHAIN.md).
+/// Debian packages for building the eBPF side: Debian's rustc with the
+/// library sources (`-Z build-std=core` for bpfel-unknown-none; the rustup
+/// toolchains here have no rust-src), the LLVM bpf-linker is built
+/// against, and the tools that inspect and attach the program.
 const BUILD_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -34,6 +40,10 @@ const BUILD_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
 ];
+
+/// Debian packages `run` needs beyond building: the backend MTA of the
+/// demonstration and the client the README sends a test mail with.
+const RUN_PACKAGES: &[&str] = &["postfix", "swaks"];
 
 /// Debian packages the tests and benchmarks start as real peers.
 const TEST_PACKAGES: &[&str] = &[
@@ -69,27 +79,24 @@ fn run() -> Result<()> {
     };
     let rest = &args[1..];
     env::set_current_dir(workspace_root())?;
+    let everything = [BUILD_PACKAGES, RUN_PACKAGES, TEST_PACKAGES].concat();
     match cmd.as_str() {
-        "bootstrap" => bootstrap(),
+        "bootstrap" => bootstrap(&everything),
         "build" => {
-            bootstrap()?;
+            bootstrap(BUILD_PACKAGES)?;
             build_release()
         }
         "run" => {
-            bootstrap()?;
+            bootstrap(&[BUILD_PACKAGES, RUN_PACKAGES].concat())?;
             build_release()?;
-            std::fs::create_dir_all("var")?;
-            let mut c = Command::new("target/release/screener");
-            c.args(["-c", "screener.toml", "run"]).args(rest);
-            step("starting the daemon with ./screener.toml (Ctrl-C stops it; the XDP gate stays, `screener xdp detach` removes it)");
-            check(&mut c)
+            run_demo(rest)
         }
         "test" => {
-            bootstrap()?;
+            bootstrap(&everything)?;
             test(rest)
         }
         "bench" => {
-            bootstrap()?;
+            bootstrap(&everything)?;
             bench(rest)
         }
         "-h" | "--help" | "help" => {
@@ -147,12 +154,11 @@ fn missing_packages(wanted: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// Installs whatever of the build and test prerequisites is missing.
-fn bootstrap() -> Result<()> {
+/// Installs whatever of `wanted` (Debian packages) and bpf-linker is
+/// missing.
+fn bootstrap(wanted: &[&str]) -> Result<()> {
     step("checking prerequisites");
-    let mut wanted: Vec<&str> = BUILD_PACKAGES.to_vec();
-    wanted.extend_from_slice(TEST_PACKAGES);
-    let missing = missing_packages(&wanted);
+    let missing = missing_packages(wanted);
     if missing.is_empty() {
         eprintln!("    Debian packages: all present");
     } else {
@@ -196,7 +202,7 @@ fn bootstrap() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
         .with_context(|| format!("installing {}", missing.join(" ")))?;
-        let still = missing_packages(&wanted);
+        let still = missing_packages(wanted);
         if !still.is_empty() {
             bail!("still missing after apt-get install: {}", still.join(" "));
         }
@@ -256,6 +262,41 @@ fn mount_bpffs() -> Result<()> {
     }
     step("mounting bpffs on /sys/fs/bpf");
     check(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// `cargo xtask run`: the backend Postfix and the daemon until Ctrl-C
+/// (see `xtask::demo`).
+fn run_demo(rest: &[String]) -> Result<()> {
+    use xtask::demo::{self, Demo, Options};
+    let root = workspace_root();
+    let opts = Options {
+        screener: root.join("target/release/screener"),
+        config: root.join("screener.toml"),
+        var: root.join("var"),
+        log: None,
+        run_args: rest.to_vec(),
+    };
+    demo::catch_interrupts();
+    step("starting a private Postfix (var/postfix) as the backend, then the daemon with ./screener.toml");
+    let mut running = Demo::start(opts.clone())?;
+    let mailbox = running.mailbox();
+    step(&format!(
+        "running; Ctrl-C stops both. Send a test mail:\n    \
+         swaks --server 127.0.0.1:2525 --to user@localhost\n\
+         the first one waits out the 6 s greeting test (PASS NEW), a second one goes straight \
+         through (PASS OLD); both land in {}.\n\
+         Admin commands: export SCREENER_CONFIG={}, then {} stats",
+        mailbox.display(),
+        opts.config.display(),
+        opts.screener.display(),
+    ));
+    let exited = running.wait(&demo::INTERRUPTED)?;
+    let farewell = running.stop();
+    demo::say(&format!("==> {farewell}"));
+    match exited {
+        Some(st) if !st.success() => bail!("the daemon stopped on its own ({st})"),
+        _ => Ok(()),
+    }
 }
 
 fn build_release() -> Result<()> {

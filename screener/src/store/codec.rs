@@ -1,10 +1,27 @@
 //! On-disk encoding of store keys and records.
 //!
-//! Every value starts with a one-byte record format number so that a record
-//! written by a later layout is refused instead of being misread. Integers
+//! Every value starts with a one-byte record format number, so that a
+//! record of another format is refused instead of being misread. Integers
 //! are little-endian; strings are a `u32` length and UTF-8 bytes. Keys carry
 //! a family byte (4 or 6) first, so IPv4 and IPv6 never collide and sort
 //! apart, and network keys end with the prefix length.
+//!
+//! # Client records carry their count of tests
+//!
+//! A client record (format 2) is `first_seen`, `last_seen`, a one-byte
+//! count of pass expiries, then that many expiries in [`Test::index`]
+//! order, as postscreen's cache keeps one expiry per test in a fixed order
+//! (`postscreen_tests.c`). A record with fewer expiries than this build has
+//! tests was written before the missing tests existed: they read as "never
+//! passed". A record with more was written by a later release: the tests
+//! this build knows keep their expiries, and the others are carried along
+//! in [`ClientRecord::later`] and written back, so going back to the later
+//! release loses nothing. Adding a test therefore needs no layout change,
+//! provided tests are only ever appended: an index is a position on disk,
+//! never reordered or reused.
+//!
+//! The format-1 client record of layout 1 (exactly five expiries, then the
+//! two times) is only read, to upgrade a layout-1 file.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,8 +29,23 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{AllowRecord, BlockRecord, ClientRecord, Test};
 
-/// Format number written in the first byte of every value.
-pub(super) const RECORD_FORMAT: u8 = 1;
+/// Format byte of block and allow records.
+pub(super) const VERDICT_FORMAT: u8 = 1;
+
+/// Format byte of client records: counted expiries.
+pub(super) const CLIENT_FORMAT: u8 = 2;
+
+/// Format byte of layout 1's client records: [`LEGACY_TESTS`] expiries.
+pub(super) const LEGACY_CLIENT_FORMAT: u8 = 1;
+
+/// The tests of layout 1's client records, in their order on disk.
+pub(super) const LEGACY_TESTS: [&str; 5] = [
+    "pregreet",
+    "dnsbl",
+    "pipelining",
+    "non_smtp_command",
+    "bare_newline",
+];
 
 const FAMILY_V4: u8 = 4;
 const FAMILY_V6: u8 = 6;
@@ -128,8 +160,11 @@ pub(super) fn hex(k: &[u8]) -> String {
 struct Writer(Vec<u8>);
 
 impl Writer {
-    fn new() -> Self {
-        Self(vec![RECORD_FORMAT])
+    fn new(format: u8) -> Self {
+        Self(vec![format])
+    }
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
     }
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
@@ -160,11 +195,11 @@ struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     /// Checks the format byte and positions after it.
-    fn new(v: &'a [u8]) -> Result<Self, DecodeError> {
+    fn new(v: &'a [u8], format: u8) -> Result<Self, DecodeError> {
         match v.split_first() {
-            Some((&RECORD_FORMAT, rest)) => Ok(Self(rest)),
+            Some((&f, rest)) if f == format => Ok(Self(rest)),
             Some((other, _)) => Err(DecodeError::new(format!(
-                "record format {other}, this build reads format {RECORD_FORMAT}"
+                "record format {other}, this build reads format {format}"
             ))),
             None => Err(DecodeError::new("empty record")),
         }
@@ -212,34 +247,72 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The most expiries a record can count.
+const MAX_TESTS: usize = u8::MAX as usize;
+
+const _: () = assert!(
+    Test::COUNT <= MAX_TESTS,
+    "a client record counts its tests in one byte"
+);
+
 pub(super) fn encode_client(r: &ClientRecord) -> Vec<u8> {
-    let mut w = Writer::new();
-    for e in r.expires {
-        w.u64(e);
-    }
+    let mut w = Writer::new(CLIENT_FORMAT);
     w.u64(r.first_seen);
     w.u64(r.last_seen);
+    let all: Vec<u64> = r.expires.iter().chain(&r.later).copied().collect();
+    // `later` comes from a record counted in one byte; cutting only guards
+    // a hand-built record against a count that wraps.
+    let n = all.len().min(MAX_TESTS);
+    w.u8(u8::try_from(n).unwrap_or(u8::MAX));
+    for e in &all[..n] {
+        w.u64(*e);
+    }
     w.0
 }
 
 pub(super) fn decode_client(v: &[u8]) -> Result<ClientRecord, DecodeError> {
-    let mut r = Reader::new(v)?;
-    let mut expires = [0; Test::COUNT];
-    for e in &mut expires {
+    let mut r = Reader::new(v, CLIENT_FORMAT)?;
+    let first_seen = r.u64()?;
+    let last_seen = r.u64()?;
+    let n = r.u8()?;
+    let mut expiries = Vec::with_capacity(n.into());
+    for _ in 0..n {
+        expiries.push(r.u64()?);
+    }
+    r.finish()?;
+    Ok(client(&expiries, first_seen, last_seen))
+}
+
+/// Reads a client record of layout 1, for upgrading the file.
+pub(super) fn decode_legacy_client(v: &[u8]) -> Result<ClientRecord, DecodeError> {
+    let mut r = Reader::new(v, LEGACY_CLIENT_FORMAT)?;
+    let mut expiries = [0; LEGACY_TESTS.len()];
+    for e in &mut expiries {
         *e = r.u64()?;
     }
-    let rec = ClientRecord {
-        expires,
-        first_seen: r.u64()?,
-        last_seen: r.u64()?,
-    };
+    let first_seen = r.u64()?;
+    let last_seen = r.u64()?;
     r.finish()?;
-    Ok(rec)
+    Ok(client(&expiries, first_seen, last_seen))
+}
+
+/// A record from expiries in index order: missing ones never passed,
+/// ones past [`Test::COUNT`] are kept in [`ClientRecord::later`].
+fn client(expiries: &[u64], first_seen: u64, last_seen: u64) -> ClientRecord {
+    let mut rec = ClientRecord {
+        first_seen,
+        last_seen,
+        ..ClientRecord::default()
+    };
+    let known = expiries.len().min(Test::COUNT);
+    rec.expires[..known].copy_from_slice(&expiries[..known]);
+    rec.later = expiries[known..].to_vec();
+    rec
 }
 
 /// The network lives in the key, so it is not repeated in the value.
 pub(super) fn encode_block(r: &BlockRecord) -> Vec<u8> {
-    let mut w = Writer::new();
+    let mut w = Writer::new(VERDICT_FORMAT);
     w.u64(r.expires);
     w.u64(r.added);
     w.u32(r.offences);
@@ -249,7 +322,7 @@ pub(super) fn encode_block(r: &BlockRecord) -> Vec<u8> {
 }
 
 pub(super) fn decode_block(net: IpNet, v: &[u8]) -> Result<BlockRecord, DecodeError> {
-    let mut r = Reader::new(v)?;
+    let mut r = Reader::new(v, VERDICT_FORMAT)?;
     let rec = BlockRecord {
         net,
         expires: r.u64()?,
@@ -263,14 +336,14 @@ pub(super) fn decode_block(net: IpNet, v: &[u8]) -> Result<BlockRecord, DecodeEr
 }
 
 pub(super) fn encode_allow(r: &AllowRecord) -> Vec<u8> {
-    let mut w = Writer::new();
+    let mut w = Writer::new(VERDICT_FORMAT);
     w.u64(r.added);
     w.opt_str(r.comment.as_deref());
     w.0
 }
 
 pub(super) fn decode_allow(net: IpNet, v: &[u8]) -> Result<AllowRecord, DecodeError> {
-    let mut r = Reader::new(v)?;
+    let mut r = Reader::new(v, VERDICT_FORMAT)?;
     let rec = AllowRecord {
         net,
         added: r.u64()?,
@@ -332,7 +405,7 @@ mod tests {
         longer.push(0);
         assert!(decode_block(b.net, &longer).is_err());
         let mut other_format = enc;
-        other_format[0] = RECORD_FORMAT + 1;
+        other_format[0] = VERDICT_FORMAT + 1;
         let err = decode_block(b.net, &other_format).unwrap_err();
         assert!(err.0.contains("record format 2"), "{err:?}");
 
@@ -343,11 +416,91 @@ mod tests {
         };
         assert_eq!(decode_allow(a.net, &encode_allow(&a)).unwrap(), a);
 
-        let c = ClientRecord {
-            expires: [1, 2, 3, 4, 5],
+        let mut c = ClientRecord {
             first_seen: 6,
             last_seen: 7,
+            ..ClientRecord::default()
         };
-        assert_eq!(decode_client(&encode_client(&c)).unwrap(), c);
+        for (i, e) in c.expires.iter_mut().enumerate() {
+            *e = 100 + i as u64;
+        }
+        let enc = encode_client(&c);
+        assert_eq!(decode_client(&enc).unwrap(), c);
+        for cut in 0..enc.len() {
+            assert!(decode_client(&enc[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = enc;
+        longer.push(0);
+        assert!(decode_client(&longer).is_err());
+    }
+
+    /// A client record as a release with `expiries.len()` tests writes it.
+    fn counted(expiries: &[u64], first_seen: u64, last_seen: u64) -> Vec<u8> {
+        let mut v = vec![CLIENT_FORMAT];
+        v.extend_from_slice(&first_seen.to_le_bytes());
+        v.extend_from_slice(&last_seen.to_le_bytes());
+        v.push(u8::try_from(expiries.len()).unwrap());
+        for e in expiries {
+            v.extend_from_slice(&e.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn a_record_with_one_test_fewer_reads_the_missing_one_as_never_passed() {
+        let older: Vec<u64> = (0..Test::COUNT as u64 - 1).map(|i| 1000 + i).collect();
+        let rec = decode_client(&counted(&older, 5, 6)).unwrap();
+        let newest = Test::ALL[Test::COUNT - 1];
+        assert_eq!(rec.expires[newest.index()], 0);
+        assert!(!rec.passed(newest, 0));
+        for t in &Test::ALL[..Test::COUNT - 1] {
+            assert_eq!(rec.expires[t.index()], older[t.index()], "{t}");
+            assert!(rec.passed(*t, 999), "{t}");
+        }
+        assert_eq!((rec.first_seen, rec.last_seen), (5, 6));
+        assert!(rec.later.is_empty());
+        // Written back, it counts every test this build knows.
+        assert_eq!(
+            encode_client(&rec),
+            counted(&older.iter().copied().chain([0]).collect::<Vec<_>>(), 5, 6)
+        );
+        // No tests at all (a client seen, none run yet) is a record too.
+        let empty = decode_client(&counted(&[], 1, 2)).unwrap();
+        assert_eq!(empty.expires, [0; Test::COUNT]);
+    }
+
+    #[test]
+    fn a_record_from_a_later_release_keeps_known_passes_and_carries_the_rest() {
+        let newer: Vec<u64> = (0..Test::COUNT as u64 + 2).map(|i| 2000 + i).collect();
+        let bytes = counted(&newer, 7, 8);
+        let rec = decode_client(&bytes).unwrap();
+        for t in Test::ALL {
+            assert_eq!(rec.expires[t.index()], newer[t.index()], "{t}");
+        }
+        assert_eq!(rec.later, newer[Test::COUNT..]);
+        assert_eq!(rec.newest_expiry(), *newer.last().unwrap());
+        // Written back unchanged: the later release finds its passes again.
+        assert_eq!(encode_client(&rec), bytes);
+    }
+
+    #[test]
+    fn legacy_records_read_as_the_first_five_tests() {
+        // Indexes are positions on disk: the first five never move.
+        for (i, name) in LEGACY_TESTS.iter().enumerate() {
+            assert_eq!(Test::ALL[i].name(), *name, "test at index {i}");
+            assert_eq!(Test::ALL[i].index(), i);
+        }
+        let mut v = vec![LEGACY_CLIENT_FORMAT];
+        for e in [11u64, 12, 13, 14, 15, 1, 2] {
+            v.extend_from_slice(&e.to_le_bytes());
+        }
+        let rec = decode_legacy_client(&v).unwrap();
+        assert_eq!(rec.expires[..5], [11, 12, 13, 14, 15]);
+        assert!(rec.expires[5..].iter().all(|e| *e == 0));
+        assert_eq!((rec.first_seen, rec.last_seen), (1, 2));
+        assert!(decode_legacy_client(&v[..v.len() - 1]).is_err());
+        // Neither format is taken for the other.
+        assert!(decode_client(&v).is_err());
+        assert!(decode_legacy_client(&encode_client(&rec)).is_err());
     }
 }

@@ -19,8 +19,10 @@
 //! REPAIR copies every record that decodes into a fresh file, adds the
 //! verdicts the pinned maps hold that it lacks (the caller reads them), and
 //! puts the fresh file in place, keeping the damaged one beside it as
-//! `<file>.damaged-<unix time>`. It refuses a file of another layout: that
-//! is not damage, and another version of screener reads it.
+//! `<file>.damaged-<unix time>`. The new file has this build's layouts: the
+//! cache records of a layout-1 file are rewritten in the counted form on the
+//! way. It refuses a file of a layout this build cannot read: that is not
+//! damage, and another version of screener reads it.
 
 use std::{
     collections::HashSet,
@@ -33,21 +35,53 @@ use std::{
 use redb::{Database, Durability, ReadableTable, TableDefinition, TableError};
 
 use super::{
-    codec, guard, now_unix, open_locked,
+    codec, guard,
+    layout::{self, Found, Reading, Refusal},
+    now_unix, open_locked,
     overlay::{self, Overlay, Recovery},
-    unreadable, AllowRecord, BlockRecord, StoreError, Unreadable, ALLOWS, BLOCKS, CACHE_BYTES,
-    CLIENTS, LAYOUT_KEY, LAYOUT_VERSION, META,
+    unreadable, AllowRecord, BlockRecord, ClientRecord, StoreError, Unreadable, ALLOWS, BLOCKS,
+    CACHE_BYTES, CLIENTS, META,
 };
 
 /// A table of records: byte keys, byte values.
 type Table = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
-/// The tables holding records, with a decoder that checks one.
-const TABLES: [(&str, Table, Decode); 3] = [
-    ("clients", CLIENTS, decode_client),
-    ("blocks", BLOCKS, decode_block),
-    ("allows", ALLOWS, decode_allow),
-];
+/// The tables holding records, with a decoder that checks one, for a file
+/// read as `reading`. The records of a layout this build cannot read are
+/// not decoded: judged by another layout, every one would look damaged.
+fn tables(reading: Result<Reading, Refusal>) -> [(&'static str, Table, Decode); 3] {
+    let clients: Decode = match reading {
+        Ok(Reading::Current) => |k, v| client(Reading::Current, k, v).map(drop),
+        Ok(Reading::Legacy) => |k, v| client(Reading::Legacy, k, v).map(drop),
+        Ok(Reading::Unrecorded) => |k, v| client(Reading::Unrecorded, k, v).map(drop),
+        Err(_) => UNDECODED,
+    };
+    let mut t: [(&'static str, Table, Decode); 3] = [
+        ("clients", CLIENTS, clients),
+        ("blocks", BLOCKS, decode_block),
+        ("allows", ALLOWS, decode_allow),
+    ];
+    if let Err(r) = reading {
+        for (name, _, decode) in &mut t {
+            if not_decoded(r, name) {
+                *decode = UNDECODED;
+            }
+        }
+    }
+    t
+}
+
+/// Whether the records of table `name` go undecoded under refusal `r`.
+fn not_decoded(r: Refusal, name: &str) -> bool {
+    match r.part {
+        layout::CLIENTS_PART => name == "clients",
+        layout::VERDICTS_PART => name != "clients",
+        _ => true,
+    }
+}
+
+/// Takes any record: see [`tables`].
+const UNDECODED: Decode = |_, _| Ok(());
 
 /// Records copied per table, and pinned verdicts added.
 type Salvaged = (Vec<(&'static str, u64)>, usize);
@@ -55,9 +89,18 @@ type Salvaged = (Vec<(&'static str, u64)>, usize);
 /// Checks that one stored key and value decode.
 type Decode = fn(&[u8], &[u8]) -> Result<(), codec::DecodeError>;
 
-fn decode_client(k: &[u8], v: &[u8]) -> Result<(), codec::DecodeError> {
+/// A cache record of a file read as `reading`. Without a recorded layout
+/// (a damaged `meta`), the record's own format byte says which form it is.
+fn client(reading: Reading, k: &[u8], v: &[u8]) -> Result<ClientRecord, codec::DecodeError> {
     codec::decode_ip_key(k)?;
-    codec::decode_client(v).map(drop)
+    match reading {
+        Reading::Current => codec::decode_client(v),
+        Reading::Legacy => codec::decode_legacy_client(v),
+        Reading::Unrecorded => match v.first() {
+            Some(&codec::LEGACY_CLIENT_FORMAT) => codec::decode_legacy_client(v),
+            _ => codec::decode_client(v),
+        },
+    }
 }
 
 fn decode_block(k: &[u8], v: &[u8]) -> Result<(), codec::DecodeError> {
@@ -122,10 +165,10 @@ impl fmt::Display for Census {
     }
 }
 
-/// Walks every table of `db`, decoding each record; see WALKING A DAMAGED
-/// TABLE.
-pub(super) fn census(db: &Database) -> Census {
-    let tables = TABLES
+/// Walks every table of `db`, decoding each record as a file read as
+/// `reading` holds it; see WALKING A DAMAGED TABLE.
+pub(super) fn census(db: &Database, reading: Result<Reading, Refusal>) -> Census {
+    let tables = tables(reading)
         .iter()
         .map(|(name, def, decode)| {
             let mut t = TableCensus {
@@ -207,8 +250,8 @@ pub struct CheckReport {
     pub open_failure: Option<String>,
     /// How it could be opened.
     pub opened: Opened,
-    /// The layout number in `meta`; `None` when absent or unreadable.
-    pub layout: Option<u64>,
+    /// The layout numbers in `meta` (all `None` when it is unreadable).
+    pub layouts: Found,
     /// What each table holds (empty when it could not be opened).
     pub census: Census,
 }
@@ -216,12 +259,33 @@ pub struct CheckReport {
 impl CheckReport {
     /// Whether the file is sound: opened as it is, every table walked to
     /// the end, every record decoded.
-    pub fn healthy(&self) -> bool {
+    pub fn sound(&self) -> bool {
         self.opened == Opened::AsIs
             && self.cut_short.is_none()
             && self.census.damage().is_none()
             && self.census.unreadable().next().is_none()
-            && self.layout.is_none_or(|l| l == LAYOUT_VERSION)
+    }
+
+    /// Why this build can neither read nor upgrade the file's layouts, if
+    /// it cannot.
+    pub fn layout_refused(&self) -> Option<Refusal> {
+        self.layouts.reading().err()
+    }
+
+    /// Whether the file is sound and of a layout this build reads.
+    pub fn healthy(&self) -> bool {
+        self.sound() && self.layout_refused().is_none()
+    }
+
+    /// What is wrong, in a few words (`None` when healthy).
+    pub fn problem(&self) -> Option<&'static str> {
+        if !self.sound() {
+            Some("damaged")
+        } else if self.layout_refused().is_some() {
+            Some("of a layout this build cannot read")
+        } else {
+            None
+        }
     }
 }
 
@@ -248,16 +312,37 @@ impl fmt::Display for CheckReport {
             }
             Opened::Unreadable(e) => writeln!(f, "unreadable: {e}")?,
         }
-        match self.layout {
-            Some(LAYOUT_VERSION) => writeln!(f, "layout version {LAYOUT_VERSION}")?,
-            Some(other) => writeln!(
+        let l = &self.layouts;
+        match l.reading() {
+            Ok(Reading::Current) => writeln!(
                 f,
-                "layout version {other}: written by another version (this one reads {LAYOUT_VERSION})"
+                "layout {}: table clients layout {}, tables blocks and allows layout {}",
+                layout::FILE_LAYOUT,
+                layout::CLIENTS_LAYOUT,
+                layout::VERDICTS_LAYOUT
             )?,
-            None => writeln!(f, "layout version: none recorded")?,
+            Ok(Reading::Legacy) => writeln!(
+                f,
+                "layout {}: written by an earlier release; the daemon upgrades it to layout {} \
+                 in place when it next opens it",
+                layout::LEGACY_FILE_LAYOUT,
+                layout::FILE_LAYOUT
+            )?,
+            Ok(Reading::Unrecorded) => writeln!(f, "layout: none recorded")?,
+            Err(r) => writeln!(
+                f,
+                "layout not readable by this build: {} has {}, this build reads layout {}",
+                r.part,
+                Refusal::found_text(r.found),
+                r.expected
+            )?,
         }
+        let refused = self.layout_refused();
         for t in &self.census.tables {
             write!(f, "table {}: {} records", t.name, t.readable)?;
+            if refused.is_some_and(|r| not_decoded(r, t.name)) {
+                write!(f, " (not decoded: their layout is not this build's)")?;
+            }
             if !t.unreadable.is_empty() {
                 write!(f, ", {} unreadable", t.unreadable.len())?;
             }
@@ -272,13 +357,19 @@ impl fmt::Display for CheckReport {
                 writeln!(f, "  ... and {} more", t.unreadable.len() - 20)?;
             }
         }
-        if self.healthy() {
-            write!(f, "healthy")
-        } else {
+        if !self.sound() {
             write!(
                 f,
                 "DAMAGED: run `screener store repair` (the daemon must be stopped)"
             )
+        } else if let Some(r) = self.layout_refused() {
+            write!(
+                f,
+                "NOT READABLE BY THIS BUILD: {}",
+                Refusal::advice(r.found, r.expected)
+            )
+        } else {
+            write!(f, "healthy")
         }
     }
 }
@@ -305,7 +396,7 @@ fn open_read_only(path: &Path, file: &File) -> Result<ReadOnly, StoreError> {
         cut_short: claimed.filter(|c| *c > size),
         open_failure: None,
         opened: Opened::Unreadable(String::new()),
-        layout: None,
+        layouts: Found::default(),
         census: Census::default(),
     };
     let len = claimed.unwrap_or(size).max(size);
@@ -338,15 +429,15 @@ fn open_read_only(path: &Path, file: &File) -> Result<ReadOnly, StoreError> {
         }
     }
     if let Some(d) = &db {
-        report.layout = guard::catching(|| -> Option<u64> {
+        report.layouts = guard::catching(|| -> Option<Found> {
             let txn = d.begin_read().ok()?;
             let t = txn.open_table(META).ok()?;
-            let v = t.get(LAYOUT_KEY).ok()??;
-            Some(v.value())
+            Found::read(|k| Ok(t.get(k)?.map(|v| v.value()))).ok()
         })
         .ok()
-        .flatten();
-        report.census = census(d);
+        .flatten()
+        .unwrap_or_default();
+        report.census = census(d, report.layouts.reading());
     }
     Ok(ReadOnly { db, report })
 }
@@ -421,13 +512,17 @@ pub fn repair(path: &Path, pinned: &Pinned) -> Result<RepairReport, StoreError> 
             adopted: 0,
         });
     }
-    if let Some(found) = read.report.layout.filter(|l| *l != LAYOUT_VERSION) {
-        return Err(StoreError::Layout {
-            path: path.to_path_buf(),
-            found,
-            expected: LAYOUT_VERSION,
-        });
-    }
+    let reading = match read.report.layouts.reading() {
+        Ok(r) => r,
+        Err(r) => {
+            return Err(StoreError::Layout {
+                path: path.to_path_buf(),
+                part: r.part,
+                found: r.found,
+                expected: r.expected,
+            })
+        }
+    };
     let name = path
         .file_name()
         .map_or_else(|| "store".into(), |n| n.to_string_lossy().into_owned());
@@ -466,10 +561,9 @@ pub fn repair(path: &Path, pinned: &Pinned) -> Result<RepairReport, StoreError> 
             let mut meta = txn
                 .open_table(META)
                 .map_err(|e| db_err("repair")(e.into()))?;
-            meta.insert(LAYOUT_KEY, LAYOUT_VERSION)
-                .map_err(|e| db_err("repair")(e.into()))?;
+            layout::write_current(&mut meta).map_err(|e| db_err("repair")(e.into()))?;
         }
-        for (name, def, decode) in TABLES {
+        for (name, def, decode) in tables(Ok(reading)) {
             let mut t = txn
                 .open_table(def)
                 .map_err(|e| db_err("repair")(e.into()))?;
@@ -480,7 +574,11 @@ pub fn repair(path: &Path, pinned: &Pinned) -> Result<RepairReport, StoreError> 
                     if failed.is_some() || decode(k, v).is_err() {
                         return;
                     }
-                    if let Err(e) = t.insert(k, v) {
+                    // Cache records are written in this build's form.
+                    let recoded = (name == "clients")
+                        .then(|| client(reading, k, v).map(|c| codec::encode_client(&c)))
+                        .and_then(Result::ok);
+                    if let Err(e) = t.insert(k, recoded.as_deref().unwrap_or(v)) {
                         failed = Some(e);
                         return;
                     }

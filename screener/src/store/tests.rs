@@ -59,6 +59,7 @@ async fn client_round_trip_and_delete() {
         expires: [10, 20, 0, 0, 30],
         first_seen: 5,
         last_seen: 6,
+        later: Vec::new(),
     };
     s.put_client(a, rec.clone()).await.unwrap();
     assert_eq!(s.client(a).await.unwrap(), Some(rec.clone()));
@@ -130,6 +131,7 @@ async fn cleanup_keeps_records_within_retention() {
         expires: [1, newest, 0, 0, 2],
         first_seen: 1,
         last_seen: 1,
+        later: Vec::new(),
     };
     let live = ip("192.0.2.1"); // pass still valid
     let recent = ip("192.0.2.2"); // expired a day ago: kept
@@ -313,6 +315,7 @@ async fn data_survives_reopen() {
         expires: [1, 2, 3, 4, 5],
         first_seen: 1,
         last_seen: 2,
+        later: Vec::new(),
     };
     {
         let s = Store::open(&path).unwrap();
@@ -355,30 +358,268 @@ fn unusable_parent_is_a_create_dir_error() {
     assert!(err.to_string().contains("plain-file"), "{err}");
 }
 
-#[test]
-fn other_layout_version_is_refused() {
+/// Sets meta `key` of the (closed) store at `path` to `value`, or removes
+/// it.
+fn set_meta(path: &Path, key: &str, value: Option<u64>) {
+    let db = Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        match value {
+            Some(v) => meta.insert(key, v).unwrap(),
+            None => meta.remove(key).unwrap(),
+        };
+    }
+    txn.commit().unwrap();
+}
+
+/// The layout numbers of the (closed) store at `path`.
+fn layouts(path: &Path) -> layout::Found {
+    let db = Database::create(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    layout::Found::read(|k| Ok(meta.get(k)?.map(|v| v.value()))).unwrap()
+}
+
+#[tokio::test]
+async fn layouts_this_build_cannot_read_are_refused_naming_file_and_table() {
+    use layout::{CLIENTS_KEY, FILE_KEY, VERDICTS_KEY};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    drop(Store::open(&path).unwrap());
     {
-        let db = Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert(LAYOUT_KEY, LAYOUT_VERSION + 1)
-            .unwrap();
-        txn.commit().unwrap();
+        let s = Store::open(&path).unwrap();
+        s.put_block(block("192.0.2.0/24", None)).await.unwrap();
     }
-    let err = Store::open(&path).unwrap_err();
-    match &err {
-        StoreError::Layout {
-            found, expected, ..
-        } => {
-            assert_eq!((*found, *expected), (LAYOUT_VERSION + 1, LAYOUT_VERSION));
+    let cases = [
+        (FILE_KEY, Some(3), "the file", Some(3), 2, true),
+        (FILE_KEY, Some(0), "the file", Some(0), 2, false),
+        (CLIENTS_KEY, Some(3), "table clients", Some(3), 2, true),
+        (CLIENTS_KEY, None, "table clients", None, 2, false),
+        (
+            VERDICTS_KEY,
+            Some(2),
+            "tables blocks and allows",
+            Some(2),
+            1,
+            true,
+        ),
+    ];
+    for (key, value, part, found, expected, later) in cases {
+        let before = layouts(&path);
+        set_meta(&path, key, value);
+        let err = Store::open(&path).unwrap_err();
+        match &err {
+            StoreError::Layout {
+                part: p,
+                found: f,
+                expected: e,
+                ..
+            } => assert_eq!((*p, *f, *e), (part, found, expected), "{key}={value:?}"),
+            other => panic!("{key}={value:?}: expected a layout error, got {other:?}"),
         }
-        other => panic!("expected a layout error, got {other:?}"),
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains(part), "{text}");
+        assert!(text.contains(&format!("reads layout {expected}")), "{text}");
+        assert!(text.contains("move the file away"), "{text}");
+        assert_eq!(text.contains("later release"), later, "{text}");
+        if let Some(v) = value {
+            assert!(text.contains(&format!("has layout {v}")), "{text}");
+        }
+        // Refused, the file is left as it was.
+        let mut after = before;
+        match key {
+            FILE_KEY => after.file = value,
+            CLIENTS_KEY => after.clients = value,
+            _ => after.verdicts = value,
+        }
+        assert_eq!(layouts(&path), after, "{key}={value:?}");
+        let report = salvage::check(&path).unwrap();
+        assert!(!report.healthy(), "{report}");
+        assert_eq!(
+            report.problem(),
+            Some("of a layout this build cannot read"),
+            "{report}"
+        );
+        let shown = report.to_string();
+        assert!(shown.contains("NOT READABLE BY THIS BUILD"), "{shown}");
+        assert!(!shown.contains("DAMAGED"), "{shown}");
+        assert!(matches!(
+            salvage::repair(&path, &salvage::Pinned::default()).unwrap_err(),
+            StoreError::Layout { .. }
+        ));
+        set_meta(&path, key, before_value(before, key));
     }
-    assert!(err.to_string().contains("s.redb"), "{err}");
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.blocks().await.unwrap(), vec![block("192.0.2.0/24", None)]);
+}
+
+fn before_value(f: layout::Found, key: &str) -> Option<u64> {
+    match key {
+        layout::FILE_KEY => f.file,
+        layout::CLIENTS_KEY => f.clients,
+        _ => f.verdicts,
+    }
+}
+
+/// A cache record as layout 1 wrote it: five expiries, then the times.
+fn legacy_client(expires: [u64; 5], first_seen: u64, last_seen: u64) -> Vec<u8> {
+    let mut v = vec![codec::LEGACY_CLIENT_FORMAT];
+    for e in expires.iter().chain(&[first_seen, last_seen]) {
+        v.extend_from_slice(&e.to_le_bytes());
+    }
+    v
+}
+
+/// A layout-1 file as the first releases wrote it: two readable cache
+/// records, one that does not decode, a block and an allow entry.
+fn layout_1_file(path: &Path) {
+    let db = Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(META).unwrap().insert("layout", 1).unwrap();
+    {
+        let mut t = txn.open_table(CLIENTS).unwrap();
+        let a = codec::ip_key(ip("192.0.2.1"));
+        t.insert(
+            a.as_slice(),
+            legacy_client([1, 2, 3, 4, 5], 6, 7).as_slice(),
+        )
+        .unwrap();
+        let b = codec::ip_key(ip("2001:db8::2"));
+        t.insert(
+            b.as_slice(),
+            legacy_client([10, 0, 0, 0, 50], 60, 70).as_slice(),
+        )
+        .unwrap();
+        let c = codec::ip_key(ip("192.0.2.3"));
+        t.insert(c.as_slice(), [1u8, 2, 3].as_slice()).unwrap();
+    }
+    txn.open_table(BLOCKS)
+        .unwrap()
+        .insert(
+            codec::net_key(net("198.51.100.0/24")).as_slice(),
+            codec::encode_block(&block("198.51.100.0/24", Some("l"))).as_slice(),
+        )
+        .unwrap();
+    txn.open_table(ALLOWS)
+        .unwrap()
+        .insert(
+            codec::net_key(net("203.0.113.0/24")).as_slice(),
+            codec::encode_allow(&AllowRecord {
+                net: net("203.0.113.0/24"),
+                added: 8,
+                comment: Some("c".into()),
+            })
+            .as_slice(),
+        )
+        .unwrap();
+    txn.commit().unwrap();
+}
+
+/// The record [`layout_1_file`] holds for `addr`, read the new way.
+fn upgraded(expires: [u64; 5], first_seen: u64, last_seen: u64) -> ClientRecord {
+    let mut rec = ClientRecord {
+        first_seen,
+        last_seen,
+        ..ClientRecord::default()
+    };
+    rec.expires[..5].copy_from_slice(&expires);
+    rec
+}
+
+#[tokio::test]
+async fn a_layout_1_file_is_upgraded_in_place_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    layout_1_file(&path);
+
+    let report = salvage::check(&path).unwrap();
+    assert_eq!(report.layouts.reading(), Ok(layout::Reading::Legacy));
+    assert_eq!(report.census.readable("clients"), 2, "{report}");
+    assert!(
+        report.to_string().contains("upgrades it to layout 2"),
+        "{report}"
+    );
+
+    let (s, census) = Store::open_census(&path).unwrap();
+    // The undecodable record is left as it was and named.
+    assert_eq!(census.readable("clients"), 2);
+    assert_eq!(census.tables[0].unreadable.len(), 1);
+    assert_eq!(census.tables[0].unreadable[0].key, "192.0.2.3");
+    assert_eq!(
+        s.client(ip("192.0.2.1")).await.unwrap(),
+        Some(upgraded([1, 2, 3, 4, 5], 6, 7))
+    );
+    let v6 = s.client(ip("2001:db8::2")).await.unwrap().unwrap();
+    assert_eq!(v6, upgraded([10, 0, 0, 0, 50], 60, 70));
+    assert!(v6.passed(Test::Pregreet, 9) && !v6.passed(Test::Dnsbl, 0));
+    assert_eq!(
+        s.blocks().await.unwrap(),
+        vec![block("198.51.100.0/24", Some("l"))]
+    );
+    assert_eq!(s.allows().await.unwrap().len(), 1);
+    drop(s);
+
+    assert_eq!(
+        layouts(&path),
+        layout::Found {
+            file: Some(layout::FILE_LAYOUT),
+            clients: Some(layout::CLIENTS_LAYOUT),
+            verdicts: Some(layout::VERDICTS_LAYOUT),
+        }
+    );
+    {
+        // Rewritten on disk: the counted form.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(CLIENTS).unwrap();
+        let v = t
+            .get(codec::ip_key(ip("192.0.2.1")).as_slice())
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.value()[0], codec::CLIENT_FORMAT);
+    }
+    // Opening again reads the same.
+    let s = Store::open(&path).unwrap();
+    assert_eq!(
+        s.client(ip("192.0.2.1")).await.unwrap(),
+        Some(upgraded([1, 2, 3, 4, 5], 6, 7))
+    );
+    drop(s);
+    let report = salvage::check(&path).unwrap();
+    assert!(
+        report.to_string().contains("table clients layout 2"),
+        "{report}"
+    );
+
+    // Repair drops the record that never decoded and keeps the others.
+    let r = salvage::repair(&path, &salvage::Pinned::default()).unwrap();
+    assert_eq!(r.salvaged[0], ("clients", 2), "{r}");
+    assert!(salvage::check(&path).unwrap().healthy());
+}
+
+#[tokio::test]
+async fn repair_of_a_layout_1_file_writes_the_cache_records_the_new_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    layout_1_file(&path);
+    // Not healthy: one cache record does not decode.
+    assert!(!salvage::check(&path).unwrap().healthy());
+    let r = salvage::repair(&path, &salvage::Pinned::default()).unwrap();
+    assert_eq!(
+        r.salvaged,
+        vec![("clients", 2), ("blocks", 1), ("allows", 1)],
+        "{r}"
+    );
+    assert_eq!(layouts(&path).reading(), Ok(layout::Reading::Current));
+    let s = Store::open(&path).unwrap();
+    assert_eq!(
+        s.clients().await.unwrap(),
+        vec![
+            (ip("192.0.2.1"), upgraded([1, 2, 3, 4, 5], 6, 7)),
+            (ip("2001:db8::2"), upgraded([10, 0, 0, 0, 50], 60, 70)),
+        ]
+    );
 }
 
 #[test]
@@ -408,7 +649,7 @@ async fn damaged_record_is_reported_not_misread() {
         // A record claiming a future format.
         txn.open_table(BLOCKS)
             .unwrap()
-            .insert(key.as_slice(), [codec::RECORD_FORMAT + 1, 0, 0].as_slice())
+            .insert(key.as_slice(), [codec::VERDICT_FORMAT + 1, 0, 0].as_slice())
             .unwrap();
         txn.commit().unwrap();
     }
@@ -480,7 +721,7 @@ async fn lenient_reads_skip_and_name_undecodable_records() {
         let txn = db.begin_write().unwrap();
         let mut t = txn.open_table(BLOCKS).unwrap();
         let key = codec::net_key(net("192.0.2.2/32"));
-        t.insert(key.as_slice(), [codec::RECORD_FORMAT, 1].as_slice())
+        t.insert(key.as_slice(), [codec::VERDICT_FORMAT, 1].as_slice())
             .unwrap();
         t.insert([9u8, 9].as_slice(), [0u8].as_slice()).unwrap();
         drop(t);
@@ -724,4 +965,51 @@ async fn lapsed_blocks_are_the_ones_in_the_window_queued_changes_included() {
         nets(s.lapsed_blocks(100, 200).await.unwrap()),
         vec!["192.0.2.4/32", "192.0.2.5/32"]
     );
+}
+
+#[tokio::test]
+async fn upgrading_many_cache_records_rewrites_every_batch() {
+    // More than two batches of the upgrade, and keys in both families.
+    let n: u32 = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let addr = |i: u32| -> IpAddr {
+        if i.is_multiple_of(2) {
+            IpAddr::from(std::net::Ipv4Addr::from(0xc000_0000 | i))
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::from(
+                0x2001_0db8_u128 << 96 | u128::from(i),
+            ))
+        }
+    };
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("layout", 1).unwrap();
+        {
+            let mut t = txn.open_table(CLIENTS).unwrap();
+            for i in 0..n {
+                let e = u64::from(i);
+                t.insert(
+                    codec::ip_key(addr(i)).as_slice(),
+                    legacy_client([e, e + 1, 0, 0, e + 4], e, e + 9).as_slice(),
+                )
+                .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let t = Instant::now();
+    let (s, census) = Store::open_census(&path).unwrap();
+    eprintln!("upgrading {n} cache records: {:?}", t.elapsed());
+    assert_eq!(census.readable("clients"), u64::from(n));
+    assert_eq!(census.unreadable().count(), 0);
+    for i in [0, 1, 4095, 4096, 4097, n / 2, n - 1] {
+        let e = u64::from(i);
+        assert_eq!(
+            s.client(addr(i)).await.unwrap(),
+            Some(upgraded([e, e + 1, 0, 0, e + 4], e, e + 9)),
+            "record {i}"
+        );
+    }
 }

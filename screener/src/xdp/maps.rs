@@ -8,6 +8,13 @@
 //!
 //! This layer also keeps the `FLAG_HAS_*` bits of the `config` entry true,
 //! so the program skips the lookups of empty maps.
+//!
+//! ADOPTING A PINNED SET. Every pinned map is checked against this
+//! program's [`MapSpec`] (type, key and value sizes, flags, and the size
+//! of the fixed maps), as cilium/ebpf's `MapSpec.Compatible` does: a
+//! mismatch is another layout and is refused. The sizes `xdp.max_*` give
+//! are not layout: a map of another size is migrated ([`plan_resize`],
+//! [`migrate`]) into a map of the configured size holding every entry.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -15,7 +22,8 @@ use std::{
 };
 
 use aya::maps::{
-    lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+    lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, MapInfo,
+    PerCpuArray,
 };
 use ipnet::IpNet;
 use screener_common::{
@@ -28,7 +36,7 @@ use serde::Serialize;
 use super::{prefilter::Prefilter, XdpError};
 
 /// The config key that sizes each map, for "map full" messages.
-fn size_key(map: &str) -> &'static str {
+pub fn size_key(map: &str) -> &'static str {
     match map {
         names::BLOCK_V4 | names::BLOCK_V6 => "xdp.max_hosts",
         names::BLOCK_V4_CIDR | names::BLOCK_V6_CIDR => "xdp.max_prefixes",
@@ -135,42 +143,124 @@ fn insert_err(map: &'static str, max: u32) -> impl Fn(MapError) -> XdpError {
     }
 }
 
+/// What a pinned map must be for this program to use it, as cilium/ebpf's
+/// `MapSpec.Compatible` checks before reusing a pin: aya reuses any pinned
+/// descriptor of the right name unchecked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// `BPF_MAP_TYPE_*`: a hash read as a trie would be nonsense.
+    pub map_type: u32,
+    /// Key bytes: the address family and the key layout.
+    pub key_size: u32,
+    /// Value bytes: the [`Entry`] / [`KConfig`] layout.
+    pub value_size: u32,
+    /// `BPF_F_*` creation flags (preallocation changes memory and
+    /// behaviour when full).
+    pub flags: u32,
+    /// Fixed sizes only (`config`, `stats`, the prefilters); `None` for the
+    /// maps `xdp.max_*` size, which are migrated when the size changes.
+    pub max_entries: Option<u32>,
+}
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// The spec of the map `name` in this program's object.
 #[expect(
     clippy::cast_possible_truncation,
     reason = "map values are a few KiB at most"
 )]
-fn expected_sizes(name: &str) -> (u32, u32) {
+pub fn spec(name: &str) -> Option<MapSpec> {
     let entry = size_of::<Entry>() as u32;
-    match name {
-        names::CONFIG => (4, size_of::<KConfig>() as u32),
+    let (map_type, key_size, value_size, flags, max_entries) = match name {
+        names::CONFIG => (
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            size_of::<KConfig>() as u32,
+            0,
+            Some(1),
+        ),
         // Counters and prefilter words are u64 slots of an array.
-        names::STATS | names::PREFILTER_V4 | names::PREFILTER_V6 => (4, 8),
-        names::ALLOW_V4 | names::BLOCK_V4_CIDR => (8, entry),
-        names::ALLOW_V6 | names::BLOCK_V6_CIDR => (20, entry),
-        names::BLOCK_V4 => (4, entry),
-        names::BLOCK_V6 => (16, entry),
-        _ => (0, 0),
-    }
+        names::STATS => (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 0, Some(stat::LEN)),
+        names::PREFILTER_V4 | names::PREFILTER_V6 => (
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            8,
+            0,
+            Some(screener_common::prefilter::WORDS as u32),
+        ),
+        // An LPM key is a u32 prefix length and the address bytes.
+        names::ALLOW_V4 | names::BLOCK_V4_CIDR => {
+            (BPF_MAP_TYPE_LPM_TRIE, 8, entry, BPF_F_NO_PREALLOC, None)
+        }
+        names::ALLOW_V6 | names::BLOCK_V6_CIDR => {
+            (BPF_MAP_TYPE_LPM_TRIE, 20, entry, BPF_F_NO_PREALLOC, None)
+        }
+        names::BLOCK_V4 => (BPF_MAP_TYPE_HASH, 4, entry, BPF_F_NO_PREALLOC, None),
+        names::BLOCK_V6 => (BPF_MAP_TYPE_HASH, 16, entry, BPF_F_NO_PREALLOC, None),
+        _ => return None,
+    };
+    Some(MapSpec {
+        map_type,
+        key_size,
+        value_size,
+        flags,
+        max_entries,
+    })
 }
 
-/// Checks that a pinned set of maps has this program's layout, so entries
-/// are never read with another meaning. Returns the pinned IPv6 prefix.
+/// The size `xdp.*` gives each map it sizes (the others are fixed).
+pub fn configured_sizes(x: &crate::config::Xdp) -> [(&'static str, u32); 6] {
+    [
+        (names::BLOCK_V4, x.max_hosts),
+        (names::BLOCK_V6, x.max_hosts),
+        (names::BLOCK_V4_CIDR, x.max_prefixes),
+        (names::BLOCK_V6_CIDR, x.max_prefixes),
+        (names::ALLOW_V4, x.max_allows),
+        (names::ALLOW_V6, x.max_allows),
+    ]
+}
+
+/// The first way `info` differs from `want`, as text for the refusal.
+fn incompatibility(info: &MapInfo, want: &MapSpec) -> Option<String> {
+    let kind = info.map_type().map_or(u32::MAX, |t| t as u32);
+    let fields = [
+        ("type", kind, want.map_type),
+        ("key size", info.key_size(), want.key_size),
+        ("value size", info.value_size(), want.value_size),
+        ("flags", info.map_flags(), want.flags),
+        (
+            "max_entries",
+            info.max_entries(),
+            want.max_entries.unwrap_or(info.max_entries()),
+        ),
+    ];
+    fields
+        .iter()
+        .find(|(_, got, want)| got != want)
+        .map(|(what, got, want)| format!("{what} {got}, this version uses {want}"))
+}
+
+/// Checks that a pinned set of maps has this program's layout (type,
+/// key and value sizes, flags, fixed sizes, and the layout version in
+/// `config`), so entries are never read with another meaning. The sizes
+/// `xdp.max_*` set are not part of the layout: [`plan_resize`] handles
+/// them. Returns the pinned IPv6 prefix.
 pub fn check_pinned_layout(dir: &Path) -> Result<u32, XdpError> {
     for name in names::ALL {
         let path = dir.join(name);
-        let data = MapData::from_pin(&path).map_err(|source| XdpError::Pinned {
+        let info = MapInfo::from_pin(&path).map_err(|source| XdpError::Pinned {
             path: path.clone(),
             reason: format!("cannot open: {source}"),
         })?;
-        let info = data.info().map_err(map_err(name_static(name)))?;
-        let want = expected_sizes(name);
-        let got = (info.key_size(), info.value_size());
-        if got != want {
+        let want = spec(name).expect("every map has a spec");
+        if let Some(detail) = incompatibility(&info, &want) {
             return Err(XdpError::Layout {
                 dir: dir.to_owned(),
-                detail: format!(
-                    "map {name} has key/value sizes {got:?}, this version uses {want:?}"
-                ),
+                detail: format!("map {name} has {detail}"),
             });
         }
     }
@@ -189,12 +279,157 @@ pub fn check_pinned_layout(dir: &Path) -> Result<u32, XdpError> {
     Ok(current.ipv6_prefix)
 }
 
-fn name_static(name: &str) -> &'static str {
-    names::ALL
+/// One pinned map whose size differs from the configured one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resize {
+    /// The map's name and pin.
+    pub map: &'static str,
+    /// Its pinned size.
+    pub from: u32,
+    /// The size the configuration asks for.
+    pub to: u32,
+    /// Entries it holds now, all of which move.
+    pub entries: usize,
+}
+
+/// The size of every sized map in the pinned set (a set already checked
+/// by [`check_pinned_layout`]).
+pub fn pinned_sizes(dir: &Path) -> Result<Vec<(&'static str, u32)>, XdpError> {
+    configured_sizes(&crate::config::Xdp::default())
         .iter()
-        .find(|n| **n == name)
-        .copied()
-        .unwrap_or("map")
+        .map(|(name, _)| {
+            let info = MapInfo::from_pin(dir.join(name)).map_err(map_err(name))?;
+            Ok((*name, info.max_entries()))
+        })
+        .collect()
+}
+
+/// The pinned maps whose size differs from `wanted`. A map holding more
+/// entries than its new size takes is refused, naming the key: migrating
+/// it would drop verdicts in force.
+pub fn plan_resize(dir: &Path, wanted: &[(&'static str, u32)]) -> Result<Vec<Resize>, XdpError> {
+    let mut out = Vec::new();
+    for &(map, to) in wanted {
+        let data = MapData::from_pin(dir.join(map)).map_err(map_err(map))?;
+        let from = data.info().map_err(map_err(map))?.max_entries();
+        if from == to {
+            continue;
+        }
+        let entries = count_keys(data, map)?;
+        if entries > to as usize {
+            return Err(XdpError::ResizeTooSmall {
+                map,
+                key: size_key(map),
+                size: to,
+                entries,
+            });
+        }
+        out.push(Resize {
+            map,
+            from,
+            to,
+            entries,
+        });
+    }
+    Ok(out)
+}
+
+/// Entries in the block or allow map `name`.
+fn count_keys(data: MapData, name: &'static str) -> Result<usize, XdpError> {
+    Ok(match name {
+        names::BLOCK_V4 => {
+            let m: HashMap<MapData, [u8; 4], Entry> = take(Map::HashMap(data), name)?;
+            m.keys().count()
+        }
+        names::BLOCK_V6 => {
+            let m: HashMap<MapData, [u8; 16], Entry> = take(Map::HashMap(data), name)?;
+            m.keys().count()
+        }
+        names::ALLOW_V4 | names::BLOCK_V4_CIDR => {
+            let m: LpmTrie<MapData, [u8; 4], Entry> = take(Map::LpmTrie(data), name)?;
+            m.keys().count()
+        }
+        _ => {
+            let m: LpmTrie<MapData, [u8; 16], Entry> = take(Map::LpmTrie(data), name)?;
+            m.keys().count()
+        }
+    })
+}
+
+/// Where the resized copy of `name` is pinned while it is filled (bpffs
+/// refuses a `.` in a name, hence a prefix). A
+/// copy left by a start that died half-way is removed by
+/// [`clear_staging`] and made again.
+pub fn staging_pin(dir: &Path, name: &str) -> std::path::PathBuf {
+    dir.join(format!("resize_{name}"))
+}
+
+/// Removes every staging pin in `dir`.
+pub fn clear_staging(dir: &Path) {
+    for name in names::ALL {
+        let _ = std::fs::remove_file(staging_pin(dir, name));
+    }
+}
+
+/// Copies every entry of each pinned map in `plan` into its resized copy
+/// (already created at [`staging_pin`]), then renames each copy over the
+/// old pin. The old maps stay in use by the program already attached
+/// until the new instance is swapped into the links, so the gate never
+/// opens; a failure before the renames leaves the pinned set as it was.
+pub fn migrate(dir: &Path, plan: &[Resize]) -> Result<(), XdpError> {
+    for r in plan {
+        let old = MapData::from_pin(dir.join(r.map)).map_err(map_err(r.map))?;
+        let new = MapData::from_pin(staging_pin(dir, r.map)).map_err(map_err(r.map))?;
+        let size = r.to;
+        match r.map {
+            names::BLOCK_V4 => copy_hash::<[u8; 4]>(old, new, r.map, size)?,
+            names::BLOCK_V6 => copy_hash::<[u8; 16]>(old, new, r.map, size)?,
+            names::ALLOW_V4 | names::BLOCK_V4_CIDR => copy_trie::<[u8; 4]>(old, new, r.map, size)?,
+            _ => copy_trie::<[u8; 16]>(old, new, r.map, size)?,
+        }
+    }
+    for r in plan {
+        let from = staging_pin(dir, r.map);
+        let to = dir.join(r.map);
+        // A rename in bpffs replaces the pin in one step: `to` names the
+        // old map or the new one, never nothing.
+        std::fs::rename(&from, &to).map_err(|source| XdpError::Io {
+            what: "replacing the pin",
+            path: to.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn copy_hash<K: aya::Pod>(
+    old: MapData,
+    new: MapData,
+    name: &'static str,
+    size: u32,
+) -> Result<(), XdpError> {
+    let old: HashMap<MapData, K, Entry> = take(Map::HashMap(old), name)?;
+    let mut new: HashMap<MapData, K, Entry> = take(Map::HashMap(new), name)?;
+    for item in &old {
+        let (k, v) = item.map_err(map_err(name))?;
+        new.insert(k, v, 0).map_err(insert_err(name, size))?;
+    }
+    Ok(())
+}
+
+fn copy_trie<K: aya::Pod>(
+    old: MapData,
+    new: MapData,
+    name: &'static str,
+    size: u32,
+) -> Result<(), XdpError> {
+    let old: LpmTrie<MapData, K, Entry> = take(Map::LpmTrie(old), name)?;
+    let mut new: LpmTrie<MapData, K, Entry> = take(Map::LpmTrie(new), name)?;
+    for item in &old {
+        let (k, v) = item.map_err(map_err(name))?;
+        new.insert(&k, v, 0).map_err(insert_err(name, size))?;
+    }
+    Ok(())
 }
 
 impl Maps {
@@ -683,5 +918,102 @@ fn listed(net: IpNet, v: Entry, now: u32, map: &'static str) -> Listed {
         expires_in: (v.expires != 0).then(|| u64::from(v.expires.saturating_sub(now))),
         hits: v.hits,
         map,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::{maps::Map, EbpfLoader};
+    use screener_common::map_names as names;
+
+    use super::{incompatibility, spec, MapSpec};
+
+    /// The specs are written by hand; the object is the truth. Loading it
+    /// (unpinned, at its default sizes) and comparing every map keeps the
+    /// two from drifting apart.
+    #[test]
+    fn every_map_of_the_object_matches_its_spec() {
+        let ebpf = EbpfLoader::new()
+            .load(crate::ebpf_objects::SCREENER)
+            .expect("loading the object (as root)");
+        let defaults = crate::config::Xdp::default();
+        for name in names::ALL {
+            let map = ebpf.map(name).unwrap_or_else(|| panic!("no map {name}"));
+            let (Map::Array(d) | Map::HashMap(d) | Map::LpmTrie(d) | Map::PerCpuArray(d)) = map
+            else {
+                panic!("map {name} is of an unexpected kind");
+            };
+            let info = d.info().expect("map info");
+            let want = spec(name).unwrap_or_else(|| panic!("no spec for {name}"));
+            assert_eq!(incompatibility(&info, &want), None, "map {name}");
+            let sized = super::configured_sizes(&defaults)
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| *s);
+            assert_eq!(
+                want.max_entries.or(sized),
+                Some(info.max_entries()),
+                "map {name}: a fixed size, or the configured default"
+            );
+        }
+    }
+
+    #[test]
+    fn any_difference_but_a_configured_size_is_named() {
+        let ebpf = EbpfLoader::new()
+            .load(crate::ebpf_objects::SCREENER)
+            .expect("loading the object (as root)");
+        let info = |name| {
+            let (Map::HashMap(d) | Map::Array(d)) = ebpf.map(name).expect("map") else {
+                panic!("{name}: unexpected kind");
+            };
+            d.info().expect("map info")
+        };
+        let hosts = spec(names::BLOCK_V4).unwrap();
+        let cases: [(&str, MapSpec, &str); 5] = [
+            (
+                names::BLOCK_V4,
+                MapSpec {
+                    map_type: 11,
+                    ..hosts
+                },
+                "type 1, this version uses 11",
+            ),
+            (
+                names::BLOCK_V4,
+                MapSpec {
+                    key_size: 16,
+                    ..hosts
+                },
+                "key size 4",
+            ),
+            (
+                names::BLOCK_V4,
+                MapSpec {
+                    value_size: 8,
+                    ..hosts
+                },
+                "value size 16",
+            ),
+            (
+                names::BLOCK_V4,
+                MapSpec { flags: 0, ..hosts },
+                "flags 1, this version uses 0",
+            ),
+            (
+                names::CONFIG,
+                MapSpec {
+                    max_entries: Some(2),
+                    ..spec(names::CONFIG).unwrap()
+                },
+                "max_entries 1, this version uses 2",
+            ),
+        ];
+        for (name, want, said) in cases {
+            let got = incompatibility(&info(name), &want).unwrap_or_default();
+            assert!(got.starts_with(said), "{name}: {got:?}");
+        }
+        // Only the fixed maps' size is layout.
+        assert_eq!(incompatibility(&info(names::BLOCK_V4), &hosts), None);
     }
 }

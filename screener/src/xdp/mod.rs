@@ -2,14 +2,16 @@
 //! attach it to the configured interfaces, pin everything so the gate
 //! outlives the daemon, and keep it attached while the daemon runs.
 //!
-//! PINNING. Under `xdp.pin_path` live the maps (by name), the program
+//! PINNING. Under `xdp.pin_path` live the ten maps of
+//! [`screener_common::map_names::ALL`] (by name), the program
 //! (`prog`) and one link per interface (`link_<ifname>`). A link pinned in
 //! bpffs keeps the program attached when the daemon dies, so a crash never
 //! opens the gate.
 //!
 //! ADOPTION. A starting daemon that finds a pinned set checks its layout
-//! (map key/value sizes and the layout version in `config`) and refuses a
-//! set of another layout with a message saying how to remove it. A set of
+//! (each map's type, key and value sizes, flags and fixed size, and the
+//! layout version in `config`) and refuses a set of another layout with a
+//! message saying how to remove it. A set of
 //! this layout is adopted: the new program instance is built on the pinned
 //! maps (so every entry survives) and swapped into each pinned link
 //! atomically, so an interface is never attached twice and never left
@@ -17,6 +19,19 @@
 //! deleted (or deleted and re-created: a new interface of the same name is
 //! another device) guards nothing and cannot take a new program; it is
 //! replaced by a fresh attachment.
+//!
+//! RESIZING. The sizes `xdp.max_*` give are not layout. A starting daemon
+//! that finds a sized map pinned with another size creates one of the
+//! configured size (pinned beside it as `resize_<name>`), copies every
+//! entry into it, renames it over the old pin, and loads the new program
+//! instance on it; the old instance keeps guarding, on the old maps, until
+//! [`Gate::attach`] swaps the new one into the links. Nothing is lost and
+//! the gate never opens. A map holding more entries than its new size
+//! takes is refused, naming the key. The alternative, refusing every size
+//! change until `screener xdp detach`, would open the gate for as long as
+//! the restart takes and leave the operator a map-full message they cannot
+//! act on without that gap. A reload ([`Gate::reload`]) keeps the pinned
+//! sizes: the daemon writes verdicts into the maps meanwhile.
 //!
 //! FILL BEFORE ATTACH. [`Gate::load`] loads the program on the maps and
 //! configures it without attaching it anywhere new; the daemon fills the
@@ -73,7 +88,10 @@ pub enum XdpError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("map {map} is full ({key} = {size}); raise {key} or remove entries")]
+    #[error(
+        "map {map} is full ({key} = {size}); raise {key} and restart \
+         (the pinned entries move into maps of the new size), or remove entries"
+    )]
     MapFull {
         map: &'static str,
         size: u32,
@@ -84,6 +102,16 @@ pub enum XdpError {
          remove them with `screener xdp detach` (their entries are lost) or point xdp.pin_path elsewhere"
     )]
     Layout { dir: PathBuf, detail: String },
+    #[error(
+        "map {map} holds {entries} entries, more than {key} = {size} takes; \
+         raise {key}, or remove entries first (`screener block del`, `screener allow del`)"
+    )]
+    ResizeTooSmall {
+        map: &'static str,
+        key: &'static str,
+        size: u32,
+        entries: usize,
+    },
     #[error("pinned object {path}: {reason}")]
     Pinned { path: PathBuf, reason: String },
     #[error("the pinned maps in {dir} key IPv6 blocks by /{pinned}, the config says verdict.ipv6_prefix = {configured}; detach first (`screener xdp detach`) to change it")]
@@ -235,6 +263,15 @@ fn is_bpffs(path: &Path) -> bool {
     rc == 0 && st.f_type == 0xcafe_4a11
 }
 
+/// Which sizes [`Gate::open`] gives the sized maps.
+#[derive(Clone, Copy)]
+enum Sizing {
+    /// `xdp.max_*`, migrating pinned maps of another size.
+    Configured,
+    /// The pinned maps' own sizes.
+    AsPinned,
+}
+
 /// Whether `dir` holds a pinned set (at least the settings map).
 pub fn is_pinned(dir: &Path) -> bool {
     dir.join(names::CONFIG).exists()
@@ -243,11 +280,28 @@ pub fn is_pinned(dir: &Path) -> bool {
 impl Gate {
     /// Loads the program on the pinned maps (creating and pinning them if
     /// there are none) and configures it, without attaching it anywhere
-    /// new: the caller fills the maps, then calls [`Gate::attach`].
+    /// new: the caller fills the maps, then calls [`Gate::attach`]. A
+    /// pinned map whose size is not the configured one is migrated into
+    /// one that is (see RESIZING).
     pub fn load(cfg: &config::Config) -> Result<Gate, XdpError> {
+        Gate::open(cfg, Sizing::Configured)
+    }
+
+    /// Like [`Gate::load`], for a daemon that already runs on the pinned
+    /// maps: their sizes stay as they are (a migration would copy the
+    /// maps under the verdicts being written into them); a new
+    /// `xdp.max_*` waits for the next start.
+    pub fn reload(cfg: &config::Config) -> Result<Gate, XdpError> {
+        Gate::open(cfg, Sizing::AsPinned)
+    }
+
+    fn open(cfg: &config::Config, sizing: Sizing) -> Result<Gate, XdpError> {
         let x = &cfg.xdp;
         let dir = &x.pin_path;
         ensure_bpffs(dir)?;
+        maps::clear_staging(dir);
+        let mut sizes = maps::configured_sizes(x).to_vec();
+        let mut resize = Vec::new();
         if is_pinned(dir) {
             let pinned = maps::check_pinned_layout(dir)?;
             if pinned != u32::from(cfg.verdict.ipv6_prefix) {
@@ -257,24 +311,55 @@ impl Gate {
                     configured: cfg.verdict.ipv6_prefix,
                 });
             }
+            match sizing {
+                Sizing::Configured => resize = maps::plan_resize(dir, &sizes)?,
+                Sizing::AsPinned => sizes = maps::pinned_sizes(dir)?,
+            }
             tracing::info!(pin_path = %dir.display(), "adopting pinned XDP maps");
         }
-        let map_paths: Vec<(&str, PathBuf)> =
-            names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        let map_paths: Vec<(&str, PathBuf)> = names::ALL
+            .iter()
+            .map(|n| {
+                let path = if resize.iter().any(|r| r.map == *n) {
+                    maps::staging_pin(dir, n)
+                } else {
+                    dir.join(n)
+                };
+                (*n, path)
+            })
+            .collect();
         let log_level = x.log_level.aya_level();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        loader
-            .map_max_entries(names::BLOCK_V4, x.max_hosts)
-            .map_max_entries(names::BLOCK_V6, x.max_hosts)
-            .map_max_entries(names::BLOCK_V4_CIDR, x.max_prefixes)
-            .map_max_entries(names::BLOCK_V6_CIDR, x.max_prefixes)
-            .map_max_entries(names::ALLOW_V4, x.max_allows)
-            .map_max_entries(names::ALLOW_V6, x.max_allows)
-            .override_global(aya_log::LEVEL, &log_level, false);
-        let mut ebpf = loader.load(crate::ebpf_objects::SCREENER)?;
+        for (name, size) in &sizes {
+            loader.map_max_entries(name, *size);
+        }
+        loader.override_global(aya_log::LEVEL, &log_level, false);
+        let mut ebpf = match loader.load(crate::ebpf_objects::SCREENER) {
+            Ok(e) => e,
+            Err(e) => {
+                maps::clear_staging(dir);
+                return Err(e.into());
+            }
+        };
+        if !resize.is_empty() {
+            if let Err(e) = maps::migrate(dir, &resize) {
+                maps::clear_staging(dir);
+                return Err(e);
+            }
+            for r in &resize {
+                tracing::info!(
+                    map = r.map,
+                    key = maps::size_key(r.map),
+                    from = r.from,
+                    to = r.to,
+                    entries = r.entries,
+                    "pinned XDP map resized: every entry moved into a map of the configured size"
+                );
+            }
+        }
         let mut maps = Maps::from_pins(dir)?;
         let ports = match &x.ports {
             config::Ports::All => None,
@@ -827,6 +912,7 @@ pub fn detach(dir: &Path) -> Result<Vec<String>, XdpError> {
             removed.push(format!("map {name}"));
         }
     }
+    maps::clear_staging(dir);
     // Only remove the directory if it is now empty: it may hold what
     // someone else pinned.
     let _ = std::fs::remove_dir(dir);
