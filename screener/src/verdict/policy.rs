@@ -87,14 +87,7 @@ pub fn kernel_reason(text: &str) -> Reason {
 
 /// The kernel reason of a screening outcome.
 pub fn block_on_reason(o: BlockOn) -> Reason {
-    match o {
-        BlockOn::Pregreet => Reason::Pregreet,
-        BlockOn::Dnsbl => Reason::Dnsbl,
-        BlockOn::Pipelining => Reason::Pipelining,
-        BlockOn::NonSmtpCommand => Reason::NonSmtpCommand,
-        BlockOn::BareNewline => Reason::BareNewline,
-        BlockOn::Denylist => Reason::Denylist,
-    }
+    o.reason()
 }
 
 /// Who must never be blocked, as the caller sees it now.
