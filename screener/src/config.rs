@@ -405,6 +405,9 @@ pub struct Config {
     pub store: Store,
     pub admin: Admin,
     pub import: Import,
+    /// The fleet this node shares verdicts and passes with; off while
+    /// `cluster.redis` is empty.
+    pub cluster: crate::cluster::Settings,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -815,6 +818,9 @@ impl Config {
 
     /// Range and consistency checks serde cannot express.
     fn check(&self) -> Result<(), ConfigError> {
+        self.cluster
+            .check()
+            .map_err(|(key, value, reason)| ConfigError::value(key, value, reason))?;
         let s = &self.screen;
         if self.smtp.listen.is_empty() {
             return Err(ConfigError::value(

@@ -217,6 +217,9 @@ struct Shared {
     /// Set once every listener of the start is accepting, so the daemon
     /// reports readiness only when a client can already connect.
     listening: watch::Sender<bool>,
+    /// The fleet, when `[cluster]` shares passes: asked on a cache miss,
+    /// told of every PASS NEW.
+    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
 }
 
 /// Listeners bound by [`Server::bind`], each under the address
@@ -266,6 +269,7 @@ impl Server {
                 stop: watch::channel(false).0,
                 listeners: Mutex::new(HashMap::new()),
                 listening: watch::Sender::new(false),
+                cluster: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -275,6 +279,11 @@ impl Server {
     pub fn reload(&self, cfg: Arc<Config>) {
         self.rebuild(cfg);
         tracing::info!("smtp parameters reloaded");
+    }
+
+    /// Shares passes with `cluster` from now on.
+    pub fn set_cluster(&self, cluster: crate::cluster::Cluster) {
+        let _ = self.shared.cluster.set(cluster);
     }
 
     /// Sets the allow entries: clients they cover skip every test, from
@@ -768,7 +777,29 @@ impl Drop for Slot {
 
 /// Records passes: tests with a lifetime get `now + ttl`, the others keep
 /// their cached expiry.
-async fn store_pass(cache: Store, ip: IpAddr, ttl: PerTest<Option<Duration>>) {
+/// What the fleet knows of `ip`'s passes, on a local cache miss; `None`
+/// when no node passed it or Redis does not answer within
+/// `cluster.pass_timeout`.
+async fn fleet_passes(fleet: &crate::cluster::Cluster, ip: IpAddr) -> Option<PerTest<u64>> {
+    let passes = fleet.passes(ip).await?;
+    let mut out = PerTest::splat(0);
+    let mut any = false;
+    for (name, expires) in passes {
+        // A test this release does not know is one it never asks for.
+        if let Some(t) = crate::screen::TestId::from_name(&name) {
+            out[t] = expires;
+            any = true;
+        }
+    }
+    any.then_some(out)
+}
+
+async fn store_pass(
+    cache: Store,
+    fleet: Option<crate::cluster::Cluster>,
+    ip: IpAddr,
+    ttl: PerTest<Option<Duration>>,
+) {
     let now = unix_now();
     let mut rec = match cache.client(ip).await {
         Ok(r) => r.unwrap_or(ClientRecord {
@@ -784,6 +815,14 @@ async fn store_pass(cache: Store, ip: IpAddr, ttl: PerTest<Option<Duration>>) {
         Some(ttl) => now + ttl.as_secs(),
         None => exp,
     });
+    if let Some(fleet) = fleet {
+        let passes: Vec<(&str, u64)> = expires
+            .iter()
+            .filter(|(_, &e)| e > now)
+            .map(|(t, &e)| (t.name(), e))
+            .collect();
+        fleet.publish_pass(ip, &passes);
+    }
     rec.expires = expires.into();
     rec.last_seen = now;
     if let Err(e) = cache.put_client(ip, rec).await {
@@ -900,6 +939,10 @@ async fn connection(
             }
         },
         None => None,
+    };
+    let expiries = match (expiries, shared.cluster.get()) {
+        (None, Some(fleet)) => fleet_passes(fleet, ip).await,
+        (known, _) => known,
     };
     let (admission, stress) = admit(shared, &settings, &slot, expiries);
     let mut conn = Conn {
@@ -1018,7 +1061,12 @@ async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
                 Output::Pass(ttl) => {
                     shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
                     if let Some(cache) = shared.cache.clone() {
-                        tokio::spawn(store_pass(cache, client.ip().to_canonical(), ttl));
+                        tokio::spawn(store_pass(
+                            cache,
+                            shared.cluster.get().cloned(),
+                            client.ip().to_canonical(),
+                            ttl,
+                        ));
                     }
                 }
                 Output::Handoff(plan) => {
