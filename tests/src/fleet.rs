@@ -219,7 +219,7 @@ pub struct Node {
     /// Its files (store, socket, logs).
     dir: tempfile::TempDir,
     /// Its pinned maps.
-    _pins: PinDir,
+    pins: PinDir,
     /// The running daemon.
     daemon: ChildGuard,
     /// How many times it was started (log file per start).
@@ -284,7 +284,7 @@ prefix = "{prefix}"
             smtp,
             cfg,
             dir,
-            _pins: pins,
+            pins,
             daemon: ChildGuard(None),
             starts: 0,
             delivered,
@@ -364,6 +364,11 @@ prefix = "{prefix}"
     /// `stats --json`.
     pub fn stats(&self) -> serde_json::Value {
         crate::daemon::stats(&self.cfg)
+    }
+
+    /// Its pin directory.
+    pub fn pins(&self) -> &Path {
+        &self.pins.0
     }
 
     /// The directory of its files.
