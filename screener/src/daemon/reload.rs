@@ -252,5 +252,10 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(new.xdp.max_allows != old.xdp.max_allows, "xdp.max_allows");
     check(new.store.path != old.store.path, "store.path");
     check(new.admin.socket != old.admin.socket, "admin.socket");
+    check(new.daemon.user != old.daemon.user, "daemon.user");
+    check(
+        new.daemon.admin_group != old.daemon.admin_group,
+        "daemon.admin_group",
+    );
     keys
 }
