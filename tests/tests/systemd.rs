@@ -207,7 +207,7 @@ fn loopback_config(dir: &Path, port: u16) -> std::path::PathBuf {
             "[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:9\"\n\
              # Loopback clients are local: screen them, so they get the teaser.\n\
              [screen]\npermit_local = false\n\
-             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             d = dir.display()
         ),
     )
