@@ -343,7 +343,10 @@ fn packaged_config_is_observe_mode_and_checks_once_interfaces_are_set() {
     if !screener_exists {
         let (ok, out) = check(&fixed);
         assert!(!ok, "{out}");
-        assert!(out.contains("daemon.user = \"screener\": no such user"), "{out}");
+        assert!(
+            out.contains("daemon.user = \"screener\": no such user"),
+            "{out}"
+        );
         let st = Command::new(&bin)
             .arg("-c")
             .arg(&fixed)

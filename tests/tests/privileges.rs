@@ -167,7 +167,10 @@ fn assert_dropped(pid: u32, uid: u32) {
     let threads = threads(pid);
     assert!(threads.len() > 1, "the runtime's threads are there too");
     for (tid, uids, [inh, prm, eff, bnd, amb]) in threads {
-        assert!(uids.iter().all(|u| *u == uid), "thread {tid}: uids {uids:?}");
+        assert!(
+            uids.iter().all(|u| *u == uid),
+            "thread {tid}: uids {uids:?}"
+        );
         assert_eq!(eff, KEPT, "thread {tid}: CapEff {eff:#x}");
         assert_eq!(prm, KEPT, "thread {tid}: CapPrm {prm:#x}");
         assert_eq!(inh, 0, "thread {tid}: CapInh {inh:#x}");
@@ -197,10 +200,22 @@ fn config(
     set(&cfg, "smtp", "backend = \"127.0.0.1:9\"");
     set(&cfg, "screen", "greet_wait = \"1s\"");
     set(&cfg, "screen", "greet_action = \"drop\"");
-    set(&cfg, "store", &format!("path = \"{}/s.redb\"", store.display()));
-    set(&cfg, "admin", &format!("socket = \"{}/admin.sock\"", socket.display()));
+    set(
+        &cfg,
+        "store",
+        &format!("path = \"{}/s.redb\"", store.display()),
+    );
+    set(
+        &cfg,
+        "admin",
+        &format!("socket = \"{}/admin.sock\"", socket.display()),
+    );
     set(&cfg, "daemon", &format!("user = \"{}\"", accounts.user));
-    set(&cfg, "daemon", &format!("admin_group = \"{}\"", accounts.admin));
+    set(
+        &cfg,
+        "daemon",
+        &format!("admin_group = \"{}\"", accounts.admin),
+    );
     // The daemon (and `nobody` running the CLI) read the file and cross
     // the directory; nobody writes there.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -217,13 +232,17 @@ fn start(cmd: &mut Command, cfg: &Path, dir: tempfile::TempDir) -> Daemon {
         cfg: cfg.to_owned(),
         dir,
     };
-    wait_for("the privilege drop and the SMTP listener", Duration::from_secs(30), || {
-        let log = d.log(0);
-        // The daemon's fatal error line (tracing's targets read
-        // `screener::...`).
-        assert!(!log.contains("screener: "), "{log}");
-        log.contains("privileges dropped") && log.contains("smtp listening on")
-    });
+    wait_for(
+        "the privilege drop and the SMTP listener",
+        Duration::from_secs(30),
+        || {
+            let log = d.log(0);
+            // The daemon's fatal error line (tracing's targets read
+            // `screener::...`).
+            assert!(!log.contains("screener: "), "{log}");
+            log.contains("privileges dropped") && log.contains("smtp listening on")
+        },
+    );
     d
 }
 
@@ -253,9 +272,13 @@ fn verdict_path(ns: &NetNs, d: &Daemon, port: u16, accounts: &Accounts) {
     let reply = pregreet(ns, bot, to);
     assert!(reply.contains("521"), "pregreet not rejected: {reply:?}");
     wait_for("BLOCK in the log", Duration::from_secs(10), || {
-        d.log(0).contains(&format!("BLOCK {bot}/32 reason=pregreet"))
+        d.log(0)
+            .contains(&format!("BLOCK {bot}/32 reason=pregreet"))
     });
-    assert!(!ns.connects(bot, to, DROPPED), "the blocked bot got through");
+    assert!(
+        !ns.connects(bot, to, DROPPED),
+        "the blocked bot got through"
+    );
 
     // Root and a member of the admin group reach the socket; nobody else.
     let neighbour = ns.neighbour_v4();
@@ -367,11 +390,21 @@ fn started_as_root_ends_as_the_user_with_the_kept_capabilities() {
     // the admin group; the socket 0660 to that group.
     let meta = |p: &Path| std::fs::metadata(p).unwrap();
     let st = meta(&state);
-    assert_eq!((st.uid(), st.gid(), st.mode() & 0o777), (accounts.uid, accounts.admin_gid, 0o710));
+    assert_eq!(
+        (st.uid(), st.gid(), st.mode() & 0o777),
+        (accounts.uid, accounts.admin_gid, 0o710)
+    );
     let sock = meta(&state.join("admin.sock"));
-    assert_eq!((sock.uid(), sock.gid(), sock.mode() & 0o777), (accounts.uid, accounts.admin_gid, 0o660));
+    assert_eq!(
+        (sock.uid(), sock.gid(), sock.mode() & 0o777),
+        (accounts.uid, accounts.admin_gid, 0o660)
+    );
     assert_eq!(meta(&dir_of(&d).join("s.redb")).uid(), accounts.uid);
-    assert_eq!(meta(dir_of(&d)).uid(), 0, "a shared directory is not handed over");
+    assert_eq!(
+        meta(dir_of(&d)).uid(),
+        0,
+        "a shared directory is not handed over"
+    );
     for e in std::fs::read_dir(&pins.0).unwrap() {
         let e = e.unwrap();
         assert_eq!(e.metadata().unwrap().uid(), accounts.uid, "{:?}", e.path());

@@ -75,7 +75,11 @@ pub enum PrivilegeError {
         source: std::io::Error,
     },
     #[error("daemon.user = {name:?} (uid {uid}), but the daemon runs as uid {running} and may not switch; start it as root or as {name:?}")]
-    CannotSwitch { name: String, uid: u32, running: u32 },
+    CannotSwitch {
+        name: String,
+        uid: u32,
+        running: u32,
+    },
     #[error("handing {path} to daemon.user: {source}")]
     Chown {
         path: PathBuf,
@@ -177,7 +181,11 @@ pub struct Owned<'a> {
 /// Everything between start and serve: opens the admin socket to the
 /// admin group, then (unless `daemon.user = "root"`) hands the files over
 /// and drops to the account with only the capabilities a reload needs.
-pub fn after_start(account: &Account, owned: &Owned<'_>, no_xdp: bool) -> Result<(), PrivilegeError> {
+pub fn after_start(
+    account: &Account,
+    owned: &Owned<'_>,
+    no_xdp: bool,
+) -> Result<(), PrivilegeError> {
     let switch = account.switches() && !account.keeps_root();
     open_admin(account, owned, switch)?;
     if account.keeps_root() {
@@ -402,7 +410,14 @@ fn apply() {
                 }
             }
         }
-        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             return fail(2);
         }
         if switch {
@@ -451,7 +466,9 @@ const BROADCAST_DEADLINE: Duration = Duration::from_secs(5);
 /// until a pass over `/proc/self/task` finds no thread left (a thread
 /// created meanwhile by one not yet switched is found by the next pass).
 fn broadcast(plan: &Plan) -> Result<(), PrivilegeError> {
-    let _one = BROADCAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = BROADCAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     PLAN_UID.store(plan.uid, Ordering::Release);
     PLAN_GID.store(plan.gid, Ordering::Release);
     PLAN_KEEP.store(plan.keep, Ordering::Release);
@@ -500,7 +517,10 @@ fn signal_all() -> Result<(), PrivilegeError> {
     let mut done = std::collections::HashSet::from([me]);
     let deadline = Instant::now() + BROADCAST_DEADLINE;
     loop {
-        let fresh: Vec<i32> = threads()?.into_iter().filter(|t| !done.contains(t)).collect();
+        let fresh: Vec<i32> = threads()?
+            .into_iter()
+            .filter(|t| !done.contains(t))
+            .collect();
         if fresh.is_empty() {
             return Ok(());
         }
@@ -553,7 +573,10 @@ fn verify(plan: &Plan) -> Result<Dropped, PrivilegeError> {
                 .to_owned()
         };
         let mask = |name: &str| u64::from_str_radix(&field(name), 16).unwrap_or(u64::MAX);
-        let uids: Vec<String> = field("Uid:").split_whitespace().map(str::to_owned).collect();
+        let uids: Vec<String> = field("Uid:")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
         let want_uid = plan.uid.to_string();
         if plan.switch && uids.iter().any(|u| *u != want_uid) {
             return Err(PrivilegeError::Check(format!(
@@ -660,7 +683,13 @@ fn lookup_user(name: &str) -> Result<Option<(u32, u32)>, PrivilegeError> {
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::passwd = std::ptr::null_mut();
         let r = unsafe {
-            libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut found)
+            libc::getpwnam_r(
+                c.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
         };
         match r {
             0 if found.is_null() => return Ok(None),
@@ -686,7 +715,13 @@ fn lookup_group(name: &str) -> Result<Option<u32>, PrivilegeError> {
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::group = std::ptr::null_mut();
         let r = unsafe {
-            libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut found)
+            libc::getgrnam_r(
+                c.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
         };
         match r {
             0 if found.is_null() => return Ok(None),
