@@ -45,6 +45,7 @@ use std::{
 use crate::config;
 
 /// Capability numbers (linux/capability.h).
+const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 const CAP_SETPCAP: u32 = 8;
 const CAP_NET_BIND_SERVICE: u32 = 10;
@@ -74,7 +75,7 @@ pub enum PrivilegeError {
         name: String,
         source: std::io::Error,
     },
-    #[error("daemon.user = {name:?} (uid {uid}), but the daemon runs as uid {running} and may not switch; start it as root or as {name:?}")]
+    #[error("daemon.user = {name:?} (uid {uid}), but the daemon runs as uid {running} without CAP_SETUID and CAP_SETGID to switch; start it as root (with them) or as {name:?}")]
     CannotSwitch {
         name: String,
         uid: u32,
@@ -190,7 +191,7 @@ pub fn after_start(
     open_admin(account, owned, switch)?;
     if account.keeps_root() {
         tracing::warn!(
-            "daemon.user = \"root\": privileges not dropped, the daemon keeps running as root with every capability it started with"
+            "daemon.user = \"root\": privileges not dropped, the daemon keeps the account and every capability it started with"
         );
         return Ok(());
     }
@@ -313,7 +314,8 @@ pub fn drop_to(account: &Account, keep: u64) -> Result<Dropped, PrivilegeError> 
     let running = unsafe { libc::getuid() };
     let switch = account.switches();
     let caps = Caps::of_this_thread()?;
-    if switch && caps.effective & (1 << CAP_SETUID) == 0 {
+    let may_switch = 1 << CAP_SETUID | 1 << CAP_SETGID;
+    if switch && caps.effective & may_switch != may_switch {
         return Err(PrivilegeError::CannotSwitch {
             name: account.name.clone(),
             uid: account.uid,
