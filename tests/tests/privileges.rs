@@ -1,6 +1,6 @@
 //! The daemon without root: after its privileged start it runs as
-//! `daemon.user` with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and
-//! CAP_NET_BIND_SERVICE only, in every thread, and the whole verdict path
+//! `daemon.user` with `CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN` and
+//! `CAP_NET_BIND_SERVICE` only, in every thread, and the whole verdict path
 //! still works (a pregreeting bot is blocked in the kernel and its next SYN
 //! dropped; the admin commands change the kernel maps; the watchdog
 //! re-attaches; a reload loads a new program). Started two ways: as a

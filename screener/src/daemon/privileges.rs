@@ -352,7 +352,7 @@ struct Plan {
     last_cap: u32,
 }
 
-/// `/proc/sys/kernel/cap_last_cap`, or 40 (CAP_CHECKPOINT_RESTORE).
+/// `/proc/sys/kernel/cap_last_cap`, or 40 (`CAP_CHECKPOINT_RESTORE`).
 fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -364,7 +364,7 @@ fn last_cap() -> u32 {
 static PLAN_UID: AtomicU32 = AtomicU32::new(0);
 static PLAN_GID: AtomicU32 = AtomicU32::new(0);
 static PLAN_KEEP: AtomicU64 = AtomicU64::new(0);
-/// Bit 0: switch, bit 1: drop bounding; bits 8..: last_cap.
+/// Bit 0: switch, bit 1: drop bounding; bits 8..: `last_cap`.
 static PLAN_FLAGS: AtomicU32 = AtomicU32::new(0);
 /// Threads that ran the plan since the broadcast began.
 static DONE: AtomicUsize = AtomicUsize::new(0);
@@ -486,9 +486,9 @@ fn broadcast(plan: &Plan) -> Result<(), PrivilegeError> {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
         action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigemptyset(&raw mut action.sa_mask);
         let mut old: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(signal(), &action, &mut old) != 0 {
+        if libc::sigaction(signal(), &raw const action, &raw mut old) != 0 {
             return Err(PrivilegeError::Call {
                 call: "sigaction",
                 source: std::io::Error::last_os_error(),
@@ -499,7 +499,7 @@ fn broadcast(plan: &Plan) -> Result<(), PrivilegeError> {
     let result = signal_all();
     // SAFETY: restores the disposition saved above.
     unsafe {
-        libc::sigaction(signal(), &old, std::ptr::null_mut());
+        libc::sigaction(signal(), &raw const old, std::ptr::null_mut());
     }
     result?;
     match FAILED.load(Ordering::Acquire) {
@@ -630,7 +630,8 @@ struct CapData {
 impl CapData {
     /// The two words of each 64-bit set.
     fn both(effective: u64, permitted: u64, inheritable: u64) -> [CapData; 2] {
-        let word = |m: u64, i: u32| (m >> (32 * i)) as u32;
+        // The low 32 bits of the shifted mask: the truncation is the point.
+        let word = |m: u64, i: u32| u32::try_from((m >> (32 * i)) & 0xffff_ffff).unwrap_or(0);
         [0, 1].map(|i| CapData {
             effective: word(effective, i),
             permitted: word(permitted, i),
@@ -687,10 +688,10 @@ fn lookup_user(name: &str) -> Result<Option<(u32, u32)>, PrivilegeError> {
         let r = unsafe {
             libc::getpwnam_r(
                 c.as_ptr(),
-                &mut pwd,
+                &raw mut pwd,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                &mut found,
+                &raw mut found,
             )
         };
         match r {
@@ -719,10 +720,10 @@ fn lookup_group(name: &str) -> Result<Option<u32>, PrivilegeError> {
         let r = unsafe {
             libc::getgrnam_r(
                 c.as_ptr(),
-                &mut grp,
+                &raw mut grp,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                &mut found,
+                &raw mut found,
             )
         };
         match r {
