@@ -628,6 +628,8 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
     match c {
         ConfigCmd::Check => {
             let cfg = Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            daemon::privileges::Account::resolve(&cfg.daemon)
+                .with_context(|| format!("configuration {}", p.display()))?;
             for w in cfg.warnings() {
                 eprintln!("screener: warning: {w}");
             }

@@ -264,6 +264,9 @@ path = "{dir}/screener.redb"
 [admin]
 socket = "{dir}/admin.sock"
 
+[daemon]
+user = "root"
+
 [cluster]
 redis = ["{url}"]
 node = "{name}"

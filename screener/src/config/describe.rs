@@ -86,6 +86,14 @@ pub const SECTIONS: &[Section] = &[
                reason to reject or delay a client: while it is unreachable each \
                node screens alone and queues what it has to publish.",
     },
+    Section {
+        name: "daemon",
+        text: "Whom the daemon runs as. It starts with the privileges it needs \
+               to open the store, load and attach the XDP program and bind its \
+               sockets, then switches to daemon.user keeping only CAP_BPF, \
+               CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (a reload may \
+               load a new program instance or bind a new port).",
+    },
 ];
 
 /// Every key. Order within a section is the manual's; `config show` keeps
@@ -547,6 +555,24 @@ pub const KEYS: &[Key] = &[
         default_note: None,
         text: "The admin commands' Unix socket.",
     },
+    // [daemon]
+    Key {
+        name: "daemon.user",
+        postscreen: Some("mail_owner"),
+        default_note: None,
+        text: "The account the daemon runs as after its privileged start; the \
+               admin socket, the store and the pin directory are handed to it. \
+               \"root\" means do not switch (capabilities are still reduced to \
+               the four named above). An account that does not exist is an \
+               error at start and in config check.",
+    },
+    Key {
+        name: "daemon.admin_group",
+        postscreen: None,
+        default_note: None,
+        text: "The group of the admin socket (mode 0660): its members may run \
+               the admin commands. root: only root may.",
+    },
     // [import]
     Key {
         name: "import.lists",
@@ -711,7 +737,8 @@ pub fn man_page(version: &str) -> String {
          .PP\n\
          SIGHUP (systemctl reload screener) rereads the file; a key that takes \
          effect only after a restart (verdict.ipv6_prefix, xdp.pin_path, \
-         store.path, admin.socket) is named in a warning.\n",
+         store.path, admin.socket, daemon.user, daemon.admin_group) is named \
+         in a warning.\n",
     );
     for section in SECTIONS {
         let _ = writeln!(m, ".SH \"[{}]\"\n{}", section.name, roff(section.text));

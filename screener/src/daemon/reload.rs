@@ -254,5 +254,10 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(new.admin.socket != old.admin.socket, "admin.socket");
     // The fleet link is made once, at start.
     check(new.cluster != old.cluster, "cluster");
+    check(new.daemon.user != old.daemon.user, "daemon.user");
+    check(
+        new.daemon.admin_group != old.daemon.admin_group,
+        "daemon.admin_group",
+    );
     keys
 }

@@ -6,15 +6,18 @@
 //! before the program is attached (so the gate never opens in between),
 //! the admin socket and the SMTP listeners are bound. No task is started:
 //! what comes back is a set of open descriptors and the state built on
-//! them, which [`super::serve`] puts to work. Dropping privileges belongs
-//! between the two.
+//! them, which [`super::serve`] puts to work. Last, privileges are dropped
+//! ([`super::privileges`]): what serves runs as `daemon.user`.
 
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{net::UnixListener, sync::watch};
 
-use super::dnsbl::build_dnsbl;
+use super::{
+    dnsbl::build_dnsbl,
+    privileges::{self, Account, Owned},
+};
 use crate::{
     admin, config::Config, dnsbl::Dnsbl, smtp, store::Store, verdict::Verdicts, xdp::Gate,
 };
@@ -46,6 +49,8 @@ pub(super) struct Started {
 /// On error whatever was bound is closed again (the admin socket file is
 /// removed); the gate, if attached, stays attached, as at every exit.
 pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<Started> {
+    // Before anything is opened: a missing account stops the start here.
+    let account = Account::resolve(&cfg.daemon)?;
     let store = open_store(&cfg).await?;
     let gate = if no_xdp {
         tracing::info!("running without XDP (--no-xdp)");
@@ -54,7 +59,10 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         // Loaded, not yet attached: the maps are filled from the store first.
         Some(Gate::load(&cfg).context("loading the XDP gate")?)
     };
-    let admin = admin::bind(&cfg.admin.socket)
+    let admin::Bound {
+        listener: admin,
+        created_dir,
+    } = admin::bind(&cfg.admin.socket)
         .await
         .context("opening the admin socket")?;
     let socket = cfg.admin.socket.clone();
@@ -68,7 +76,15 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         let cfg = verdicts.cfg();
         cfg.log_warnings();
         crate::local::refresh();
-        bind_smtp(&verdicts, &cfg)
+        let bound = bind_smtp(&verdicts, &cfg)?;
+        let owned = Owned {
+            admin_socket: &socket,
+            admin_dir: created_dir.as_deref(),
+            store: verdicts.store().path(),
+            pins: (!no_xdp).then_some(cfg.xdp.pin_path.as_path()),
+        };
+        privileges::after_start(&account, &owned, no_xdp)?;
+        Ok(bound)
     }
     .await;
     let (smtp, listeners, failures, dnsbl) = match built {
