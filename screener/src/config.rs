@@ -358,6 +358,8 @@ pub struct Config {
     pub store: Store,
     pub admin: Admin,
     pub import: Import,
+    /// Where the daemon's lines go and in which shape.
+    pub log: crate::logging::Settings,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -939,6 +941,9 @@ impl Config {
                     "not an interface name",
                 ));
             }
+        }
+        if let Err((key, value, reason)) = self.log.check() {
+            return Err(ConfigError::value(key, format!("{value:?}"), reason));
         }
         self.check_rejects_nobody()
     }

@@ -9,7 +9,11 @@
 //! the bare text, nothing appended — so pflogsumm, Logwatch and fail2ban's
 //! `postfix` filter read them unchanged.
 
-use std::{fmt, io::IsTerminal as _};
+use std::{
+    fmt,
+    io::IsTerminal as _,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use serde::{Deserialize, Serialize};
 use tracing::{Event, Subscriber};
@@ -51,6 +55,9 @@ pub struct Settings {
     /// The identifier of DNSBL answer lines; empty means the same as
     /// `identifier`, or `postfix/dnsblog` under `format = "postscreen"`.
     pub dnsblog_identifier: String,
+    /// `ALLOWLISTED`/`DENYLISTED` (Postfix 3.6 on) rather than
+    /// `WHITELISTED`/`BLACKLISTED`, which older log parsers know.
+    pub respectful_logging: bool,
 }
 
 impl Default for Settings {
@@ -59,6 +66,8 @@ impl Default for Settings {
             format: Format::Auto,
             identifier: String::new(),
             dnsblog_identifier: String::new(),
+            // As Postfix's own default from compatibility level 3.6.
+            respectful_logging: true,
         }
     }
 }
@@ -158,25 +167,26 @@ fn filter() -> EnvFilter {
         .add_directive("hickory_resolver=info".parse().expect("valid directive"))
 }
 
-/// Installs the global subscriber for `settings`. Falls back to stderr,
-/// saying so, when journald cannot be reached.
+/// Installs the global subscriber for `settings`, as `screener run`
+/// does once its configuration is loaded. Falls back to stderr, saying
+/// so, when journald cannot be reached.
 pub fn init(settings: &Settings) {
+    RESPECTFUL.store(settings.respectful_logging, Ordering::Relaxed);
     let sink = sink();
     let journald = (sink == Sink::Journald)
         .then(|| {
-            let main = tracing_journald::layer()
-                .map(|l| {
-                    l.with_syslog_identifier(settings.identifier().to_owned())
-                        .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
-                })
-                .map_err(|e| e.to_string())?;
-            let dnsblog = tracing_journald::layer()
-                .map(|l| {
-                    l.with_syslog_identifier(settings.dnsblog_identifier().to_owned())
-                        .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
-                })
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((main, dnsblog))
+            let layer = |identifier: &str| {
+                tracing_journald::layer()
+                    .map(|l| {
+                        l.with_syslog_identifier(identifier.to_owned())
+                            .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
+                    })
+                    .map_err(|e| e.to_string())
+            };
+            Ok::<_, String>((
+                layer(settings.identifier())?,
+                layer(settings.dnsblog_identifier())?,
+            ))
         })
         .transpose();
     let registry = tracing_subscriber::registry().with(filter());
@@ -208,6 +218,89 @@ pub fn init(settings: &Settings) {
     }
     // aya-log speaks `log`; carry its records into tracing.
     let _ = tracing_log::LogTracer::init();
+}
+
+/// Installs the subscriber of the admin commands: text on stderr,
+/// coloured on a terminal. They run beside the daemon, not under it, so
+/// neither journald nor the `[log]` section applies.
+pub fn init_stderr() {
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+    let _ = tracing_log::LogTracer::init();
+}
+
+/// `log.respectful_logging`, for the lines that name the lists.
+static RESPECTFUL: AtomicBool = AtomicBool::new(true);
+
+/// The keyword of a client on the permanent allowlist: `ALLOWLISTED`, or
+/// `WHITELISTED` for parsers older than Postfix 3.6.
+pub fn allowlisted() -> &'static str {
+    if RESPECTFUL.load(Ordering::Relaxed) {
+        "ALLOWLISTED"
+    } else {
+        "WHITELISTED"
+    }
+}
+
+/// The keyword of a client on the permanent denylist: `DENYLISTED`, or
+/// `BLACKLISTED` for parsers older than Postfix 3.6.
+pub fn denylisted() -> &'static str {
+    if RESPECTFUL.load(Ordering::Relaxed) {
+        "DENYLISTED"
+    } else {
+        "BLACKLISTED"
+    }
+}
+
+/// A time since the connection began as postscreen prints it (Postfix's
+/// `format_tv` with two significant digits and at most two decimals):
+/// `0.05`, `1.3`, `6`, `12`; trailing zeros left out.
+pub struct Delta(pub std::time::Duration);
+
+impl fmt::Display for Delta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MILLION: u64 = 1_000_000;
+        // Two significant digits, two decimals at most.
+        const WID: u64 = 100;
+        let mut sec = self.0.as_secs();
+        let mut usec = u64::from(self.0.subsec_micros());
+        let mut ures = MILLION / 100;
+        if sec > 0 {
+            let mut n = 1;
+            while sec >= n && n <= WID / 10 {
+                n *= 10;
+            }
+            ures = (MILLION / WID) * n;
+        } else {
+            while usec >= WID * ures {
+                ures *= 10;
+            }
+        }
+        if ures > 1 {
+            usec += ures / 2;
+            if usec >= MILLION {
+                sec += 1;
+                usec -= MILLION;
+            }
+        }
+        write!(f, "{sec}")?;
+        if usec >= ures {
+            f.write_str(".")?;
+            let (mut rem, mut n) = (usec, MILLION / 10);
+            while rem >= ures && n > 0 {
+                write!(f, "{}", rem / n)?;
+                rem %= n;
+                n /= 10;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Lines as syslog writes postscreen's: `Mon dd hh:mm:ss host
@@ -331,6 +424,7 @@ mod tests {
             format: Format::Postscreen,
             identifier: "postfix-in/postscreen".into(),
             dnsblog_identifier: String::new(),
+            ..Settings::default()
         };
         assert_eq!(own.identifier(), "postfix-in/postscreen");
     }
@@ -345,6 +439,52 @@ mod tests {
             assert_eq!(s.check().unwrap_err().0, "log.identifier", "{bad}");
         }
         assert!(Settings::default().check().is_ok());
+    }
+
+    #[test]
+    fn the_config_file_refuses_bad_log_values_naming_the_key() {
+        use crate::config::{Config, ConfigError};
+        let key_of = |text: &str| match Config::from_toml(text) {
+            Err(ConfigError::Value { key, .. } | ConfigError::UnknownKey { key }) => key,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(key_of("[log]\nformat = \"json\""), "log.format");
+        assert_eq!(key_of("[log]\nidentifier = \"mail in\""), "log.identifier");
+        assert_eq!(
+            key_of("[log]\ndnsblog_identifier = \"x:y\""),
+            "log.dnsblog_identifier"
+        );
+        assert_eq!(key_of("[log]\ncolour = true"), "log.colour");
+        let cfg = Config::from_toml(
+            "[log]\nformat = \"postscreen\"\nidentifier = \"postfix-in/postscreen\"\nrespectful_logging = false",
+        )
+        .expect("a good [log] section");
+        assert_eq!(cfg.log.format, Format::Postscreen);
+        assert_eq!(cfg.log.identifier(), "postfix-in/postscreen");
+        assert_eq!(cfg.log.dnsblog_identifier(), "postfix/dnsblog");
+        assert!(!cfg.log.respectful_logging);
+    }
+
+    #[test]
+    fn delays_print_as_postfix_format_tv_prints_them() {
+        // Postfix's own format_tv test cases at 2 significant digits and
+        // a 2-digit limit (postscreen's delay_logging_resolution_limit).
+        for (ms, want) in [
+            (0, "0"),
+            (4, "0"),
+            (5, "0.01"),
+            (50, "0.05"),
+            (123, "0.12"),
+            (999, "1"),
+            (1_260, "1.3"),
+            (6_000, "6"),
+            (6_040, "6"),
+            (12_345, "12"),
+            (99_600, "100"),
+        ] {
+            let got = Delta(std::time::Duration::from_millis(ms)).to_string();
+            assert_eq!(got, want, "{ms} ms");
+        }
     }
 
     #[test]

@@ -252,5 +252,17 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(new.xdp.max_allows != old.xdp.max_allows, "xdp.max_allows");
     check(new.store.path != old.store.path, "store.path");
     check(new.admin.socket != old.admin.socket, "admin.socket");
+    // The subscriber is installed once, at start.
+    let (l, o) = (&new.log, &old.log);
+    check(l.format != o.format, "log.format");
+    check(l.identifier != o.identifier, "log.identifier");
+    check(
+        l.dnsblog_identifier != o.dnsblog_identifier,
+        "log.dnsblog_identifier",
+    );
+    check(
+        l.respectful_logging != o.respectful_logging,
+        "log.respectful_logging",
+    );
     keys
 }
