@@ -8,6 +8,16 @@
 //! identifier `postfix/postscreen` (`postfix/dnsblog` for list answers),
 //! the bare text, nothing appended — so pflogsumm, Logwatch and fail2ban's
 //! `postfix` filter read them unchanged.
+//!
+//! THREE PROGRAMS. A Postfix installation logs a client's screening under
+//! postscreen, list answers under dnsblog, and its own housekeeping under
+//! master and friends. The daemon's lines split the same way: a line
+//! about one client (an event with a `client` field) is a postscreen
+//! line, a [`DNSBLOG_TARGET`] line a dnsblog line, and anything else
+//! (start-up, XDP, the store, imports) the daemon's own, which under
+//! `format = "postscreen"` keeps the identifier `screener`: postscreen
+//! has no such lines, and a parser that knows postscreen's would count
+//! them as unknown.
 
 use std::{
     fmt,
@@ -29,8 +39,35 @@ use tracing_subscriber::{
 /// writes under its own program name.
 pub const DNSBLOG_TARGET: &str = "screener::dnsblog";
 
+/// The field that makes an event a line about one client.
+pub const CLIENT_FIELD: &str = "client";
+
 /// Syslog facility "mail" (2), as journald's `SYSLOG_FACILITY` wants it.
 const FACILITY_MAIL: &str = "2";
+
+/// Which program of a Postfix installation a line stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// A client's screening: postscreen's lines.
+    Postscreen,
+    /// A DNS list's answer: dnsblog's lines.
+    Dnsblog,
+    /// The daemon's own housekeeping.
+    Daemon,
+}
+
+impl Program {
+    /// The program `m`'s lines belong to.
+    pub fn of(m: &tracing::Metadata<'_>) -> Program {
+        if m.target() == DNSBLOG_TARGET {
+            Program::Dnsblog
+        } else if m.fields().field(CLIENT_FIELD).is_some() {
+            Program::Postscreen
+        } else {
+            Program::Daemon
+        }
+    }
+}
 
 /// `log.format`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +125,24 @@ impl Settings {
             ("", Format::Postscreen) => "postfix/dnsblog",
             ("", Format::Auto) => self.identifier(),
             (id, _) => id,
+        }
+    }
+
+    /// The identifier of the daemon's own lines: `screener` beside
+    /// postscreen's, else the same as the others.
+    pub fn daemon_identifier(&self) -> &str {
+        match self.format {
+            Format::Postscreen => "screener",
+            Format::Auto => self.identifier(),
+        }
+    }
+
+    /// The identifier of `program`'s lines.
+    pub fn identifier_of(&self, program: Program) -> &str {
+        match program {
+            Program::Postscreen => self.identifier(),
+            Program::Dnsblog => self.dnsblog_identifier(),
+            Program::Daemon => self.daemon_identifier(),
         }
     }
 
@@ -175,30 +230,31 @@ pub fn init(settings: &Settings) {
     let sink = sink();
     let journald = (sink == Sink::Journald)
         .then(|| {
-            let layer = |identifier: &str| {
+            let layer = |program: Program| {
                 tracing_journald::layer()
                     .map(|l| {
-                        l.with_syslog_identifier(identifier.to_owned())
+                        l.with_syslog_identifier(settings.identifier_of(program).to_owned())
                             .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
                     })
                     .map_err(|e| e.to_string())
             };
-            Ok::<_, String>((
-                layer(settings.identifier())?,
-                layer(settings.dnsblog_identifier())?,
-            ))
+            Ok::<_, String>([
+                layer(Program::Postscreen)?,
+                layer(Program::Dnsblog)?,
+                layer(Program::Daemon)?,
+            ])
         })
         .transpose();
     let registry = tracing_subscriber::registry().with(filter());
     match journald {
-        Ok(Some((main, dnsblog))) => {
-            let not_dnsblog =
-                tracing_subscriber::filter::filter_fn(|m| m.target() != DNSBLOG_TARGET);
-            let only_dnsblog =
-                tracing_subscriber::filter::filter_fn(|m| m.target() == DNSBLOG_TARGET);
+        Ok(Some([screen, dnsblog, daemon])) => {
+            let only = |program: Program| {
+                tracing_subscriber::filter::filter_fn(move |m| Program::of(m) == program)
+            };
             registry
-                .with(main.with_filter(not_dnsblog))
-                .with(dnsblog.with_filter(only_dnsblog))
+                .with(screen.with_filter(only(Program::Postscreen)))
+                .with(dnsblog.with_filter(only(Program::Dnsblog)))
+                .with(daemon.with_filter(only(Program::Daemon)))
                 .init();
         }
         other => {
@@ -304,14 +360,13 @@ impl fmt::Display for Delta {
 }
 
 /// Lines as syslog writes postscreen's: `Mon dd hh:mm:ss host
-/// identifier[pid]: text`, local time, the event's text and nothing else.
+/// identifier[pid]: text`, local time, the event's text and nothing else;
+/// warnings and errors start `warning: ` and `error: `, as Postfix's own.
 pub struct Syslog {
     /// This host's short name, as syslog writes it.
     host: String,
-    /// For ordinary lines.
-    identifier: String,
-    /// For DNSBL answer lines.
-    dnsblog: String,
+    /// The identifiers of postscreen, dnsblog and daemon lines.
+    identifiers: [String; 3],
     /// Ours.
     pid: u32,
 }
@@ -322,20 +377,26 @@ impl Syslog {
         let host = host.split('.').next().unwrap_or("localhost").to_owned();
         Syslog {
             host,
-            identifier: settings.identifier().to_owned(),
-            dnsblog: settings.dnsblog_identifier().to_owned(),
+            identifiers: [Program::Postscreen, Program::Dnsblog, Program::Daemon]
+                .map(|p| settings.identifier_of(p).to_owned()),
             pid: std::process::id(),
         }
     }
 
     /// One line's prefix, for `now` seconds since the epoch.
-    fn prefix(&self, now: i64, target: &str) -> String {
-        let ident = if target == DNSBLOG_TARGET {
-            &self.dnsblog
-        } else {
-            &self.identifier
+    fn prefix(&self, now: i64, program: Program, level: tracing::Level) -> String {
+        let ident = &self.identifiers[program as usize];
+        let severity = match level {
+            tracing::Level::ERROR => "error: ",
+            tracing::Level::WARN => "warning: ",
+            _ => "",
         };
-        format!("{} {} {ident}[{}]: ", syslog_time(now), self.host, self.pid)
+        format!(
+            "{} {} {ident}[{}]: {severity}",
+            syslog_time(now),
+            self.host,
+            self.pid
+        )
     }
 }
 
@@ -397,10 +458,11 @@ where
         // One event, one line: a line break inside would start a line a
         // log parser reads as something else.
         let text = text.replace(['\r', '\n'], " ");
+        let m = event.metadata();
         writeln!(
             writer,
             "{}{text}",
-            self.prefix(now, event.metadata().target())
+            self.prefix(now, Program::of(m), *m.level())
         )
     }
 }
@@ -417,9 +479,17 @@ mod tests {
         };
         assert_eq!(s.identifier(), "postfix/postscreen");
         assert_eq!(s.dnsblog_identifier(), "postfix/dnsblog");
+        assert_eq!(s.daemon_identifier(), "screener");
         let auto = Settings::default();
         assert_eq!(auto.identifier(), "screener");
         assert_eq!(auto.dnsblog_identifier(), "screener");
+        let named = Settings {
+            identifier: "mx-in".into(),
+            ..Settings::default()
+        };
+        for p in [Program::Postscreen, Program::Dnsblog, Program::Daemon] {
+            assert_eq!(named.identifier_of(p), "mx-in");
+        }
         let own = Settings {
             format: Format::Postscreen,
             identifier: "postfix-in/postscreen".into(),
@@ -491,17 +561,24 @@ mod tests {
     fn the_prefix_is_syslogs() {
         let s = Syslog {
             host: "mx1".into(),
-            identifier: "postfix/postscreen".into(),
-            dnsblog: "postfix/dnsblog".into(),
+            identifiers: [
+                "postfix/postscreen".into(),
+                "postfix/dnsblog".into(),
+                "screener".into(),
+            ],
             pid: 4242,
         };
-        let p = s.prefix(0, "screener::smtp::server");
+        let info = tracing::Level::INFO;
+        let p = s.prefix(0, Program::Postscreen, info);
         let re_like = p.split(' ').filter(|w| !w.is_empty()).collect::<Vec<_>>();
         assert_eq!(re_like.len(), 5, "{p:?}");
         assert!(p.ends_with(" mx1 postfix/postscreen[4242]: "), "{p:?}");
         assert!(s
-            .prefix(0, DNSBLOG_TARGET)
+            .prefix(0, Program::Dnsblog, info)
             .ends_with(" mx1 postfix/dnsblog[4242]: "));
+        assert!(s
+            .prefix(0, Program::Daemon, tracing::Level::WARN)
+            .ends_with(" mx1 screener[4242]: warning: "));
         // `Mon dd hh:mm:ss` with a space-padded day.
         let t = syslog_time(1_700_000_000);
         assert_eq!(t.len(), 15, "{t:?}");

@@ -577,10 +577,13 @@ pub const KEYS: &[Key] = &[
         name: "log.identifier",
         postscreen: Some("syslog_name"),
         default_note: None,
-        text: "The syslog identifier of the daemon's lines; empty means screener, \
-               or postfix/postscreen under format = \"postscreen\" (what log \
-               parsers look for). Up to 64 printable characters without '[' or \
-               ':'.",
+        text: "The syslog identifier of the lines about a client (postscreen's \
+               lines); empty means screener, or postfix/postscreen under format \
+               = \"postscreen\" (what log parsers look for). The daemon's own \
+               lines (start-up, XDP, store, imports) use it too, except under \
+               format = \"postscreen\", where they keep screener: postscreen \
+               writes no such lines and parsers would count them as unknown. Up \
+               to 64 printable characters without '[' or ':'.",
     },
     Key {
         name: "log.dnsblog_identifier",
