@@ -45,6 +45,8 @@ pub enum Request {
     },
     AllowList,
     Stats,
+    /// The fleet as this node sees it, with the nodes that beat recently.
+    ClusterStatus,
     XdpStatus,
     XdpDetach,
     CacheList,

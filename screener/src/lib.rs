@@ -15,6 +15,7 @@ pub mod local;
 pub mod logging;
 pub mod notify;
 pub mod proxy;
+pub mod screen;
 pub mod smtp;
 pub mod store;
 pub mod verdict;

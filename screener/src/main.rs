@@ -61,6 +61,9 @@ enum Command {
     /// The XDP attachment.
     #[command(subcommand)]
     Xdp(XdpCmd),
+    /// The fleet of MX hosts this node shares verdicts with (`[cluster]`).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Check or repair the store file (store.path); run without the daemon.
     #[command(subcommand)]
     Store(StoreCmd),
@@ -201,6 +204,16 @@ enum StoreCmd {
     /// the pinned maps hold, go into a new file; the damaged one is kept
     /// as <file>.damaged-<time>.
     Repair,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// This node's link to Redis, its lag and queue, and the nodes that
+    /// beat recently.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -353,6 +366,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let (cfg, _) = load_config(cpath, false)?;
             xdp_cmd(&cfg, x).await
         }
+        Command::Cluster(ClusterCmd::Status { json }) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            let data = ask(&cfg, &Request::ClusterStatus).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                print_cluster(&data);
+            }
+            Ok(())
+        }
         Command::Store(s) => {
             let (cfg, _) = load_config(cpath, false)?;
             tokio::task::spawn_blocking(move || store_cmd(&cfg, &s)).await?
@@ -479,14 +502,54 @@ fn print_entry(out: &mut dyn Write, item: &serde_json::Value) -> std::io::Result
         Some(0) => "expired".to_owned(),
         Some(s) => format!("in {}", duration::Display(Duration::from_secs(s))),
     };
+    let origin = get("origin")
+        .as_str()
+        .map(|o| format!(" from {o}"))
+        .unwrap_or_default();
     writeln!(
         out,
-        "{:<43} {:<16} expires {:<12} hits {}",
+        "{:<43} {:<16} expires {:<12} hits {}{origin}",
         get("net").as_str().unwrap_or(""),
         get("reason").as_str().unwrap_or(""),
         expires,
         get("hits")
     )
+}
+
+/// `cluster status` as text.
+fn print_cluster(s: &serde_json::Value) {
+    let g = |k: &str| s.get(k).cloned().unwrap_or_default();
+    let link = if g("connected").as_bool() == Some(true) {
+        "connected"
+    } else {
+        "NOT CONNECTED (screening alone, verdicts queued)"
+    };
+    println!("node {}: {link}", g("node").as_str().unwrap_or("?"));
+    println!(
+        "lag {} entries, queued {}, dropped {}, published {}, applied {}, resyncs {}",
+        g("lag"),
+        g("queued"),
+        g("dropped"),
+        g("published"),
+        g("applied"),
+        g("resyncs")
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let nodes = g("nodes");
+    let nodes = nodes.as_array().map(Vec::as_slice).unwrap_or_default();
+    println!("nodes seen in the last 30s: {}", nodes.len());
+    for n in nodes {
+        let ng = |k: &str| n.get(k).cloned().unwrap_or_default();
+        let age = now_ms.saturating_sub(ng("at_ms").as_u64().unwrap_or(0)) / 1000;
+        println!(
+            "  {:<24} last heartbeat {age}s ago, lag {}, queued {}",
+            ng("node").as_str().unwrap_or("?"),
+            ng("lag"),
+            ng("queued")
+        );
+    }
 }
 
 /// One `cache list` row as text: the client and its record.

@@ -102,6 +102,10 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Layout numbers (see [`layout`]); a table's number changes when its
 /// meaning or key/value encoding does.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Meta keys of the fleet stream position this node applied last: the
+/// two halves of a stream ID.
+const CLUSTER_MS: &str = "cluster.position.ms";
+const CLUSTER_SEQ: &str = "cluster.position.seq";
 const CLIENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clients");
 const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
 const ALLOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("allows");
@@ -113,67 +117,9 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A screening test with a cached pass expiry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Test {
-    /// The client spoke before the greeting.
-    Pregreet,
-    /// DNSBL/DNSWL score.
-    Dnsbl,
-    /// The client sent commands without waiting for replies.
-    Pipelining,
-    /// The client sent a forbidden or non-SMTP command.
-    NonSmtpCommand,
-    /// The client ended a line with a bare LF.
-    BareNewline,
-}
-
-impl Test {
-    /// Every test, in index order.
-    pub const ALL: [Test; 5] = [
-        Test::Pregreet,
-        Test::Dnsbl,
-        Test::Pipelining,
-        Test::NonSmtpCommand,
-        Test::BareNewline,
-    ];
-    /// How many tests there are (the length of [`ClientRecord::expires`]).
-    pub const COUNT: usize = 5;
-
-    /// Position of this test in [`ClientRecord::expires`] and [`Test::ALL`].
-    pub fn index(self) -> usize {
-        match self {
-            Test::Pregreet => 0,
-            Test::Dnsbl => 1,
-            Test::Pipelining => 2,
-            Test::NonSmtpCommand => 3,
-            Test::BareNewline => 4,
-        }
-    }
-
-    /// Stable lower-case name, as used in config (`verdict.block_on`) and
-    /// JSON output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Test::Pregreet => "pregreet",
-            Test::Dnsbl => "dnsbl",
-            Test::Pipelining => "pipelining",
-            Test::NonSmtpCommand => "non_smtp_command",
-            Test::BareNewline => "bare_newline",
-        }
-    }
-
-    /// The test called `name` (see [`Test::name`]).
-    pub fn from_name(name: &str) -> Option<Test> {
-        Test::ALL.into_iter().find(|t| t.name() == name)
-    }
-}
-
-impl fmt::Display for Test {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// A screening test with a cached pass expiry; the list of tests lives in
+/// the screening module.
+pub use crate::screen::TestId as Test;
 
 /// One client's record: one pass expiry per test (unix seconds, 0 = never
 /// passed).
@@ -226,6 +172,10 @@ pub struct BlockRecord {
     pub list: Option<String>,
     /// How many times this source has been blocked.
     pub offences: u32,
+    /// The fleet node that made the verdict, when another node did (see
+    /// `[cluster]`); `None` for this node's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// An allow entry: never dropped, skips all tests.
@@ -1144,6 +1094,38 @@ impl Store {
         .await
     }
 
+    /// The fleet stream position this node applied last (`ms-seq`), kept
+    /// so a restart reads on from there; `None` before the first.
+    pub async fn cluster_position(&self) -> Result<Option<String>, StoreError> {
+        const OP: &str = "cluster_position";
+        self.blocking(OP, Kind::Read, move |s| {
+            let txn = s.read_txn(OP)?;
+            let meta = txn.open_table(META).map_err(s.err(OP))?;
+            let ms = meta.get(CLUSTER_MS).map_err(s.err(OP))?.map(|v| v.value());
+            let seq = meta.get(CLUSTER_SEQ).map_err(s.err(OP))?.map(|v| v.value());
+            Ok(ms.map(|ms| format!("{ms}-{}", seq.unwrap_or(0))))
+        })
+        .await
+    }
+
+    /// Saves the fleet stream position `id` (`ms-seq`).
+    pub async fn set_cluster_position(&self, id: &str) -> Result<(), StoreError> {
+        const OP: &str = "set_cluster_position";
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        let (Ok(ms), Ok(seq)) = (ms.parse::<u64>(), seq.parse::<u64>()) else {
+            return Ok(());
+        };
+        self.blocking(OP, Kind::Write, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut meta = txn.open_table(META).map_err(s.err(OP))?;
+                meta.insert(CLUSTER_MS, ms).map_err(s.err(OP))?;
+                meta.insert(CLUSTER_SEQ, seq).map_err(s.err(OP))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     /// Deletes the block on `net` (host bits ignored); the deleted record.
     pub async fn del_block(&self, net: IpNet) -> Result<Option<BlockRecord>, StoreError> {
         const OP: &str = "del_block";
@@ -1242,6 +1224,7 @@ impl Store {
                     expires,
                     added,
                     list: Some(name.clone()),
+                    origin: None,
                     offences: 1,
                 };
                 for net in nets {

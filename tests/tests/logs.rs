@@ -10,7 +10,7 @@ use std::{
     os::unix::{fs::MetadataExt as _, net::UnixDatagram},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
@@ -33,7 +33,7 @@ const LISTED: [u8; 4] = [127, 0, 0, 3];
 struct Setup {
     _dns: Rbldnsd,
     _backend: Postfix,
-    daemon: ChildGuard,
+    _daemon: ChildGuard,
     smtp: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -64,6 +64,7 @@ greet_wait = "2s"
 access_list = ["permit 127.0.0.9/32", "reject 127.0.0.8/32"]
 dnsbl_sites = ["bl.example*3"]
 dnsbl_threshold = 3
+dnsbl_action = "enforce"
 dnsbl_timeout = "1s"
 pipelining_enable = true
 non_smtp_command_enable = true
@@ -113,7 +114,7 @@ socket = "{dir}/admin.sock"
         Setup {
             _dns: dns,
             _backend: backend,
-            daemon,
+            _daemon: daemon,
             smtp,
             log,
             _dir: dir,
@@ -158,7 +159,8 @@ fn play_clients(s: &Setup, keywords: (&str, &str)) {
     let got = bot.read_until("\r\n");
     assert!(
         got.starts_with("550 5.7.1 Service unavailable; client [127.0.0.3] blocked using bl.example"),
-        "listed bot: {got:?}"
+        "listed bot: {got:?}\n{}",
+        s.log()
     );
     drop(bot);
     // Hangs up before the greeting.
@@ -387,12 +389,22 @@ fn postscreen_lines_are_read_by_fail2ban_logwatch_and_pflogsumm() {
     );
 }
 
+/// Every entry received so far, in arrival order.
+type Entries = std::sync::Arc<std::sync::Mutex<Vec<BTreeMap<String, String>>>>;
+
 /// A datagram socket at journald's address, for as long as the test
-/// runs. Made only where no journald listens; removed on drop.
+/// runs, read at once by a thread as journald reads it (a full socket
+/// queue, ten datagrams by default, would stall the daemon's logging).
+/// Made only where no journald listens; removed on drop.
 struct Journal {
-    sock: UnixDatagram,
-    /// The directory, when this test made it.
-    made_dir: Option<PathBuf>,
+    /// What the reader thread has received.
+    entries: Entries,
+    /// Tells the reader to stop.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The reader.
+    reader: Option<std::thread::JoinHandle<()>>,
+    /// The directories this test made for the socket, deepest first.
+    made_dirs: Vec<PathBuf>,
 }
 
 impl Journal {
@@ -402,52 +414,66 @@ impl Journal {
             eprintln!("skipped: {JOURNAL_SOCKET} exists (a real journald listens there)");
             return None;
         }
-        let dir = path.parent().unwrap();
-        let made_dir = (!dir.exists()).then(|| {
-            std::fs::create_dir_all(dir).unwrap();
-            dir.to_owned()
-        });
+        let mut made_dirs = Vec::new();
+        let mut dir = path.parent();
+        while let Some(d) = dir.filter(|d| !d.exists()) {
+            made_dirs.push(d.to_owned());
+            dir = d.parent();
+        }
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let sock = UnixDatagram::bind(path).unwrap();
-        Some(Journal { sock, made_dir })
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let entries = Entries::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (entries, stop) = (entries.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(n) = sock.recv(&mut buf) {
+                        if n > 0 {
+                            entries.lock().unwrap().push(parse_entry(&buf[..n]));
+                        }
+                    }
+                }
+            })
+        };
+        Some(Journal {
+            entries,
+            stop,
+            reader: Some(reader),
+            made_dirs,
+        })
     }
 
-    /// The entries received until one's `MESSAGE` satisfies `done`, or
-    /// `deadline` passes (then panics naming `what`).
+    /// Waits until an entry satisfies `done`; panics naming `what` when
+    /// `deadline` passes first. Returns that entry.
     #[track_caller]
     fn until(
         &self,
         what: &str,
         deadline: Duration,
-        seen: &mut Vec<BTreeMap<String, String>>,
         done: impl Fn(&BTreeMap<String, String>) -> bool,
-    ) {
-        let end = Instant::now() + deadline;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            if seen.iter().any(&done) {
-                return;
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {what} within {deadline:?}; got {seen:#?}");
-            self.sock.set_read_timeout(Some(left)).unwrap();
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                if n > 0 {
-                    seen.push(parse_entry(&buf[..n]));
-                }
-            }
-        }
+    ) -> BTreeMap<String, String> {
+        let mut found = None;
+        wait_for(what, deadline, || {
+            found = self.entries.lock().unwrap().iter().find(|e| done(e)).cloned();
+            found.is_some()
+        });
+        found.unwrap()
     }
 }
 
 impl Drop for Journal {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
         let _ = std::fs::remove_file(JOURNAL_SOCKET);
-        if let Some(d) = &self.made_dir {
+        for d in &self.made_dirs {
             let _ = std::fs::remove_dir(d);
-            // /run/systemd too, when it was made for this.
-            if let Some(p) = d.parent() {
-                let _ = std::fs::remove_dir(p);
-            }
         }
     }
 }
@@ -482,45 +508,44 @@ fn under_systemd_entries_go_to_journald_with_the_mail_facility() {
         return;
     };
     let s = Setup::start("format = \"postscreen\"", true);
-    let mut seen = Vec::new();
+    let ident = |e: &BTreeMap<String, String>| e.get("SYSLOG_IDENTIFIER").cloned();
     // The daemon's own start-up lines come first, under its own name.
-    journal.until("a daemon line", Duration::from_secs(30), &mut seen, |e| {
-        e.get("SYSLOG_IDENTIFIER").map(String::as_str) == Some("screener")
+    journal.until("a daemon entry", Duration::from_secs(30), |e| {
+        ident(e).as_deref() == Some("screener")
     });
     let mut bot = greeted(LISTED, s.smtp);
     let port = bot.stream.local_addr().unwrap().port();
     bot.send(b"QUIT\r\n");
     bot.read_to_close();
-    let connect = format!("CONNECT from [127.0.0.3]:{port} to [127.0.0.1]:{}", s.smtp.port());
+    let connect = format!(
+        "CONNECT from [127.0.0.3]:{port} to [127.0.0.1]:{}",
+        s.smtp.port()
+    );
     let listed = "addr 127.0.0.3 listed by domain bl.example as 127.0.0.2";
-    journal.until("the CONNECT entry", Duration::from_secs(30), &mut seen, |e| {
+    let c = journal.until("the CONNECT entry", Duration::from_secs(30), |e| {
         e.get("MESSAGE") == Some(&connect)
     });
-    journal.until("the dnsblog entry", Duration::from_secs(30), &mut seen, |e| {
-        e.get("MESSAGE").map(String::as_str) == Some(listed)
-    });
-    let by_message = |m: &str| {
-        seen.iter()
-            .find(|e| e.get("MESSAGE").map(String::as_str) == Some(m))
-            .unwrap()
-            .clone()
-    };
-    let c = by_message(&connect);
     assert_eq!(c["SYSLOG_IDENTIFIER"], "postfix/postscreen", "{c:?}");
     assert_eq!(c["SYSLOG_FACILITY"], "2", "{c:?}");
+    // info is syslog's 5 (notice), as tracing-journald maps it.
     assert_eq!(c["PRIORITY"], "5", "{c:?}");
     // Native fields beside the text.
     assert_eq!(c["F_CLIENT"], format!("[127.0.0.3]:{port}"), "{c:?}");
-    let d = by_message(listed);
+    let d = journal.until("the dnsblog entry", Duration::from_secs(30), |e| {
+        e.get("MESSAGE").map(String::as_str) == Some(listed)
+    });
     assert_eq!(d["SYSLOG_IDENTIFIER"], "postfix/dnsblog", "{d:?}");
     assert_eq!(d["SYSLOG_FACILITY"], "2", "{d:?}");
-    // Every entry carries the facility and an identifier.
-    for e in &seen {
-        assert_eq!(e.get("SYSLOG_FACILITY").map(String::as_str), Some("2"), "{e:?}");
-        assert!(e.contains_key("PRIORITY"), "{e:?}");
+    // Every entry carries the facility, a priority and an identifier.
+    for e in journal.entries.lock().unwrap().iter() {
+        assert_eq!(
+            e.get("SYSLOG_FACILITY").map(String::as_str),
+            Some("2"),
+            "{e:?}"
+        );
+        assert!(e.contains_key("PRIORITY") && e.contains_key("SYSLOG_IDENTIFIER"), "{e:?}");
     }
     // Nothing of it went to stderr.
     let stderr = s.log();
     assert!(!stderr.contains("CONNECT from"), "{stderr}");
-    drop(s.daemon);
 }

@@ -80,6 +80,13 @@ pub const SECTIONS: &[Section] = &[
                file changes.",
     },
     Section {
+        name: "cluster",
+        text: "A fleet of MX hosts sharing verdicts and passes through Redis 7 \
+               or Valkey. Off while cluster.redis is empty. Redis is never a \
+               reason to reject or delay a client: while it is unreachable each \
+               node screens alone and queues what it has to publish.",
+    },
+    Section {
         name: "log",
         text: "Where the daemon's lines go and in which shape. Under systemd \
                (its journal stream on standard error) they go to journald as \
@@ -559,6 +566,62 @@ pub const KEYS: &[Key] = &[
                Spamhaus DROP style \"CIDR ; SBLnnn\" lines, cidr plain CIDRs; name \
                defaults to the file name; interval is how often the file is \
                checked for changes.",
+    },
+    // [cluster]
+    Key {
+        name: "cluster.redis",
+        postscreen: Some("postscreen_cache_map = memcache:... (passes only)"),
+        default_note: None,
+        text: "Redis URLs, \"redis://[user:password@]host:port/db\"; the first \
+               that answers is used, the next ones when it stops answering. \
+               Empty (the default) leaves this node out of any fleet.",
+    },
+    Key {
+        name: "cluster.node",
+        postscreen: None,
+        default_note: Some("this host's name"),
+        text: "This node's name in the fleet: stored with every verdict it \
+               makes, shown by block list and cluster status on every node.",
+    },
+    Key {
+        name: "cluster.prefix",
+        postscreen: None,
+        default_note: None,
+        text: "The prefix of every Redis key, so several fleets can share one \
+               Redis.",
+    },
+    Key {
+        name: "cluster.share",
+        postscreen: None,
+        default_note: None,
+        text: "What the fleet shares: \"blocks\" (every block and unblock, \
+               applied to every node's kernel maps; offences count across the \
+               fleet) and \"passes\" (a client that passed on one node is \
+               PASS OLD on every node).",
+    },
+    Key {
+        name: "cluster.pass_timeout",
+        postscreen: None,
+        default_note: None,
+        text: "The longest a new client waits for Redis to say whether another \
+               node passed it; past it the client is screened as new. Between \
+               1ms and 1s.",
+    },
+    Key {
+        name: "cluster.queue",
+        postscreen: None,
+        default_note: None,
+        text: "Verdicts and passes kept for Redis while it is unreachable; past \
+               this the oldest are dropped and counted (the local kernel maps \
+               and store have them regardless).",
+    },
+    Key {
+        name: "cluster.stream_length",
+        postscreen: None,
+        default_note: None,
+        text: "The approximate length the shared verdict stream is trimmed to. \
+               A node that was away longer than this many verdicts rebuilds its \
+               fleet blocks from the snapshot keys instead of replaying.",
     },
     // [log]
     Key {

@@ -252,6 +252,8 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(new.xdp.max_allows != old.xdp.max_allows, "xdp.max_allows");
     check(new.store.path != old.store.path, "store.path");
     check(new.admin.socket != old.admin.socket, "admin.socket");
+    // The fleet link is made once, at start.
+    check(new.cluster != old.cluster, "cluster");
     // The subscriber is installed once, at start.
     let (l, o) = (&new.log, &old.log);
     check(l.format != o.format, "log.format");

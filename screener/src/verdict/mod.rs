@@ -38,6 +38,7 @@ use crate::{
 };
 
 pub mod apply;
+pub mod fleet;
 pub mod lists;
 pub mod policy;
 pub mod restore;
@@ -50,6 +51,10 @@ pub use restore::{pinned_verdicts, Restored};
 pub struct Counters {
     /// Blocks made (screening, escalation, operator).
     pub blocks: AtomicU64,
+    /// Other nodes' blocks and unblocks applied here.
+    pub fleet_applied: AtomicU64,
+    /// Other nodes' blocks not applied: the net is protected here.
+    pub fleet_skipped_protected: AtomicU64,
     /// Blocks removed (operator, expiry).
     pub unblocks: AtomicU64,
     /// Blocks a full kernel map refused.
@@ -64,6 +69,8 @@ pub struct Counters {
 #[derive(Serialize)]
 pub struct CountersSnapshot {
     pub blocks: u64,
+    pub fleet_applied: u64,
+    pub fleet_skipped_protected: u64,
     pub unblocks: u64,
     pub blocks_refused_full: u64,
     pub blocks_skipped_protected: u64,
@@ -75,6 +82,8 @@ impl Counters {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CountersSnapshot {
             blocks: g(&self.blocks),
+            fleet_applied: g(&self.fleet_applied),
+            fleet_skipped_protected: g(&self.fleet_skipped_protected),
             unblocks: g(&self.unblocks),
             blocks_refused_full: g(&self.blocks_refused_full),
             blocks_skipped_protected: g(&self.blocks_skipped_protected),
@@ -119,6 +128,9 @@ pub struct Verdicts {
     /// The allow entries, as the store holds them: consulted on every
     /// verdict, so kept here instead of read from disk each time.
     allows: RwLock<Vec<IpNet>>,
+    /// The fleet this node publishes its verdicts to, when `[cluster]`
+    /// is on; set once, when the daemon starts serving.
+    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
     /// What `stats` shows.
     pub counters: Counters,
 }
@@ -133,6 +145,7 @@ impl Verdicts {
             swept: AtomicU64::new(0),
             dnswl: Mutex::new(HashSet::new()),
             allows: RwLock::new(Vec::new()),
+            cluster: std::sync::OnceLock::new(),
             counters: Counters::default(),
         }
     }
