@@ -158,7 +158,9 @@ fn play_clients(s: &Setup, keywords: (&str, &str)) {
     bot.send(b"RCPT TO:<rcpt@example.net>\r\n");
     let got = bot.read_until("\r\n");
     assert!(
-        got.starts_with("550 5.7.1 Service unavailable; client [127.0.0.3] blocked using bl.example"),
+        got.starts_with(
+            "550 5.7.1 Service unavailable; client [127.0.0.3] blocked using bl.example"
+        ),
         "listed bot: {got:?}\n{}",
         s.log()
     );
@@ -167,7 +169,9 @@ fn play_clients(s: &Setup, keywords: (&str, &str)) {
     drop(Bot::connect([127, 0, 0, 4], smtp));
     // Pipelines without PIPELINING.
     let mut bot = greeted([127, 0, 0, 5], smtp);
-    bot.send(b"EHLO pipe.example\r\nMAIL FROM:<spam@example.org>\r\nRCPT TO:<rcpt@example.net>\r\n");
+    bot.send(
+        b"EHLO pipe.example\r\nMAIL FROM:<spam@example.org>\r\nRCPT TO:<rcpt@example.net>\r\n",
+    );
     bot.read_until("550 ");
     drop(bot);
     // Speaks HTTP.
@@ -229,6 +233,7 @@ fn play_clients(s: &Setup, keywords: (&str, &str)) {
         "COMMAND PIPELINING from [127.0.0.5]:",
         "NON-SMTP COMMAND from [127.0.0.6]:",
         "BARE NEWLINE from [127.0.0.7]:",
+        " after EHLO bare.example",
         "PASS NEW [127.0.0.11]:",
         "PASS OLD [127.0.0.11]:",
         "listed by domain bl.example as 127.0.0.2",
@@ -245,10 +250,7 @@ fn play_clients(s: &Setup, keywords: (&str, &str)) {
 /// The daemon's lines, as a mail.log: only what it wrote in syslog shape.
 fn mail_log(s: &Setup, dir: &Path) -> String {
     let text = s.log();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("]: "))
-        .collect();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("]: ")).collect();
     std::fs::write(dir.join("mail.log"), lines.join("\n") + "\n").unwrap();
     lines.join("\n")
 }
@@ -278,10 +280,7 @@ fn fail2ban(log: &Path, mode: &str) -> BTreeMap<String, u32> {
 #[test]
 fn postscreen_lines_are_read_by_fail2ban_logwatch_and_pflogsumm() {
     // Logwatch 7.7 knows postscreen's pre-3.6 words for the lists.
-    let s = Setup::start(
-        "format = \"postscreen\"\nrespectful_logging = false",
-        false,
-    );
+    let s = Setup::start("format = \"postscreen\"\nrespectful_logging = false", false);
     play_clients(&s, ("WHITELISTED", "BLACKLISTED"));
     let dir = tempfile::tempdir().unwrap();
     let text = mail_log(&s, dir.path());
@@ -299,10 +298,16 @@ fn postscreen_lines_are_read_by_fail2ban_logwatch_and_pflogsumm() {
     ] {
         let line = text
             .lines()
-            .find_map(|l| l.split_once(": ").map(|(_, t)| t).filter(|t| t.starts_with(prefix)))
+            .find_map(|l| {
+                l.split_once(": ")
+                    .map(|(_, t)| t)
+                    .filter(|t| t.starts_with(prefix))
+            })
             .unwrap_or_else(|| panic!("no {prefix:?} line:\n{text}"));
         let tail = &line[prefix.len()..];
-        let port_end = tail.find(|c: char| !c.is_ascii_digit()).unwrap_or(tail.len());
+        let port_end = tail
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(tail.len());
         assert!(port_end > 0, "{line:?}");
         let after = &tail[port_end..];
         if rest_ok.is_empty() {
@@ -320,7 +325,8 @@ fn postscreen_lines_are_read_by_fail2ban_logwatch_and_pflogsumm() {
         "{reject}"
     );
     assert!(
-        text.contains("postfix/dnsblog[") && text.contains("]: addr 127.0.0.3 listed by domain bl.example as 127.0.0.2"),
+        text.contains("postfix/dnsblog[")
+            && text.contains("]: addr 127.0.0.3 listed by domain bl.example as 127.0.0.2"),
         "{text}"
     );
 
@@ -338,7 +344,10 @@ fn postscreen_lines_are_read_by_fail2ban_logwatch_and_pflogsumm() {
         );
     }
     for good in ["127.0.0.9", "127.0.0.11"] {
-        assert!(!aggressive.contains_key(good), "{good} banned: {aggressive:?}");
+        assert!(
+            !aggressive.contains_key(good),
+            "{good} banned: {aggressive:?}"
+        );
     }
 
     // Logwatch's postfix service: every postscreen and dnsblog line
@@ -370,7 +379,10 @@ fn postscreen_lines_are_read_by_fail2ban_logwatch_and_pflogsumm() {
         "bl.example",
     ] {
         assert!(
-            report.lines().any(|l| l.trim_start().split_once("   ").is_some_and(|(_, c)| c.trim() == category)),
+            report.lines().any(|l| l
+                .trim_start()
+                .split_once("   ")
+                .is_some_and(|(_, c)| c.trim() == category)),
             "logwatch has no {category:?}:\n{report}"
         );
     }
@@ -458,7 +470,13 @@ impl Journal {
     ) -> BTreeMap<String, String> {
         let mut found = None;
         wait_for(what, deadline, || {
-            found = self.entries.lock().unwrap().iter().find(|e| done(e)).cloned();
+            found = self
+                .entries
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| done(e))
+                .cloned();
             found.is_some()
         });
         found.unwrap()
@@ -543,7 +561,10 @@ fn under_systemd_entries_go_to_journald_with_the_mail_facility() {
             Some("2"),
             "{e:?}"
         );
-        assert!(e.contains_key("PRIORITY") && e.contains_key("SYSLOG_IDENTIFIER"), "{e:?}");
+        assert!(
+            e.contains_key("PRIORITY") && e.contains_key("SYSLOG_IDENTIFIER"),
+            "{e:?}"
+        );
     }
     // Nothing of it went to stderr.
     let stderr = s.log();

@@ -976,6 +976,8 @@ async fn connection(
                 conn.settings.cfg.smtp.hostname
             );
             conn.reply(&reply).await;
+            // As postscreen ends a dropped session's lines.
+            tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
             return;
         }
         Admission::Allowlisted | Admission::PassOld => {

@@ -508,7 +508,7 @@ impl Session {
             // Nothing after the client: log parsers match the line whole.
             tracing::info!(client = %Peer(self.client), "PASS NEW {}", Peer(self.client));
             if !note.is_empty() {
-                tracing::info!("PASS NEW {} was{note}", Peer(self.client));
+                tracing::info!("{}: passed{note}", Peer(self.client));
             }
             self.out.push(Output::Pass(self.passed));
         }
