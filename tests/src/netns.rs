@@ -302,6 +302,23 @@ impl Drop for NetNs {
     }
 }
 
+/// Whether a TCP connection from `from` to `to` opens within `timeout`,
+/// in the calling thread's network namespace.
+pub fn connect_from(from: IpAddr, to: SocketAddr, timeout: Duration) -> bool {
+    socket2_like::connect(&socket2_like::bind(from), to, timeout)
+}
+
+/// A TCP stream from `from` to `to`, in the calling thread's network
+/// namespace; `None` if it did not open within `timeout`.
+pub fn bound_stream(
+    from: IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Option<std::net::TcpStream> {
+    let fd = socket2_like::bind(from);
+    socket2_like::connect(&fd, to, timeout).then(|| std::net::TcpStream::from(fd))
+}
+
 /// Minimal blocking TCP connect from a chosen source address, with a
 /// timeout, using libc directly (std cannot bind before connect).
 mod socket2_like {

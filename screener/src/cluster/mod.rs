@@ -688,6 +688,16 @@ impl Cluster {
         // XDEL moves `max-deleted-entry-id`. Either beyond our place means
         // entries we never read are gone. (A first entry that is exactly
         // our next one also counts: a needless resync, never a lost entry.)
+        let count = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+        };
+        // Nothing ever left the stream: whatever came after us is there.
+        if let (Some(added), Some(len)) = (count("entries-added"), count("length")) {
+            if added == len {
+                return Ok(false);
+            }
+        }
         let after_us = |other: Option<String>| {
             other.is_some_and(|o| wire::id_cmp(id, &o) == Some(std::cmp::Ordering::Less))
         };
