@@ -409,6 +409,8 @@ pub struct Config {
     /// `cluster.redis` is empty.
     pub cluster: crate::cluster::Settings,
     pub daemon: Daemon,
+    /// Where the daemon's lines go and in which shape.
+    pub log: crate::logging::Settings,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1043,6 +1045,9 @@ impl Config {
                     "not an interface name",
                 ));
             }
+        }
+        if let Err((key, value, reason)) = self.log.check() {
+            return Err(ConfigError::value(key, format!("{value:?}"), reason));
         }
         self.check_rejects_nobody()
     }

@@ -258,18 +258,12 @@ fn main() -> ExitCode {
         };
     }
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // The resolver's debug events name the queries it sends, which
-        // would print a paid DNSBL feed's secret domain.
-        .add_directive("hickory_proto=info".parse().expect("valid directive"))
-        .add_directive("hickory_resolver=info".parse().expect("valid directive"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    // aya-log speaks `log`; carry its records into tracing.
-    let _ = tracing_log::LogTracer::init();
+    // The daemon logs as its configuration's [log] says, once that is
+    // loaded (until then its errors go plainly to stderr); the admin
+    // commands log as text on stderr.
+    if !matches!(cli.command, Command::Run { .. }) {
+        screener::logging::init_stderr();
+    }
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -299,6 +293,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { no_xdp } => {
             let (cfg, path) = load_config(cpath, true)?;
+            screener::logging::init(&cfg.log);
             daemon::run(cfg, path, no_xdp).await
         }
         Command::Config(c) => config_cmd(cpath, c),

@@ -67,6 +67,10 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
     // the fleet's shared verdicts (redis-cli comes with it)
     "redis-server",
+    // the log parsers whose regular expressions read the postscreen lines
+    "fail2ban",
+    "logwatch",
+    "pflogsumm",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -94,6 +94,15 @@ pub const SECTIONS: &[Section] = &[
                CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (a reload may \
                load a new program instance or bind a new port).",
     },
+    Section {
+        name: "log",
+        text: "Where the daemon's lines go and in which shape. Under systemd \
+               (its journal stream on standard error) they go to journald as \
+               native entries with facility mail; on a terminal they are \
+               coloured; elsewhere plain. format = \"postscreen\" writes the \
+               screening lines as postscreen(8) and dnsblog(8) write theirs, so \
+               pflogsumm, Logwatch and fail2ban's postfix filter read them.",
+    },
 ];
 
 /// Every key. Order within a section is the manual's; `config show` keeps
@@ -640,6 +649,47 @@ pub const KEYS: &[Key] = &[
                A node that was away longer than this many verdicts rebuilds its \
                fleet blocks from the snapshot keys instead of replaying.",
     },
+    // [log]
+    Key {
+        name: "log.format",
+        postscreen: None,
+        default_note: None,
+        text: "auto: journald under systemd, otherwise text on standard error \
+               with the level and module of each line. postscreen: syslog lines \
+               (\"Mon dd hh:mm:ss host identifier[pid]: text\") carrying only \
+               the text, screening decisions worded as postscreen words them \
+               (CONNECT, PASS NEW, PREGREET, DNSBL rank, NOQUEUE: reject: RCPT \
+               ...) and DNSBL answers as dnsblog's \"addr A listed by domain D \
+               as R\". Under journald the identifiers below apply either way.",
+    },
+    Key {
+        name: "log.identifier",
+        postscreen: Some("syslog_name"),
+        default_note: None,
+        text: "The syslog identifier of the lines about a client (postscreen's \
+               lines); empty means screener, or postfix/postscreen under format \
+               = \"postscreen\" (what log parsers look for). The daemon's own \
+               lines (start-up, XDP, store, imports) use it too, except under \
+               format = \"postscreen\", where they keep screener: postscreen \
+               writes no such lines and parsers would count them as unknown. Up \
+               to 64 printable characters without '[' or ':'.",
+    },
+    Key {
+        name: "log.dnsblog_identifier",
+        postscreen: None,
+        default_note: None,
+        text: "The syslog identifier of DNSBL answer lines; empty means the same \
+               as log.identifier, or postfix/dnsblog under format = \
+               \"postscreen\".",
+    },
+    Key {
+        name: "log.respectful_logging",
+        postscreen: Some("respectful_logging"),
+        default_note: None,
+        text: "true writes ALLOWLISTED and DENYLISTED, as Postfix 3.6 and later \
+               do; false writes the older WHITELISTED and BLACKLISTED, which log \
+               parsers written before 3.6 (Logwatch 7.7) count.",
+    },
 ];
 
 /// The entry for `name` (`section.key`).
@@ -737,8 +787,8 @@ pub fn man_page(version: &str) -> String {
          .PP\n\
          SIGHUP (systemctl reload screener) rereads the file; a key that takes \
          effect only after a restart (verdict.ipv6_prefix, xdp.pin_path, \
-         store.path, admin.socket, daemon.user, daemon.admin_group) is named \
-         in a warning.\n",
+         store.path, admin.socket, daemon.user, daemon.admin_group, the log \
+         keys, the cluster keys) is named in a warning.\n",
     );
     for section in SECTIONS {
         let _ = writeln!(m, ".SH \"[{}]\"\n{}", section.name, roff(section.text));

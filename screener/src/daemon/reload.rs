@@ -259,5 +259,17 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         new.daemon.admin_group != old.daemon.admin_group,
         "daemon.admin_group",
     );
+    // The subscriber is installed once, at start.
+    let (l, o) = (&new.log, &old.log);
+    check(l.format != o.format, "log.format");
+    check(l.identifier != o.identifier, "log.identifier");
+    check(
+        l.dnsblog_identifier != o.dnsblog_identifier,
+        "log.dnsblog_identifier",
+    );
+    check(
+        l.respectful_logging != o.respectful_logging,
+        "log.respectful_logging",
+    );
     keys
 }

@@ -957,19 +957,27 @@ async fn connection(
     let todo = match admission {
         Admission::Busy { reply, why } => {
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: {why}", Peer(client));
+            // postscreen's own wording for each: the screening-slot case
+            // is its one reject logged without the queue ID.
+            if why == "all screening ports busy" {
+                tracing::info!(client = %Peer(client), "reject: connect from {}: {why}", Peer(client));
+            } else {
+                tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: {why}", Peer(client));
+            }
             conn.reply(&format!("{reply}\r\n")).await;
             return;
         }
         Admission::Denylisted => {
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %Peer(client), "DENYLISTED {}", Peer(client));
+            tracing::info!(client = %Peer(client), "{} {}", crate::logging::denylisted(), Peer(client));
             record_failure(shared, client, FailedTest::Denylist, Action::Drop);
             let reply = format!(
                 "521 5.3.2 {} Service currently unavailable\r\n",
                 conn.settings.cfg.smtp.hostname
             );
             conn.reply(&reply).await;
+            // As postscreen ends a dropped session's lines.
+            tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
             return;
         }
         Admission::Allowlisted | Admission::PassOld => {
@@ -977,7 +985,7 @@ async fn connection(
                 shared.counters.pass_old.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(client = %Peer(client), "PASS OLD {}", Peer(client));
             } else {
-                tracing::info!(client = %Peer(client), "ALLOWLISTED {}", Peer(client));
+                tracing::info!(client = %Peer(client), "{} {}", crate::logging::allowlisted(), Peer(client));
             }
             // Boxed: a client still in the tests need not carry the relay's
             // state (and buffers) inside its own future.
