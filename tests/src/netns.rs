@@ -424,11 +424,16 @@ impl Drop for PinDir {
 /// The `screener` binary built next to the test executables.
 #[track_caller]
 pub fn screener_bin() -> PathBuf {
+    // A test runs from target/<profile>/deps, a benchmark binary from
+    // target/<profile>: the daemon is in target/<profile> either way.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("screener");
+    let here = exe.parent().unwrap();
+    let bin = [here.join("screener"), here.parent().unwrap().join("screener")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| here.join("screener"));
     assert!(
-        bin.exists(),
+        bin.is_file(),
         "{} is missing: build it first (`cargo build -p screener`, which `cargo xtask test` does)",
         bin.display()
     );
