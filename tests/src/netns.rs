@@ -428,10 +428,13 @@ pub fn screener_bin() -> PathBuf {
     // target/<profile>: the daemon is in target/<profile> either way.
     let exe = std::env::current_exe().unwrap();
     let here = exe.parent().unwrap();
-    let bin = [here.join("screener"), here.parent().unwrap().join("screener")]
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| here.join("screener"));
+    let bin = [
+        here.join("screener"),
+        here.parent().unwrap().join("screener"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| here.join("screener"));
     assert!(
         bin.is_file(),
         "{} is missing: build it first (`cargo build -p screener`, which `cargo xtask test` does)",

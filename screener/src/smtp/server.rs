@@ -613,6 +613,18 @@ fn accepted(
     });
 }
 
+/// Runs `work` as a task the shutdown drain waits for.
+fn spawn_counted(shared: &Arc<Shared>, work: impl Future<Output = ()> + Send + 'static) {
+    shared.tasks.fetch_add(1, Ordering::AcqRel);
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        work.await;
+        if shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared.idle.notify_waiters();
+        }
+    });
+}
+
 /// One client or backend socket, counted against the descriptor budget
 /// while it lives.
 struct Descriptor(Arc<Shared>);
@@ -1069,12 +1081,18 @@ async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
                 Output::Pass(ttl) => {
                     shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
                     if let Some(cache) = shared.cache.clone() {
-                        tokio::spawn(store_pass(
-                            cache,
-                            shared.cluster.get().cloned(),
-                            client.ip().to_canonical(),
-                            ttl,
-                        ));
+                        // Off the client's path (a store write may wait on
+                        // the disk), but counted: the drain at shutdown
+                        // waits for it like for a connection.
+                        spawn_counted(
+                            &shared,
+                            store_pass(
+                                cache,
+                                shared.cluster.get().cloned(),
+                                client.ip().to_canonical(),
+                                ttl,
+                            ),
+                        );
                     }
                 }
                 Output::Handoff(plan) => {
