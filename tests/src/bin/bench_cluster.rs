@@ -47,9 +47,10 @@ fn roles() -> Vec<(&'static str, &'static [&'static str])> {
     ]
 }
 
-/// The `i`th benchmark host address.
+/// The `i`th benchmark source: an IPv6 /64, the unit verdicts block
+/// (`verdict.ipv6_prefix`), so it lands in the host hash map.
 fn host(round: u32, i: u32) -> String {
-    format!("2001:db8:{:x}:{:x}::1/128", 0x200 + round, i)
+    format!("2001:db8:{:x}:{:x}::/64", 0x200 + round, i)
 }
 
 fn ask(rt: &tokio::runtime::Runtime, node: &Node, req: &Request) {
@@ -72,7 +73,7 @@ fn block(rt: &tokio::runtime::Runtime, node: &Node, nets: Vec<String>) {
     );
 }
 
-/// Entries in `pins`' IPv6 host block map.
+/// Entries in `pins`' IPv6 host block map (keyed by /64).
 fn v6_hosts(pins: &Path) -> usize {
     screener::xdp::Maps::from_pins(pins).map_or(0, |m| {
         m.counts()
