@@ -358,6 +358,7 @@ pub struct Config {
     pub store: Store,
     pub admin: Admin,
     pub import: Import,
+    pub metrics: Metrics,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -688,6 +689,16 @@ impl Default for Admin {
     }
 }
 
+/// The Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// Where `GET /metrics` is answered; empty (the default) serves
+    /// nothing, since the figures say what the screener sees and whom it
+    /// blocks.
+    pub listen: Vec<SocketAddr>,
+}
+
 impl Config {
     /// Reads, parses and checks `path`. Relative paths in it are taken
     /// relative to the file's own directory, not to wherever the command
@@ -774,6 +785,13 @@ impl Config {
                 "smtp.listen",
                 "[]",
                 "nothing to listen on",
+            ));
+        }
+        if let Some(l) = self.metrics.listen.iter().find(|l| self.smtp.listen.contains(l)) {
+            return Err(ConfigError::value(
+                "metrics.listen",
+                l,
+                "is also in smtp.listen",
             ));
         }
         if self.smtp.hostname.is_empty() || self.smtp.hostname.contains(char::is_whitespace) {

@@ -252,5 +252,6 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(new.xdp.max_allows != old.xdp.max_allows, "xdp.max_allows");
     check(new.store.path != old.store.path, "store.path");
     check(new.admin.socket != old.admin.socket, "admin.socket");
+    check(new.metrics.listen != old.metrics.listen, "metrics.listen");
     keys
 }

@@ -40,6 +40,9 @@ pub(super) struct Started {
     /// The DNSBL engine (`None` without sites); its health checks start
     /// with the serving.
     pub dnsbl: Option<Dnsbl>,
+    /// The metrics endpoint's listeners (`metrics.listen`), bound, not yet
+    /// accepting.
+    pub metrics: Vec<tokio::net::TcpListener>,
 }
 
 /// Opens the store and the gate, restores the verdicts, attaches, binds.
@@ -68,10 +71,11 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         let cfg = verdicts.cfg();
         cfg.log_warnings();
         crate::local::refresh();
-        bind_smtp(&verdicts, &cfg)
+        let smtp = bind_smtp(&verdicts, &cfg)?;
+        Ok((smtp, bind_metrics(&cfg).await?))
     }
     .await;
-    let (smtp, listeners, failures, dnsbl) = match built {
+    let ((smtp, listeners, failures, dnsbl), metrics) = match built {
         Ok(b) => b,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -88,7 +92,20 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         listeners,
         failures,
         dnsbl,
+        metrics,
     })
+}
+
+/// Binds `metrics.listen` (nothing when it is empty).
+async fn bind_metrics(cfg: &Config) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut out = Vec::new();
+    for addr in &cfg.metrics.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics.listen: binding {addr}"))?;
+        out.push(l);
+    }
+    Ok(out)
 }
 
 /// The SMTP server with its DNSBL engine and failure queue, its

@@ -121,7 +121,7 @@ impl Verdicts {
                 .lock()
                 .expect("groups lock")
                 .note(net.trunc(), until);
-            self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+            self.counters.block(policy::kernel_reason(label));
             tracing::info!("BLOCK {net} reason={label} ttl={}", duration::Display(ttl));
         }
         Ok(())
@@ -141,7 +141,7 @@ impl Verdicts {
         }
         for net in nets {
             self.remove_block(*net).await?;
-            self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
+            self.counters.unblock(super::Unblock::Operator);
             tracing::info!("UNBLOCK {net} reason={why}");
         }
         Ok(())
@@ -251,7 +251,7 @@ impl Verdicts {
             .expect("groups lock")
             .note(net, rec.expires);
         self.apply_block(rec).await?;
-        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+        self.counters.block(reason);
         tracing::info!(
             "BLOCK {net} reason={} ttl={} offences={offences}",
             reason.name(),
@@ -289,7 +289,7 @@ impl Verdicts {
         self.apply_block(policy::escalation(group, now_unix(), ttl))
             .await?;
         self.counters.escalations.fetch_add(1, Ordering::Relaxed);
-        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+        self.counters.block(Reason::Escalation);
         tracing::info!(
             "BLOCK {group} reason=escalation ttl={} hosts={count}",
             duration::Display(ttl)

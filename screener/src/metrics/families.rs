@@ -1,0 +1,423 @@
+//! `stats` as metric families: every figure `screener stats` prints, under
+//! a Prometheus name.
+//!
+//! NAMES. `screener_` first, then the part of the daemon (`smtp`, `dnsbl`,
+//! `xdp`, `store`), units spelled out (`_seconds`, `_entries`), counters
+//! ending in `_total` (the encoder appends it), one family per figure with
+//! the dimension a dashboard splits by as a label (`outcome`, `test`,
+//! `reason`, `site`, `map`). A section `stats` shows as `null` (no gate,
+//! no DNSBL lists) has no families: an absent series says "not running",
+//! a zero would say "nothing happened".
+
+use std::fmt;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet},
+    metrics::MetricType,
+    registry::{Registry, Unit},
+};
+
+use super::HistogramSnapshot;
+use crate::daemon::Stats;
+
+/// The collector the endpoint's registry holds: it renders whatever
+/// `source` answers at scrape time.
+pub struct StatsCollector<F> {
+    /// Reads the daemon's counters now; `None` once the daemon is gone.
+    source: F,
+}
+
+impl<F> fmt::Debug for StatsCollector<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StatsCollector")
+    }
+}
+
+impl<F: Fn() -> Option<Stats> + Send + Sync + 'static> Collector for StatsCollector<F> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        match (self.source)() {
+            Some(stats) => encode(&stats, &mut encoder),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The endpoint's registry: one collector over `source`.
+pub fn registry(source: impl Fn() -> Option<Stats> + Send + Sync + 'static) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(StatsCollector { source }));
+    r
+}
+
+/// Writes one family per figure of `s`.
+pub fn encode(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
+    daemon(s, e)?;
+    smtp(s, e)?;
+    if let Some(d) = &s.dnsbl {
+        dnsbl(d, e)?;
+    }
+    if let Some(k) = &s.kernel {
+        kernel(k, e)?;
+    }
+    store(s, e)
+}
+
+fn daemon(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
+    let d = &s.daemon;
+    gauge(
+        e,
+        "screener_uptime_seconds",
+        "Seconds since the daemon started.",
+        d.uptime_secs,
+    )?;
+    gauge(
+        e,
+        "screener_config_generation",
+        "Configurations applied since start (0: the one started with; each SIGHUP adds one).",
+        d.config_generation,
+    )?;
+    gauge(
+        e,
+        "screener_config_restart_pending_keys",
+        "Keys changed in the file that take effect only on restart.",
+        d.config_restart_pending.len() as u64,
+    )?;
+    gauge(
+        e,
+        "screener_xdp_attached",
+        "1 when every configured interface runs the program.",
+        u64::from(d.xdp_attached),
+    )?;
+    let ifs: Vec<(&str, u64)> = d
+        .xdp_interfaces
+        .iter()
+        .map(|i| (i.interface.as_str(), u64::from(i.attached)))
+        .collect();
+    gauges(
+        e,
+        "screener_xdp_interface_attached",
+        "1 when the interface runs the program.",
+        "interface",
+        ifs,
+    )?;
+    let v = &d.verdicts;
+    counters(
+        e,
+        "screener_blocks",
+        "Blocks made, by reason (screening failures, escalations, operators).",
+        "reason",
+        v.blocks_by_reason.iter().map(|(r, n)| (*r, *n)),
+    )?;
+    counters(
+        e,
+        "screener_unblocks",
+        "Blocks removed, by cause (operator, expired).",
+        "cause",
+        v.unblocks_by_cause.iter().map(|(c, n)| (*c, *n)),
+    )?;
+    counter(
+        e,
+        "screener_blocks_refused_full",
+        "Blocks a full kernel map refused (raise xdp.max_hosts or xdp.max_prefixes).",
+        v.blocks_refused_full,
+    )?;
+    counter(
+        e,
+        "screener_blocks_skipped_protected",
+        "Verdicts not made because the client is protected (allow entry, access list, DNSWL, local).",
+        v.blocks_skipped_protected,
+    )?;
+    counter(
+        e,
+        "screener_escalations",
+        "Hosts' verdicts that became a /24 (/48) block.",
+        v.escalations,
+    )
+}
+
+fn smtp(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
+    let m = &s.smtp;
+    counter(
+        e,
+        "screener_smtp_connections",
+        "SMTP connections accepted.",
+        m.connections,
+    )?;
+    counters(
+        e,
+        "screener_smtp_connection_outcomes",
+        "How screened connections ended: passed now (pass_new), passed on a cached pass \
+         (pass_old), turned away (rejected), PROXY header from an untrusted peer \
+         (proxy_untrusted), refused for want of descriptors (descriptors_refused).",
+        "outcome",
+        [
+            ("pass_new", m.pass_new),
+            ("pass_old", m.pass_old),
+            ("rejected", m.rejects),
+            ("proxy_untrusted", m.proxy_untrusted),
+            ("descriptors_refused", m.descriptors.refused),
+        ],
+    )?;
+    let f = &m.fails;
+    counters(
+        e,
+        "screener_smtp_test_failures",
+        "Screening test failures, by test (any action).",
+        "test",
+        [
+            ("pregreet", f.pregreet),
+            ("dnsbl", f.dnsbl),
+            ("pipelining", f.pipelining),
+            ("non_smtp_command", f.non_smtp_command),
+            ("bare_newline", f.bare_newline),
+            ("denylist", f.denylist),
+        ],
+    )?;
+    gauge(
+        e,
+        "screener_smtp_screening_clients",
+        "Clients being screened now.",
+        m.screening,
+    )?;
+    gauge(
+        e,
+        "screener_smtp_handed_off_clients",
+        "Clients connected to the backend through the screener now.",
+        m.handed_off,
+    )?;
+    gauge(
+        e,
+        "screener_stress_mode",
+        "1 while stress mode (shorter deadlines) is on.",
+        u64::from(m.stress),
+    )?;
+    let q = &m.failure_queue;
+    gauge(
+        e,
+        "screener_smtp_failure_queue_clients",
+        "Failed clients waiting for the verdict task.",
+        q.queued,
+    )?;
+    counter(
+        e,
+        "screener_smtp_failure_queue_dropped",
+        "Failures dropped because the verdict queue was full.",
+        q.dropped,
+    )?;
+    let d = &m.descriptors;
+    gauge(
+        e,
+        "screener_smtp_descriptors_held",
+        "Client and backend sockets held now.",
+        d.held,
+    )?;
+    gauge(
+        e,
+        "screener_smtp_descriptors_cap",
+        "Client and backend sockets the budget allows.",
+        d.cap,
+    )
+}
+
+fn dnsbl(d: &crate::dnsbl::DnsblStats, e: &mut DescriptorEncoder) -> fmt::Result {
+    let sites: Vec<(&str, &crate::dnsbl::SiteStats)> =
+        d.sites.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    counters(
+        e,
+        "screener_dnsbl_queries",
+        "DNS lookups sent, by list (health checks not included).",
+        "site",
+        sites.iter().map(|(n, s)| (*n, s.queries)),
+    )?;
+    let mut errors = e.encode_descriptor(
+        "screener_dnsbl_errors",
+        "Lookups that failed, by list and kind: error_answer (an operator error code), \
+         dns_failure (timeout, SERVFAIL, transport error).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (site, s) in &sites {
+        for (kind, n) in [
+            ("error_answer", s.error_answers),
+            ("dns_failure", s.dns_failures),
+        ] {
+            let labels = [("site", *site), ("kind", kind)];
+            counter_value(&mut errors.encode_family(&labels)?, n)?;
+        }
+    }
+    let mut latency = e.encode_descriptor(
+        "screener_dnsbl_lookup_duration",
+        "DNS lookup latency, by list (a timeout counts as the timeout).",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    for (site, s) in &sites {
+        histogram_value(&mut latency.encode_family(&[("site", *site)])?, &s.latency)?;
+    }
+    let mut disabled = e.encode_descriptor(
+        "screener_dnsbl_site_disabled",
+        "1 while the health check has switched the list off for the family \
+         (it lists the whole world).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (site, s) in &sites {
+        for (family, off) in [("ipv4", s.disabled_ipv4), ("ipv6", s.disabled_ipv6)] {
+            let labels = [("site", *site), ("family", family)];
+            disabled
+                .encode_family(&labels)?
+                .encode_gauge(&u64::from(off))?;
+        }
+    }
+    counters(
+        e,
+        "screener_dnsbl_health_failures",
+        "Health checks that found a list listing the world, by list.",
+        "site",
+        sites.iter().map(|(n, s)| (*n, s.health_failures)),
+    )?;
+    counter(
+        e,
+        "screener_dnsbl_cache_hits",
+        "Scores answered from the answer cache.",
+        d.cache_hits,
+    )?;
+    counter(
+        e,
+        "screener_dnsbl_shared_lookups",
+        "Lookups joined while another connection's was in flight.",
+        d.shared_lookups,
+    )?;
+    counter(
+        e,
+        "screener_dnsbl_late_answers",
+        "Lookups still unanswered at a caller's deadline.",
+        d.late_answers,
+    )
+}
+
+fn kernel(k: &crate::xdp::maps::KernelStats, e: &mut DescriptorEncoder) -> fmt::Result {
+    counters(
+        e,
+        "screener_xdp_packets_dropped",
+        "Packets the XDP program dropped, by the reason of the entry that matched.",
+        "reason",
+        k.dropped_by_reason.iter().map(|(r, n)| (*r, *n)),
+    )?;
+    counters(
+        e,
+        "screener_xdp_packets_passed",
+        "Packets the XDP program passed, by cause.",
+        "cause",
+        k.passed_by_cause.iter().map(|(c, n)| (*c, *n)),
+    )?;
+    gauges(
+        e,
+        "screener_xdp_map_entries",
+        "Entries in each block and allow map.",
+        "map",
+        k.maps.iter().map(|m| (m.map, m.entries)),
+    )?;
+    gauges(
+        e,
+        "screener_xdp_map_max_entries",
+        "Entries each block and allow map can hold (xdp.max_hosts, xdp.max_prefixes, \
+         xdp.max_allows).",
+        "map",
+        k.maps.iter().map(|m| (m.map, m.max_entries)),
+    )
+}
+
+fn store(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
+    let h = &s.store;
+    gauge(
+        e,
+        "screener_store_writable",
+        "1 while the store writes; 0 during a failure episode (full or failing disk).",
+        u64::from(h.writable),
+    )?;
+    gauge(
+        e,
+        "screener_store_queued_changes",
+        "Verdict changes waiting to be written to the store.",
+        h.queued as u64,
+    )?;
+    counter(
+        e,
+        "screener_store_queue_dropped",
+        "Verdict changes the store queue dropped (the kernel holds them).",
+        h.queue_dropped,
+    )?;
+    counter(
+        e,
+        "screener_store_failures",
+        "Failed store operations.",
+        h.failures,
+    )
+}
+
+fn counter_value(m: &mut MetricEncoder, v: u64) -> fmt::Result {
+    m.encode_counter::<NoLabelSet, u64, u64>(&v, None)
+}
+
+fn histogram_value(m: &mut MetricEncoder, h: &HistogramSnapshot) -> fmt::Result {
+    // The encoder wants per-bucket counts with +Inf last; the snapshot
+    // holds cumulative ones.
+    let mut below = 0;
+    let mut buckets: Vec<(f64, u64)> = h
+        .buckets
+        .iter()
+        .map(|b| {
+            let n = b.1.saturating_sub(below);
+            below = b.1;
+            (b.0 as f64 / 1000.0, n)
+        })
+        .collect();
+    buckets.push((f64::INFINITY, h.count.saturating_sub(below)));
+    m.encode_histogram::<NoLabelSet>(h.sum_us as f64 / 1e6, h.count, &buckets, None)
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    counter_value(
+        &mut e.encode_descriptor(name, help, None, MetricType::Counter)?,
+        v,
+    )
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&v)
+}
+
+fn counters<'l>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (&'l str, u64)>,
+) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (l, v) in values {
+        counter_value(&mut m.encode_family(&labelled(label, l))?, v)?;
+    }
+    Ok(())
+}
+
+fn gauges<'l>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (&'l str, u64)>,
+) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (l, v) in values {
+        m.encode_family(&labelled(label, l))?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+fn labelled<'a>(key: &'a str, value: &'a str) -> impl EncodeLabelSet + 'a {
+    [(key, value)]
+}
