@@ -421,3 +421,195 @@ fn gauges<'l>(
 fn labelled<'a>(key: &'a str, value: &'a str) -> impl EncodeLabelSet + 'a {
     [(key, value)]
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::{
+        daemon::DaemonStats,
+        dnsbl::{DnsblStats, SiteStats},
+        metrics::{Histogram, DNSBL_LATENCY_MS},
+        xdp::maps::{KernelStats, MapFill},
+    };
+
+    /// `stats` with every section present and something counted in each.
+    fn sample() -> Stats {
+        let latency = Histogram::new(DNSBL_LATENCY_MS);
+        latency.observe(std::time::Duration::from_millis(3));
+        let site = SiteStats {
+            queries: 4,
+            dns_failures: 1,
+            latency: latency.snapshot(),
+            ..SiteStats::default()
+        };
+        let mut verdicts = crate::verdict::CountersSnapshot::default();
+        verdicts.blocks_by_reason.insert("pregreet", 2);
+        verdicts.unblocks_by_cause.insert("expired", 1);
+        Stats {
+            kernel: Some(KernelStats {
+                dropped_by_reason: BTreeMap::from([("pregreet", 9)]),
+                passed_by_cause: BTreeMap::from([("not_listed", 5)]),
+                maps: vec![MapFill {
+                    map: "block_v4",
+                    entries: 3,
+                    max_entries: 1 << 20,
+                }],
+                ..KernelStats::default()
+            }),
+            daemon: DaemonStats {
+                uptime_secs: 1,
+                xdp_attached: true,
+                config_generation: 2,
+                config_restart_pending: vec![],
+                xdp_interfaces: vec![],
+                verdicts,
+            },
+            store: crate::store::StoreHealth::default(),
+            smtp: crate::smtp::SmtpStats::default(),
+            dnsbl: Some(DnsblStats {
+                sites: BTreeMap::from([("zen.example".to_owned(), site)]),
+                ..DnsblStats::default()
+            }),
+        }
+    }
+
+    fn exposition() -> String {
+        let s = std::sync::Mutex::new(Some(sample()));
+        super::super::render(&registry(move || s.lock().unwrap().take()))
+    }
+
+    /// The sample names of `text`, each checked against the family its
+    /// `# TYPE` line declared: the suffixes OpenMetrics allows for that
+    /// type and nothing else.
+    fn sample_names(text: &str) -> BTreeSet<String> {
+        let mut families: BTreeMap<String, String> = BTreeMap::new();
+        let mut current: Option<(String, String)> = None;
+        let mut names = BTreeSet::new();
+        let body = text.strip_suffix("# EOF\n").expect("ends with # EOF");
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert!(
+                    families.insert(name.into(), kind.into()).is_none(),
+                    "{name} declared twice"
+                );
+                current = Some((name.into(), kind.into()));
+                continue;
+            }
+            if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+                continue;
+            }
+            assert!(!line.starts_with('#'), "unexpected line {line:?}");
+            let name: String = line
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let (family, kind) = current.as_ref().expect("a sample before any TYPE");
+            let suffix = name.strip_prefix(family.as_str()).unwrap_or("?");
+            let allowed: &[&str] = match kind.as_str() {
+                "counter" => &["_total"],
+                "gauge" => &[""],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                k => panic!("type {k}"),
+            };
+            assert!(allowed.contains(&suffix), "{name} in {kind} {family}");
+            let value = line.rsplit(' ').next().expect("a value");
+            assert!(value.parse::<f64>().is_ok(), "{line:?}");
+            names.insert(name);
+        }
+        names
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let text = exposition();
+        let names = sample_names(&text);
+        for n in &names {
+            assert!(n.starts_with("screener_"), "{n}");
+        }
+        assert!(names.contains("screener_blocks_total"));
+        assert!(names.contains("screener_dnsbl_lookup_duration_seconds_bucket"));
+        assert!(text.contains("screener_blocks_total{reason=\"pregreet\"} 2\n"));
+        assert!(text.contains("screener_xdp_packets_dropped_total{reason=\"pregreet\"} 9\n"));
+        assert!(text.contains("screener_xdp_map_max_entries{map=\"block_v4\"} 1048576\n"));
+        assert!(text.contains(
+            "screener_dnsbl_errors_total{site=\"zen.example\",kind=\"dns_failure\"} 1\n"
+        ));
+        // 3 ms is in the 5 ms bucket and above; +Inf holds every lookup.
+        for (le, n) in [("0.002", 0), ("0.005", 1), ("+Inf", 1)] {
+            let line = format!(
+                "screener_dnsbl_lookup_duration_seconds_bucket{{le=\"{le}\",site=\"zen.example\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains(
+            "screener_dnsbl_lookup_duration_seconds_sum{site=\"zen.example\"} 0.003\n"
+        ));
+    }
+
+    #[test]
+    fn a_daemon_gone_leaves_an_empty_page() {
+        assert_eq!(super::super::render(&registry(|| None)), "# EOF\n");
+    }
+
+    /// The dashboard the package ships queries only what the endpoint
+    /// serves: a renamed family must not leave an empty panel behind.
+    #[test]
+    fn the_dashboard_parses_and_queries_only_served_metrics() {
+        let text = include_str!("../../../dist/share/grafana-dashboard.json");
+        let dash: serde_json::Value = serde_json::from_str(text).expect("dashboard JSON");
+        let mut exprs = Vec::new();
+        collect_exprs(&dash, &mut exprs);
+        assert!(exprs.len() >= 10, "{exprs:?}");
+        let served = sample_names(&exposition());
+        let mut queried = BTreeSet::new();
+        for e in &exprs {
+            let mut rest = e.as_str();
+            while let Some(i) = rest.find("screener_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.insert(name);
+            }
+        }
+        let missing: Vec<&String> = queried.iter().filter(|n| !served.contains(*n)).collect();
+        assert!(missing.is_empty(), "queried but not served: {missing:?}");
+        let titles: Vec<&str> = dash["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .filter_map(|p| p["title"].as_str())
+            .collect();
+        for want in [
+            "Connections by outcome",
+            "Drops per reason at the NIC",
+            "Map fill",
+            "DNSBL latency per list",
+            "DNSBL errors per list",
+            "Stress mode",
+        ] {
+            assert!(titles.contains(&want), "no panel {want:?} in {titles:?}");
+        }
+    }
+
+    fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(s)) => {
+                            out.push(s.clone());
+                        }
+                        _ => collect_exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+            _ => {}
+        }
+    }
+}

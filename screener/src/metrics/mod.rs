@@ -365,7 +365,7 @@ mod tests {
         let mut registry = Registry::default();
         let c: prometheus_client::metrics::counter::Counter = Default::default();
         c.inc_by(7);
-        registry.register("screener_test", "a test counter", c);
+        registry.register("screener_test", "A test counter", c);
         let stop = CancellationToken::new();
         let server = tokio::spawn(serve(listener, Arc::new(registry), stop.clone()));
         let get = |req: &'static str| async move {
@@ -378,7 +378,7 @@ mod tests {
         let ok = get("GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains(CONTENT_TYPE), "{ok}");
-        assert!(ok.contains("\r\n\r\n# HELP screener_test a test counter\n"), "{ok}");
+        assert!(ok.contains("\r\n\r\n# HELP screener_test A test counter.\n"), "{ok}");
         assert!(ok.contains("\nscreener_test_total 7\n"), "{ok}");
         assert!(ok.ends_with("# EOF\n"), "{ok}");
         let head = get("HEAD /metrics HTTP/1.1\r\n\r\n").await;
