@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::duration::serde_str as dur;
+use crate::screen::TestId;
 
 /// What each key means: `config show --describe` and screener.toml(5).
 pub mod describe;
@@ -335,16 +336,62 @@ mod cidrs {
     }
 }
 
-/// Outcomes that put the client into the kernel block maps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Outcomes that put the client into the kernel block maps, named in
+/// `verdict.block_on` by the test's name or `denylist`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BlockOn {
-    Pregreet,
-    Dnsbl,
-    Pipelining,
-    NonSmtpCommand,
-    BareNewline,
+    /// A screening test failed with action `enforce` or `drop`.
+    Test(TestId),
+    /// A `reject` rule of `screen.access_list` matched.
     Denylist,
+}
+
+impl BlockOn {
+    /// The name in `verdict.block_on`.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            BlockOn::Test(t) => t.name(),
+            BlockOn::Denylist => "denylist",
+        }
+    }
+
+    /// The reason a kernel block for this outcome carries.
+    #[must_use]
+    pub const fn reason(self) -> screener_common::Reason {
+        match self {
+            BlockOn::Test(t) => t.reason(),
+            BlockOn::Denylist => screener_common::Reason::Denylist,
+        }
+    }
+}
+
+impl From<TestId> for BlockOn {
+    fn from(t: TestId) -> BlockOn {
+        BlockOn::Test(t)
+    }
+}
+
+impl Serialize for BlockOn {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        if name == "denylist" {
+            return Ok(BlockOn::Denylist);
+        }
+        TestId::from_name(&name).map(BlockOn::Test).ok_or_else(|| {
+            let known: Vec<&str> = TestId::ALL.iter().map(|t| t.name()).collect();
+            serde::de::Error::custom(format!(
+                "unknown outcome `{name}`, expected one of {}, denylist",
+                known.join(", ")
+            ))
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -604,9 +651,9 @@ impl Default for Verdict {
     fn default() -> Self {
         Verdict {
             block_on: vec![
-                BlockOn::Pregreet,
-                BlockOn::Dnsbl,
-                BlockOn::NonSmtpCommand,
+                BlockOn::Test(TestId::Pregreet),
+                BlockOn::Test(TestId::Dnsbl),
+                BlockOn::Test(TestId::NonSmtpCommand),
                 BlockOn::Denylist,
             ],
             block_ttl: Duration::from_secs(3600),
@@ -1094,30 +1141,10 @@ impl Config {
                 "is ignored: smtp.upstream_proxy_protocol is \"none\"".to_owned(),
             );
         }
-        let s = &self.screen;
-        for (key, ttl, on) in [
-            (
-                "screen.greet_ttl",
-                s.greet_ttl,
-                !self.smtp.greet_banner.is_empty(),
-            ),
-            (
-                "screen.pipelining_ttl",
-                s.pipelining_ttl,
-                s.pipelining_enable,
-            ),
-            (
-                "screen.non_smtp_command_ttl",
-                s.non_smtp_command_ttl,
-                s.non_smtp_command_enable,
-            ),
-            (
-                "screen.bare_newline_ttl",
-                s.bare_newline_ttl,
-                s.bare_newline_enable,
-            ),
-        ] {
-            if on && ttl.is_zero() {
+        for t in TestId::ALL {
+            let set = t.settings(self);
+            let Some(key) = t.keys().ttl else { continue };
+            if set.enable && set.ttl.is_zero() {
                 warn(
                     key,
                     "is 0s: a pass is never remembered, every connection is screened again"
@@ -1345,11 +1372,40 @@ ports = ["all"]
             ("[xdp]\nports = [\"all\", 25]", "xdp.ports", "all"),
             ("[verdict]\nipv6_prefix = 129", "verdict.ipv6_prefix", "129"),
             ("[smtp]\nbackend = \"nowhere\"", "smtp.backend", "nowhere"),
+            (
+                "[verdict]\nblock_on = [\"pregreet\", \"greylist\"]",
+                "verdict.block_on",
+                "greylist",
+            ),
         ];
         for (text, key, value) in cases {
             let msg = Config::from_toml(text).unwrap_err().to_string();
             assert!(msg.contains(key), "{text:?}: {msg}");
             assert!(msg.contains(value), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn block_on_names_every_test_and_denylist() {
+        let names: Vec<String> = TestId::ALL.iter().map(|t| format!("\"{t}\"")).collect();
+        let text = names.join(", ");
+        let c =
+            Config::from_toml(&format!("[verdict]\nblock_on = [{text}, \"denylist\"]")).unwrap();
+        let mut want: Vec<BlockOn> = TestId::ALL.into_iter().map(BlockOn::Test).collect();
+        want.push(BlockOn::Denylist);
+        assert_eq!(c.verdict.block_on, want);
+        // The default is written back as the names it was read from.
+        let shown = toml::to_string(&Config::default().verdict).unwrap();
+        assert!(
+            shown.contains(r#"block_on = ["pregreet", "dnsbl", "non_smtp_command", "denylist"]"#),
+            "{shown}"
+        );
+        assert_eq!(
+            BlockOn::Denylist.reason(),
+            screener_common::Reason::Denylist
+        );
+        for t in TestId::ALL {
+            assert_eq!(BlockOn::from(t).reason(), t.reason());
         }
     }
 

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
+pub mod screen;
 pub mod smtp;
 pub mod store;
 pub mod verdict;

@@ -113,67 +113,9 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A screening test with a cached pass expiry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Test {
-    /// The client spoke before the greeting.
-    Pregreet,
-    /// DNSBL/DNSWL score.
-    Dnsbl,
-    /// The client sent commands without waiting for replies.
-    Pipelining,
-    /// The client sent a forbidden or non-SMTP command.
-    NonSmtpCommand,
-    /// The client ended a line with a bare LF.
-    BareNewline,
-}
-
-impl Test {
-    /// Every test, in index order.
-    pub const ALL: [Test; 5] = [
-        Test::Pregreet,
-        Test::Dnsbl,
-        Test::Pipelining,
-        Test::NonSmtpCommand,
-        Test::BareNewline,
-    ];
-    /// How many tests there are (the length of [`ClientRecord::expires`]).
-    pub const COUNT: usize = 5;
-
-    /// Position of this test in [`ClientRecord::expires`] and [`Test::ALL`].
-    pub fn index(self) -> usize {
-        match self {
-            Test::Pregreet => 0,
-            Test::Dnsbl => 1,
-            Test::Pipelining => 2,
-            Test::NonSmtpCommand => 3,
-            Test::BareNewline => 4,
-        }
-    }
-
-    /// Stable lower-case name, as used in config (`verdict.block_on`) and
-    /// JSON output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Test::Pregreet => "pregreet",
-            Test::Dnsbl => "dnsbl",
-            Test::Pipelining => "pipelining",
-            Test::NonSmtpCommand => "non_smtp_command",
-            Test::BareNewline => "bare_newline",
-        }
-    }
-
-    /// The test called `name` (see [`Test::name`]).
-    pub fn from_name(name: &str) -> Option<Test> {
-        Test::ALL.into_iter().find(|t| t.name() == name)
-    }
-}
-
-impl fmt::Display for Test {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// A screening test with a cached pass expiry; the list of tests lives in
+/// the screening module.
+pub use crate::screen::TestId as Test;
 
 /// One client's record: one pass expiry per test (unix seconds, 0 = never
 /// passed).
@@ -226,6 +168,10 @@ pub struct BlockRecord {
     pub list: Option<String>,
     /// How many times this source has been blocked.
     pub offences: u32,
+    /// The fleet node that made the verdict, when another node did (see
+    /// `[cluster]`); `None` for this node's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// An allow entry: never dropped, skips all tests.
@@ -1242,6 +1188,7 @@ impl Store {
                     expires,
                     added,
                     list: Some(name.clone()),
+                    origin: None,
                     offences: 1,
                 };
                 for net in nets {

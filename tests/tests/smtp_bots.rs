@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use integration_tests::smtp_peers::{test_config, Bot, Postfix, Screener, Upstream};
 use screener::config::Action;
-use screener::smtp::FailedTest;
+use screener::smtp::{FailedTest, TestId};
 
 fn screener(pf: &Postfix) -> Screener {
     let mut cfg = test_config(pf.addr);
@@ -50,7 +50,7 @@ fn misbehaving_clients_get_postscreens_outcome() {
     assert_eq!(bot.read_until("\r\n"), "250 2.1.0 Ok\r\n");
     bot.send(b"RCPT TO:<rcpt@backend.test>\r\n");
     assert_eq!(bot.read_until("\r\n"), "550 5.5.1 Protocol error\r\n");
-    reported(&scr, [127, 0, 1, 1], FailedTest::Pregreet);
+    reported(&scr, [127, 0, 1, 1], FailedTest::Test(TestId::Pregreet));
 
     // Pipelining without PIPELINING (enforce).
     let mut bot = Bot::connect([127, 0, 1, 2], scr.addr);
@@ -60,7 +60,7 @@ fn misbehaving_clients_get_postscreens_outcome() {
     );
     let got = bot.read_until("550 5.5.1 Protocol error\r\n");
     assert!(got.ends_with("550 5.5.1 Protocol error\r\n"), "{got:?}");
-    reported(&scr, [127, 0, 1, 2], FailedTest::Pipelining);
+    reported(&scr, [127, 0, 1, 2], FailedTest::Test(TestId::Pipelining));
 
     // Non-SMTP commands (drop): HTTP, proxy CONNECT, a header line.
     for (i, line) in [
@@ -77,7 +77,7 @@ fn misbehaving_clients_get_postscreens_outcome() {
         bot.send(line);
         let got = bot.read_to_close();
         assert_eq!(got, "521 5.7.0 Error: I can break rules, too. Goodbye.\r\n");
-        reported(&scr, ip, FailedTest::NonSmtpCommand);
+        reported(&scr, ip, FailedTest::Test(TestId::NonSmtpCommand));
     }
 
     // Bare LF (enforce in this test).
@@ -89,7 +89,7 @@ fn misbehaving_clients_get_postscreens_outcome() {
     bot.read_until("\r\n");
     bot.send(b"RCPT TO:<rcpt@backend.test>\r\n");
     assert_eq!(bot.read_until("\r\n"), "550 5.5.1 Protocol error\r\n");
-    reported(&scr, [127, 0, 1, 7], FailedTest::BareNewline);
+    reported(&scr, [127, 0, 1, 7], FailedTest::Test(TestId::BareNewline));
 
     // One byte a second: the whole line must arrive within 3 s.
     let mut bot = Bot::connect([127, 0, 1, 8], scr.addr);
@@ -124,7 +124,7 @@ fn misbehaving_clients_get_postscreens_outcome() {
     );
     let stats = scr.server.stats();
     assert_eq!(stats.pass_new, 0, "{stats:?}");
-    assert_eq!(stats.fails.non_smtp_command, 3, "{stats:?}");
+    assert_eq!(stats.fails.tests[TestId::NonSmtpCommand], 3, "{stats:?}");
 }
 
 /// 1000 idle connections: each gets the teaser, then the 220, then is

@@ -2,6 +2,7 @@
 //! delivered, with the real client address, in one connection.
 
 use integration_tests::smtp_peers::{swaks, test_config, Postfix, Screener, Upstream};
+use screener::screen::TestId;
 
 fn delivered(out: &std::process::Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -380,5 +381,5 @@ fn early_talker_delivers_under_ignore() {
         0,
         "ignore reports nothing for blocking"
     );
-    assert_eq!(scr.server.stats().fails.pregreet, 1);
+    assert_eq!(scr.server.stats().fails.tests[TestId::Pregreet], 1);
 }

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+use super::locks::lock;
 use super::{FailedTest, Failure};
 
 /// Addresses waiting at most, unless the caller says otherwise: at a few
@@ -92,7 +93,7 @@ impl FailureQueue {
     /// Queues a failure; returns whether it is (now or already) queued.
     pub fn push(&self, f: Failure) -> bool {
         let ip = f.client.ip().to_canonical();
-        let mut inner = self.inner.lock().expect("failure queue lock");
+        let mut inner = lock(&self.inner);
         if inner.closed {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -127,7 +128,7 @@ impl FailureQueue {
 
     /// The oldest entry, if any, without waiting.
     pub fn try_recv(&self) -> Option<Queued> {
-        let mut inner = self.inner.lock().expect("failure queue lock");
+        let mut inner = lock(&self.inner);
         let ip = inner.order.pop_front()?;
         let tests = inner.tests.remove(&ip).unwrap_or_default();
         Some(Queued { ip, tests })
@@ -140,7 +141,7 @@ impl FailureQueue {
             if let Some(q) = self.try_recv() {
                 return Some(q);
             }
-            if self.inner.lock().expect("failure queue lock").closed {
+            if lock(&self.inner).closed {
                 return None;
             }
             ready.await;
@@ -149,13 +150,13 @@ impl FailureQueue {
 
     /// Takes no more entries; what is queued stays for [`FailureQueue::recv`].
     pub fn close(&self) {
-        self.inner.lock().expect("failure queue lock").closed = true;
+        lock(&self.inner).closed = true;
         self.ready.notify_one();
     }
 
     /// Current counters.
     pub fn stats(&self) -> FailureQueueStats {
-        let queued = self.inner.lock().expect("failure queue lock").order.len();
+        let queued = lock(&self.inner).order.len();
         FailureQueueStats {
             queued: queued as u64,
             coalesced: self.coalesced.load(Ordering::Relaxed),
@@ -173,6 +174,7 @@ impl Default for FailureQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::screen::TestId;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -186,12 +188,21 @@ mod tests {
     #[test]
     fn one_entry_per_address_with_the_tests_merged() {
         let q = FailureQueue::new(10);
-        assert!(q.push(failure("192.0.2.1:1000", FailedTest::Pregreet)));
-        assert!(q.push(failure("192.0.2.2:1000", FailedTest::Dnsbl)));
+        assert!(q.push(failure(
+            "192.0.2.1:1000",
+            FailedTest::Test(TestId::Pregreet)
+        )));
+        assert!(q.push(failure("192.0.2.2:1000", FailedTest::Test(TestId::Dnsbl))));
         // Same address, another port, the same test: coalesced.
-        assert!(q.push(failure("192.0.2.1:1001", FailedTest::Pregreet)));
+        assert!(q.push(failure(
+            "192.0.2.1:1001",
+            FailedTest::Test(TestId::Pregreet)
+        )));
         // The IPv4-mapped form is the same address; a new test joins.
-        assert!(q.push(failure("[::ffff:192.0.2.1]:1002", FailedTest::Pipelining)));
+        assert!(q.push(failure(
+            "[::ffff:192.0.2.1]:1002",
+            FailedTest::Test(TestId::Pipelining)
+        )));
         assert_eq!(
             q.stats(),
             FailureQueueStats {
@@ -204,11 +215,17 @@ mod tests {
             q.try_recv(),
             Some(Queued {
                 ip: "192.0.2.1".parse().unwrap(),
-                tests: vec![FailedTest::Pregreet, FailedTest::Pipelining],
+                tests: vec![
+                    FailedTest::Test(TestId::Pregreet),
+                    FailedTest::Test(TestId::Pipelining)
+                ],
             })
         );
         // Once handed out, the address queues afresh.
-        assert!(q.push(failure("192.0.2.1:1003", FailedTest::Pregreet)));
+        assert!(q.push(failure(
+            "192.0.2.1:1003",
+            FailedTest::Test(TestId::Pregreet)
+        )));
         assert_eq!(
             q.try_recv().unwrap().ip,
             "192.0.2.2".parse::<IpAddr>().unwrap()
@@ -224,10 +241,13 @@ mod tests {
     fn bounded_and_counted() {
         let q = FailureQueue::new(3);
         for i in 1..=5 {
-            q.push(failure(&format!("198.51.100.{i}:25"), FailedTest::Pregreet));
+            q.push(failure(
+                &format!("198.51.100.{i}:25"),
+                FailedTest::Test(TestId::Pregreet),
+            ));
         }
         // A queued address still coalesces when the queue is full.
-        assert!(q.push(failure("198.51.100.1:26", FailedTest::Dnsbl)));
+        assert!(q.push(failure("198.51.100.1:26", FailedTest::Test(TestId::Dnsbl))));
         assert_eq!(
             q.stats(),
             FailureQueueStats {
@@ -241,17 +261,26 @@ mod tests {
             .collect();
         assert_eq!(ips, ["198.51.100.1", "198.51.100.2", "198.51.100.3"]);
         // Room again.
-        assert!(q.push(failure("198.51.100.4:25", FailedTest::Pregreet)));
+        assert!(q.push(failure(
+            "198.51.100.4:25",
+            FailedTest::Test(TestId::Pregreet)
+        )));
     }
 
     #[tokio::test]
     async fn close_drains_what_is_queued() {
         let q = Arc::new(FailureQueue::new(100));
         for i in 1..=50 {
-            q.push(failure(&format!("203.0.113.{i}:25"), FailedTest::Pregreet));
+            q.push(failure(
+                &format!("203.0.113.{i}:25"),
+                FailedTest::Test(TestId::Pregreet),
+            ));
         }
         q.close();
-        assert!(!q.push(failure("203.0.113.200:25", FailedTest::Pregreet)));
+        assert!(!q.push(failure(
+            "203.0.113.200:25",
+            FailedTest::Test(TestId::Pregreet)
+        )));
         let mut n = 0;
         while q.recv().await.is_some() {
             n += 1;
@@ -275,7 +304,7 @@ mod tests {
         });
         // The consumer runs until it waits (one thread: yielding lets it).
         tokio::task::yield_now().await;
-        q.push(failure("192.0.2.9:25", FailedTest::Pregreet));
+        q.push(failure("192.0.2.9:25", FailedTest::Test(TestId::Pregreet)));
         tokio::task::yield_now().await;
         q.close();
         let got = tokio::time::timeout(Duration::from_secs(5), consumer)

@@ -1,6 +1,6 @@
 //! Admission of a new connection, before any test: postscreen's order of
-//! per-client count, post-queue limit, permanent access list, temporary
-//! allowlist (cache) and pre-queue limit.
+//! per-client count, post-queue limit, the host's own addresses, permanent
+//! access list, temporary allowlist (cache) and pre-queue limit.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,9 +8,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::session::Todo;
-use super::Test;
 use crate::config::{AccessAction, AccessRule};
 use crate::local::HostAddrs;
+use crate::screen::PerTest;
 
 /// The limits and switches admission looks at.
 #[derive(Clone, Debug)]
@@ -27,8 +27,8 @@ pub struct GateParams {
     pub post_queue_limit: usize,
     /// Most clients being screened at once.
     pub pre_queue_limit: usize,
-    /// Which tests are switched on, in [`Test`] order.
-    pub enabled: [bool; Test::COUNT],
+    /// Which tests are switched on.
+    pub enabled: PerTest<bool>,
 }
 
 /// Connection counts at the time a client arrives, this client excluded.
@@ -72,12 +72,12 @@ pub fn proxy_trusted(trusted: &[IpNet], peer: IpAddr) -> bool {
 }
 
 /// Decides what happens to a new connection from `ip`. `expires` is the
-/// cached record (unix seconds per test, 0 never passed).
+/// cached record (pass expiry in unix seconds per test, 0 never passed).
 pub fn admit(
     p: &GateParams,
     ip: IpAddr,
     load: Load,
-    expires: Option<[u64; Test::COUNT]>,
+    expires: Option<PerTest<u64>>,
     now_unix: u64,
 ) -> Admission {
     if load.client >= p.client_connection_count_limit {
@@ -103,11 +103,11 @@ pub fn admit(
             Admission::Denylisted
         };
     }
-    let mut todo = Todo::default();
-    for t in Test::ALL {
-        let passed = expires.is_some_and(|e| e[t.index()] > now_unix);
-        todo.0[t.index()] = p.enabled[t.index()] && !passed;
-    }
+    let todo = Todo(p.enabled.map(|t, &on| {
+        // Due: switched on, and no unexpired pass in the cache.
+        let passed = expires.is_some_and(|e| e[t] > now_unix);
+        on && !passed
+    }));
     if expires.is_some() && todo == Todo::default() {
         return Admission::PassOld;
     }
@@ -123,6 +123,20 @@ pub fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::screen::TestId;
+
+    /// Pregreet and pipelining on, the others off.
+    fn enabled() -> PerTest<bool> {
+        PerTest::from_fn(|t| matches!(t, TestId::Pregreet | TestId::Pipelining))
+    }
+
+    /// Expiries for pregreet and pipelining.
+    fn expiring(pregreet: u64, pipelining: u64) -> PerTest<u64> {
+        let mut e = PerTest::default();
+        e[TestId::Pregreet] = pregreet;
+        e[TestId::Pipelining] = pipelining;
+        e
+    }
 
     fn params() -> GateParams {
         GateParams {
@@ -134,7 +148,7 @@ mod tests {
             client_connection_count_limit: 2,
             post_queue_limit: 3,
             pre_queue_limit: 4,
-            enabled: [true, false, true, false, false],
+            enabled: enabled(),
         }
     }
 
@@ -259,7 +273,7 @@ mod tests {
     fn cache_and_pre_queue() {
         let p = params();
         let ip: IpAddr = "203.0.113.5".parse().unwrap();
-        let fresh = [NOW + 10, 0, NOW + 10, 0, 0];
+        let fresh = expiring(NOW + 10, NOW + 10);
         assert_eq!(
             admit(
                 &p,
@@ -273,10 +287,10 @@ mod tests {
             ),
             Admission::PassOld
         );
-        let stale = [NOW + 10, 0, NOW - 1, 0, 0];
+        let stale = expiring(NOW + 10, NOW - 1);
         assert_eq!(
             admit(&p, ip, Load::default(), Some(stale), NOW),
-            Admission::Screen(Todo([false, false, true, false, false]))
+            Admission::Screen(Todo::only(&[TestId::Pipelining]))
         );
         assert!(matches!(
             admit(
@@ -296,7 +310,7 @@ mod tests {
         ));
         assert_eq!(
             admit(&p, ip, Load::default(), None, NOW),
-            Admission::Screen(Todo([true, false, true, false, false]))
+            Admission::Screen(Todo::only(&[TestId::Pregreet, TestId::Pipelining]))
         );
     }
 }

@@ -11,17 +11,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 pub use crate::config::{Action, Handoff};
-
-/// Enable flag, action and pass lifetime of one deep protocol test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeepTest {
-    /// Whether the test runs at all.
-    pub enable: bool,
-    /// What a failure leads to.
-    pub action: Action,
-    /// How long a pass stays in the cache.
-    pub ttl: Duration,
-}
+use crate::screen::{PerTest, Phase, TestSettings};
 
 /// Everything a session needs to screen one client.
 #[derive(Clone, Debug)]
@@ -32,28 +22,15 @@ pub struct Params {
     pub greet_banner: String,
     /// How long the client must stay silent after the teaser.
     pub greet_wait: Duration,
-    /// What a pregreet leads to.
-    pub greet_action: Action,
-    /// How long a pregreet pass stays in the cache.
-    pub greet_ttl: Duration,
-    /// Whether any DNSBL/DNSWL site is configured.
-    pub dnsbl_enable: bool,
+    /// Each test's switch, action and pass lifetime.
+    pub tests: PerTest<TestSettings>,
     /// A combined score at or above this fails.
     pub dnsbl_threshold: i32,
     /// A negative score at or below this passes every other test.
     pub dnsbl_allowlist_threshold: i32,
-    /// What a DNSBL failure leads to.
-    pub dnsbl_action: Action,
-    /// Lower clamp of a DNSBL pass lifetime.
+    /// Lower clamp of a DNSBL pass lifetime (the upper one is the DNSBL
+    /// test's `ttl`).
     pub dnsbl_min_ttl: Duration,
-    /// Upper clamp of a DNSBL pass lifetime.
-    pub dnsbl_max_ttl: Duration,
-    /// Input sent before our reply to the previous command.
-    pub pipelining: DeepTest,
-    /// Header lines, HTTP/proxy verbs, binary junk.
-    pub non_smtp_command: DeepTest,
-    /// LF without CR.
-    pub bare_newline: DeepTest,
     /// Verbs that mark the client as a non-SMTP speaker (upper case).
     pub forbidden_commands: Vec<String>,
     /// How a client that passed the deep tests reaches the backend.
@@ -78,7 +55,9 @@ pub struct Params {
 impl Params {
     /// Whether any deep protocol test is switched on.
     pub fn deep_tests_enabled(&self) -> bool {
-        self.pipelining.enable || self.non_smtp_command.enable || self.bare_newline.enable
+        self.tests
+            .iter()
+            .any(|(t, s)| t.phase() == Phase::Deep && s.enable)
     }
 
     /// Whether the backend announced `STARTTLS`, so the dummy engine can
@@ -104,29 +83,10 @@ impl Params {
             } else {
                 s.greet_wait
             },
-            greet_action: s.greet_action,
-            greet_ttl: s.greet_ttl,
-            dnsbl_enable: !s.dnsbl_sites.is_empty(),
+            tests: PerTest::from_fn(|t| t.settings(cfg)),
             dnsbl_threshold: s.dnsbl_threshold,
             dnsbl_allowlist_threshold: s.dnsbl_allowlist_threshold,
-            dnsbl_action: s.dnsbl_action,
             dnsbl_min_ttl: s.dnsbl_min_ttl,
-            dnsbl_max_ttl: s.dnsbl_max_ttl,
-            pipelining: DeepTest {
-                enable: s.pipelining_enable,
-                action: s.pipelining_action,
-                ttl: s.pipelining_ttl,
-            },
-            non_smtp_command: DeepTest {
-                enable: s.non_smtp_command_enable,
-                action: s.non_smtp_command_action,
-                ttl: s.non_smtp_command_ttl,
-            },
-            bare_newline: DeepTest {
-                enable: s.bare_newline_enable,
-                action: s.bare_newline_action,
-                ttl: s.bare_newline_ttl,
-            },
             forbidden_commands: s
                 .forbidden_commands
                 .iter()

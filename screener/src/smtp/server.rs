@@ -1,6 +1,6 @@
 //! The socket side: listeners, per-connection tasks, shared counters,
 //! stress mode, the cache, the descriptor budget and the queue of clients
-//! to block. Everything that decides lives in [`gate`](super::gate) and
+//! to block. Everything that decides lives in [`gate`] and
 //! [`session`](super::session); this loop only moves bytes, time and
 //! results between them and the world.
 
@@ -23,12 +23,14 @@ use super::backend::{Backend, BackendError};
 use super::descriptors::{self, Budget, Room};
 use super::failures::{FailureQueue, FailureQueueStats};
 use super::gate::{self, Admission, GateParams, Load};
+use super::locks::{lock, read, write};
 use super::params::{Action, Params};
 use super::session::{DnsblScore, Output, Plan, Session, Todo};
 use super::text::{escape, Peer};
-use super::{FailedTest, Failure, Test};
+use super::{FailedTest, Failure};
 use crate::config::{AccessAction, AccessRule, Config, Upstream};
 use crate::proxy;
+use crate::screen::PerTest;
 use crate::store::{now_unix as unix_now, ClientRecord, Store};
 
 /// A future DNSBL score.
@@ -81,19 +83,12 @@ pub struct DescriptorStats {
     pub refused: u64,
 }
 
-/// Failures per test.
+/// Failures per test, and `reject` access rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FailCounts {
-    /// Talking before the greeting.
-    pub pregreet: u64,
-    /// DNSBL score over the threshold.
-    pub dnsbl: u64,
-    /// Pipelining without PIPELINING.
-    pub pipelining: u64,
-    /// Non-SMTP commands.
-    pub non_smtp_command: u64,
-    /// Bare newlines.
-    pub bare_newline: u64,
+    /// Failures of each test (any action), shown under the test's name.
+    #[serde(flatten)]
+    pub tests: PerTest<u64>,
     /// `reject` access rules.
     pub denylist: u64,
 }
@@ -107,8 +102,10 @@ struct Counters {
     pass_new: AtomicU64,
     /// `PASS OLD`.
     pass_old: AtomicU64,
-    /// Failures per test, in [`FailCounts`] order.
-    fails: [AtomicU64; 6],
+    /// Failures per test (any action).
+    fails: PerTest<AtomicU64>,
+    /// `reject` access rules matched.
+    denylist: AtomicU64,
     /// Connections and RCPTs turned away.
     rejects: AtomicU64,
     /// PROXY-mode connections from peers outside the trusted list.
@@ -120,10 +117,16 @@ struct Counters {
 /// What a connection reads from the configuration, rebuilt on reload and
 /// when the backend's EHLO keywords change.
 struct Settings {
+    /// The configuration itself, for the keys read at the point of use
+    /// (listeners, PROXY, shutdown grace, cache cleanup).
     cfg: Arc<Config>,
+    /// What a session starts with.
     normal: Arc<Params>,
+    /// What a session starts with in stress mode (shorter deadlines).
     stress: Arc<Params>,
+    /// What admission looks at.
     gate: GateParams,
+    /// Where and how good clients are handed over.
     backend: Backend,
 }
 
@@ -146,13 +149,7 @@ impl Settings {
             client_connection_count_limit: s.client_connection_count_limit,
             post_queue_limit: s.post_queue_limit,
             pre_queue_limit: s.pre_queue_limit,
-            enabled: [
-                !normal.greet_banner.is_empty(),
-                normal.dnsbl_enable,
-                s.pipelining_enable,
-                s.non_smtp_command_enable,
-                s.bare_newline_enable,
-            ],
+            enabled: normal.tests.map(|_, t| t.enable),
         };
         Settings {
             stress: Arc::new(Params::from_config(&cfg, true, keywords)),
@@ -168,17 +165,16 @@ impl Settings {
     }
 }
 
-/// The connection counts admission and stress mode look at, under one lock.
+/// The connection counts admission and stress mode look at, under one
+/// lock (the counts one client sees on arrival are [`gate::Load`]).
 #[derive(Default)]
-struct Load_ {
+struct Occupancy {
     /// Open connections per client address, for the per-client limit.
     per_client: HashMap<IpAddr, usize>,
     /// Clients being screened.
     pre_queue: usize,
     /// Clients handed to the backend.
     post_queue: usize,
-    /// Whether stress mode is on.
-    stress: bool,
 }
 
 /// What every connection task and background loop shares.
@@ -190,11 +186,12 @@ struct Shared {
     /// The allow entries (`screener allow add`), kept across reloads.
     allows: RwLock<Arc<[IpNet]>>,
     /// Connection counts.
-    load: Mutex<Load_>,
+    load: Mutex<Occupancy>,
     /// What `stats` shows.
     counters: Counters,
-    /// Stress mode, watched by running sessions so they get the stress
-    /// deadlines when it begins.
+    /// Whether stress mode is on: changed only under the `load` lock, by
+    /// [`stress_check`]; watched by running sessions so they get the
+    /// stress deadlines when it begins.
     stress: watch::Sender<bool>,
     /// The temporary allowlist (`None` in tests without a store).
     cache: Option<Store>,
@@ -256,7 +253,7 @@ impl Server {
                 settings: RwLock::new(Arc::new(Settings::new(cfg, Arc::clone(&keywords), &[]))),
                 keywords: RwLock::new(keywords),
                 allows: RwLock::new(Arc::from([])),
-                load: Mutex::new(Load_::default()),
+                load: Mutex::new(Occupancy::default()),
                 counters: Counters::default(),
                 stress: watch::Sender::new(false),
                 cache,
@@ -283,46 +280,40 @@ impl Server {
     /// Sets the allow entries: clients they cover skip every test, from
     /// the next connection on.
     pub fn set_allows(&self, allows: &[IpNet]) {
-        *self.shared.allows.write().expect("allows lock") = Arc::from(allows);
+        *write(&self.shared.allows) = Arc::from(allows);
         self.rebuild(Arc::clone(&self.settings().cfg));
     }
 
     /// New parameters from `cfg`, the backend's keywords and the allow
     /// entries.
     fn rebuild(&self, cfg: Arc<Config>) {
-        let keywords = Arc::clone(&self.shared.keywords.read().expect("keywords lock"));
-        let allows = Arc::clone(&self.shared.allows.read().expect("allows lock"));
-        *self.shared.settings.write().expect("settings lock") =
-            Arc::new(Settings::new(cfg, keywords, &allows));
+        let keywords = Arc::clone(&read(&self.shared.keywords));
+        let allows = Arc::clone(&read(&self.shared.allows));
+        *write(&self.shared.settings) = Arc::new(Settings::new(cfg, keywords, &allows));
     }
 
     /// The EHLO keywords learned from the backend and offered to clients
     /// (empty until the first probe succeeds).
     pub fn ehlo_keywords(&self) -> Vec<String> {
-        self.shared.keywords.read().expect("keywords lock").to_vec()
+        read(&self.shared.keywords).to_vec()
     }
 
     /// Current counters.
     pub fn stats(&self) -> SmtpStats {
         let c = &self.shared.counters;
-        let f = |i: usize| c.fails[i].load(Ordering::Relaxed);
-        let load = self.shared.load.lock().expect("load lock");
+        let load = lock(&self.shared.load);
         SmtpStats {
             connections: c.connections.load(Ordering::Relaxed),
             pass_new: c.pass_new.load(Ordering::Relaxed),
             pass_old: c.pass_old.load(Ordering::Relaxed),
             fails: FailCounts {
-                pregreet: f(0),
-                dnsbl: f(1),
-                pipelining: f(2),
-                non_smtp_command: f(3),
-                bare_newline: f(4),
-                denylist: f(5),
+                tests: c.fails.map(|_, n| n.load(Ordering::Relaxed)),
+                denylist: c.denylist.load(Ordering::Relaxed),
             },
             rejects: c.rejects.load(Ordering::Relaxed),
             screening: load.pre_queue as u64,
             handed_off: load.post_queue as u64,
-            stress: load.stress,
+            stress: *self.shared.stress.borrow(),
             proxy_untrusted: c.proxy_untrusted.load(Ordering::Relaxed),
             failure_queue: self
                 .shared
@@ -331,7 +322,7 @@ impl Server {
                 .map(|q| q.stats())
                 .unwrap_or_default(),
             descriptors: {
-                let b = *self.shared.budget.read().expect("budget lock");
+                let b = *read(&self.shared.budget);
                 DescriptorStats {
                     limit: b.limit,
                     cap: b.cap as u64,
@@ -418,7 +409,7 @@ impl Server {
             budget.cap,
             budget.reserve
         );
-        *self.shared.budget.write().expect("budget lock") = budget;
+        *write(&self.shared.budget) = budget;
         let mut background = tokio::task::JoinSet::new();
         background.spawn(probe_loop(
             Arc::clone(&self.shared),
@@ -431,11 +422,7 @@ impl Server {
         shutdown.await;
         let _ = self.shared.stop.send(true);
         // Listeners close when their loops see the signal.
-        let loops: Vec<AcceptLoop> = self
-            .shared
-            .listeners
-            .lock()
-            .expect("listeners lock")
+        let loops: Vec<AcceptLoop> = lock(&self.shared.listeners)
             .drain()
             .map(|(_, l)| l)
             .collect();
@@ -471,11 +458,7 @@ impl Server {
             listener,
             self.shared.stop.subscribe(),
         ));
-        self.shared
-            .listeners
-            .lock()
-            .expect("listeners lock")
-            .insert(key, AcceptLoop { local, task });
+        lock(&self.shared.listeners).insert(key, AcceptLoop { local, task });
         Ok(())
     }
 
@@ -485,7 +468,7 @@ impl Server {
     /// could not be bound; the rest is applied regardless.
     pub fn apply_listen(&self, addrs: &[SocketAddr]) -> Vec<String> {
         let removed: Vec<(SocketAddr, AcceptLoop)> = {
-            let mut map = self.shared.listeners.lock().expect("listeners lock");
+            let mut map = lock(&self.shared.listeners);
             let gone: Vec<SocketAddr> =
                 map.keys().filter(|k| !addrs.contains(k)).copied().collect();
             gone.into_iter()
@@ -501,13 +484,7 @@ impl Server {
         }
         let mut errors = Vec::new();
         for addr in addrs {
-            if self
-                .shared
-                .listeners
-                .lock()
-                .expect("listeners lock")
-                .contains_key(addr)
-            {
+            if lock(&self.shared.listeners).contains_key(addr) {
                 continue;
             }
             match bind(*addr).and_then(|l| self.start_accepting(*addr, l)) {
@@ -520,11 +497,7 @@ impl Server {
 
     /// The addresses the server listens on now.
     pub fn listening(&self) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self
-            .shared
-            .listeners
-            .lock()
-            .expect("listeners lock")
+        let mut v: Vec<SocketAddr> = lock(&self.shared.listeners)
             .values()
             .map(|l| l.local)
             .collect();
@@ -534,11 +507,11 @@ impl Server {
 
     /// Replaces the DNSBL scorer (a reload changed the lists or resolver).
     pub fn set_dnsbl(&self, dnsbl: Option<Arc<dyn DnsblLookup>>) {
-        *self.shared.dnsbl.write().expect("dnsbl lock") = dnsbl;
+        *write(&self.shared.dnsbl) = dnsbl;
     }
 
     fn settings(&self) -> Arc<Settings> {
-        Arc::clone(&self.shared.settings.read().expect("settings lock"))
+        Arc::clone(&read(&self.shared.settings))
     }
 }
 
@@ -610,19 +583,13 @@ fn accepted(
     stop: &watch::Receiver<bool>,
 ) {
     let (fd, held) = Descriptor::take(shared);
-    let room = shared.budget.read().expect("budget lock").room(held);
+    let room = read(&shared.budget).room(held);
     if room == Room::Full {
         refuse_for_descriptors(shared, &stream, peer);
         return;
     }
     let local = stream.local_addr().unwrap_or(peer);
-    let upstream = shared
-        .settings
-        .read()
-        .expect("settings lock")
-        .cfg
-        .smtp
-        .upstream_proxy_protocol;
+    let upstream = read(&shared.settings).cfg.smtp.upstream_proxy_protocol;
     let slot = (upstream == Upstream::None).then(|| Slot::claim(shared, peer.ip().to_canonical()));
     shared.tasks.fetch_add(1, Ordering::AcqRel);
     let shared = Arc::clone(shared);
@@ -674,14 +641,14 @@ fn refuse_for_descriptors(shared: &Shared, stream: &TcpStream, peer: SocketAddr)
 /// Refreshes the backend's EHLO keywords now and every few minutes.
 async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
-        let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
+        let settings = Arc::clone(&read(&shared.settings));
         let next = match settings
             .backend
             .probe_keywords(&settings.cfg.smtp.hostname)
             .await
         {
             Ok(kw) => {
-                let changed = **shared.keywords.read().expect("keywords lock") != kw;
+                let changed = **read(&shared.keywords) != kw;
                 if changed {
                     tracing::info!(
                         "backend {} EHLO keywords: {}",
@@ -689,11 +656,10 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                         kw.join(", ")
                     );
                     let kw = Arc::new(kw);
-                    *shared.keywords.write().expect("keywords lock") = Arc::clone(&kw);
-                    let cfg = Arc::clone(&shared.settings.read().expect("settings lock").cfg);
-                    let allows = Arc::clone(&shared.allows.read().expect("allows lock"));
-                    *shared.settings.write().expect("settings lock") =
-                        Arc::new(Settings::new(cfg, kw, &allows));
+                    *write(&shared.keywords) = Arc::clone(&kw);
+                    let cfg = Arc::clone(&read(&shared.settings).cfg);
+                    let allows = Arc::clone(&read(&shared.allows));
+                    *write(&shared.settings) = Arc::new(Settings::new(cfg, kw, &allows));
                 }
                 Duration::from_secs(300)
             }
@@ -734,7 +700,7 @@ struct Slot {
 impl Slot {
     /// Counts a new connection from `ip`.
     fn claim(shared: &Arc<Shared>, ip: IpAddr) -> Slot {
-        let mut load = shared.load.lock().expect("load lock");
+        let mut load = lock(&shared.load);
         let n = load.per_client.entry(ip).or_insert(0);
         let earlier = *n;
         *n += 1;
@@ -747,14 +713,8 @@ impl Slot {
     }
 
     fn move_to(&mut self, queue: Queue) {
-        let mut load = self.shared.load.lock().expect("load lock");
-        let pre_limit = self
-            .shared
-            .settings
-            .read()
-            .expect("settings lock")
-            .gate
-            .pre_queue_limit;
+        let mut load = lock(&self.shared.load);
+        let pre_limit = read(&self.shared.settings).gate.pre_queue_limit;
         leave(&mut load, self.queue);
         match queue {
             Queue::Pre => load.pre_queue += 1,
@@ -762,11 +722,11 @@ impl Slot {
             Queue::None => {}
         }
         self.queue = queue;
-        stress_check(&self.shared, &mut load, pre_limit);
+        stress_check(&self.shared, &load, pre_limit);
     }
 }
 
-fn leave(load: &mut Load_, queue: Queue) {
+fn leave(load: &mut Occupancy, queue: Queue) {
     match queue {
         Queue::Pre => load.pre_queue -= 1,
         Queue::Post => load.post_queue -= 1,
@@ -776,25 +736,27 @@ fn leave(load: &mut Load_, queue: Queue) {
 
 /// Enters stress mode at 0.9 × `pre_queue_limit` clients being screened and
 /// leaves it at 0.7 ×, as postscreen does; the gap keeps it from flapping.
-fn stress_check(shared: &Shared, load: &mut Load_, pre_limit: usize) {
+fn stress_check(shared: &Shared, load: &Occupancy, pre_limit: usize) {
     let n = load.pre_queue;
-    if !load.stress && n * 10 >= pre_limit * 9 && n > 0 {
-        load.stress = true;
-        tracing::warn!("entering STRESS mode with {n} connections");
-    } else if load.stress && n * 10 <= pre_limit * 7 {
-        load.stress = false;
-        tracing::info!("leaving STRESS mode with {n} connections");
-    }
-    let stress = load.stress;
-    shared
-        .stress
-        .send_if_modified(|s| std::mem::replace(s, stress) != stress);
+    shared.stress.send_if_modified(|stress| {
+        if !*stress && n * 10 >= pre_limit * 9 && n > 0 {
+            tracing::warn!("entering STRESS mode with {n} connections");
+            *stress = true;
+            true
+        } else if *stress && n * 10 <= pre_limit * 7 {
+            tracing::info!("leaving STRESS mode with {n} connections");
+            *stress = false;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.move_to(Queue::None);
-        let mut load = self.shared.load.lock().expect("load lock");
+        let mut load = lock(&self.shared.load);
         if let Some(n) = load.per_client.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -806,7 +768,7 @@ impl Drop for Slot {
 
 /// Records passes: tests with a lifetime get `now + ttl`, the others keep
 /// their cached expiry.
-async fn store_pass(cache: Store, ip: IpAddr, ttl: [Option<Duration>; Test::COUNT]) {
+async fn store_pass(cache: Store, ip: IpAddr, ttl: PerTest<Option<Duration>>) {
     let now = unix_now();
     let mut rec = match cache.client(ip).await {
         Ok(r) => r.unwrap_or(ClientRecord {
@@ -818,11 +780,11 @@ async fn store_pass(cache: Store, ip: IpAddr, ttl: [Option<Duration>; Test::COUN
             return;
         }
     };
-    for (exp, ttl) in rec.expires.iter_mut().zip(ttl) {
-        if let Some(ttl) = ttl {
-            *exp = now + ttl.as_secs();
-        }
-    }
+    let expires = PerTest::from(rec.expires).map(|t, &exp| match ttl[t] {
+        Some(ttl) => now + ttl.as_secs(),
+        None => exp,
+    });
+    rec.expires = expires.into();
     rec.last_seen = now;
     if let Err(e) = cache.put_client(ip, rec).await {
         tracing::warn!("cache: {e}");
@@ -835,19 +797,15 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 fn post_queue_full(shared: &Shared, limit: usize) -> bool {
-    shared.load.lock().expect("load lock").post_queue >= limit
+    lock(&shared.load).post_queue >= limit
 }
 
 fn record_failure(shared: &Shared, client: SocketAddr, test: FailedTest, action: Action) {
-    let i = match test {
-        FailedTest::Pregreet => 0,
-        FailedTest::Dnsbl => 1,
-        FailedTest::Pipelining => 2,
-        FailedTest::NonSmtpCommand => 3,
-        FailedTest::BareNewline => 4,
-        FailedTest::Denylist => 5,
+    let counter = match test {
+        FailedTest::Test(t) => &shared.counters.fails[t],
+        FailedTest::Denylist => &shared.counters.denylist,
     };
-    shared.counters.fails[i].fetch_add(1, Ordering::Relaxed);
+    counter.fetch_add(1, Ordering::Relaxed);
     if let Some(cache) = shared.cache.clone() {
         // A failure clears the record: a failed client is never allowlisted.
         let ip = client.ip().to_canonical();
@@ -864,6 +822,39 @@ fn record_failure(shared: &Shared, client: SocketAddr, test: FailedTest, action:
     }
 }
 
+/// One client connection past its PROXY header and admission: what the
+/// screening and the hand-off both need.
+struct Conn {
+    /// Counters, cache, failure queue and signals of the whole server.
+    shared: Arc<Shared>,
+    /// The settings in force when the client arrived, kept for the whole
+    /// connection so a reload never changes the rules under it.
+    settings: Arc<Settings>,
+    /// The client's socket.
+    stream: TcpStream,
+    /// The client as it connected (after any upstream PROXY header): the
+    /// address the verdict and the backend's PROXY header name.
+    client: SocketAddr,
+    /// The address the client connected to, for the backend's PROXY header.
+    server: SocketAddr,
+    /// The connection's place in the counts; dropping it gives it back.
+    slot: Slot,
+    /// Shutdown: screening ends with a 421, a hand-off gets the grace period.
+    stop: watch::Receiver<bool>,
+}
+
+impl Conn {
+    /// Writes a last reply, giving up after 10 s: a client that does not
+    /// read it is not waited for.
+    async fn reply(&mut self, text: &str) {
+        let _ = timeout(
+            Duration::from_secs(10),
+            self.stream.write_all(text.as_bytes()),
+        )
+        .await;
+    }
+}
+
 async fn connection(
     shared: &Arc<Shared>,
     mut stream: TcpStream,
@@ -871,10 +862,10 @@ async fn connection(
     local: SocketAddr,
     slot: Option<Slot>,
     known_good_only: bool,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
-    let settings = Arc::clone(&shared.settings.read().expect("settings lock"));
+    let settings = Arc::clone(&read(&shared.settings));
     let (client, server) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy {
         if !gate::proxy_trusted(&settings.cfg.smtp.upstream_proxy_trusted, peer.ip()) {
             shared
@@ -898,10 +889,10 @@ async fn connection(
     };
     tracing::info!(client = %Peer(client), "CONNECT from {} to {}", Peer(client), Peer(server));
     let ip = client.ip().to_canonical();
-    let mut slot = slot.unwrap_or_else(|| Slot::claim(shared, ip));
+    let slot = slot.unwrap_or_else(|| Slot::claim(shared, ip));
     let expiries = match &shared.cache {
         Some(cache) => match cache.client(ip).await {
-            Ok(rec) => rec.map(|r| r.expires),
+            Ok(rec) => rec.map(|r| PerTest::from(r.expires)),
             Err(e) => {
                 // A broken cache screens everyone afresh rather than failing.
                 tracing::warn!("cache: {e}");
@@ -911,15 +902,20 @@ async fn connection(
         None => None,
     };
     let (admission, stress) = admit(shared, &settings, &slot, expiries);
+    let mut conn = Conn {
+        shared: Arc::clone(shared),
+        settings,
+        stream,
+        client,
+        server,
+        slot,
+        stop,
+    };
     let todo = match admission {
         Admission::Busy { reply, why } => {
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: {why}", Peer(client));
-            let _ = timeout(
-                Duration::from_secs(10),
-                stream.write_all(format!("{reply}\r\n").as_bytes()),
-            )
-            .await;
+            conn.reply(&format!("{reply}\r\n")).await;
             return;
         }
         Admission::Denylisted => {
@@ -928,9 +924,9 @@ async fn connection(
             record_failure(shared, client, FailedTest::Denylist, Action::Drop);
             let reply = format!(
                 "521 5.3.2 {} Service currently unavailable\r\n",
-                settings.cfg.smtp.hostname
+                conn.settings.cfg.smtp.hostname
             );
-            let _ = timeout(Duration::from_secs(10), stream.write_all(reply.as_bytes())).await;
+            conn.reply(&reply).await;
             return;
         }
         Admission::Allowlisted | Admission::PassOld => {
@@ -942,37 +938,24 @@ async fn connection(
             }
             // Boxed: a client still in the tests need not carry the relay's
             // state (and buffers) inside its own future.
-            Box::pin(hand_off(
-                shared,
-                &settings,
-                &mut slot,
-                stream,
-                client,
-                server,
-                Plan::Greeting { early: Vec::new() },
-                stop,
-            ))
-            .await;
+            Box::pin(hand_off(conn, Plan::Greeting { early: Vec::new() })).await;
             return;
         }
         Admission::Screen(_) if known_good_only => {
             // Past the descriptor budget only known-good clients go on;
             // screening this one could take what the daemon itself needs.
-            refuse_for_descriptors(shared, &stream, client);
+            refuse_for_descriptors(shared, &conn.stream, client);
             return;
         }
         Admission::Screen(todo) => todo,
     };
-    slot.move_to(Queue::Pre);
+    conn.slot.move_to(Queue::Pre);
     let params = Arc::clone(if stress {
-        &settings.stress
+        &conn.settings.stress
     } else {
-        &settings.normal
+        &conn.settings.normal
     });
-    screen(
-        shared, &settings, slot, stream, client, server, params, todo, &mut stop,
-    )
-    .await;
+    screen(conn, params, todo).await;
 }
 
 /// Runs admission for the connection counted in `slot`; the per-client
@@ -981,36 +964,26 @@ fn admit(
     shared: &Shared,
     settings: &Settings,
     slot: &Slot,
-    expiries: Option<[u64; Test::COUNT]>,
+    expiries: Option<PerTest<u64>>,
 ) -> (Admission, bool) {
-    let load = shared.load.lock().expect("load lock");
+    let load = lock(&shared.load);
     let l = Load {
         client: slot.earlier,
         pre_queue: load.pre_queue,
         post_queue: load.post_queue,
     };
-    let stress = load.stress;
+    // Read under the lock: stress mode changes only under it.
+    let stress = *shared.stress.borrow();
     drop(load);
     let admission = gate::admit(&settings.gate, slot.ip, l, expiries, unix_now());
     (admission, stress)
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
-async fn screen(
-    shared: &Arc<Shared>,
-    settings: &Arc<Settings>,
-    mut slot: Slot,
-    mut stream: TcpStream,
-    client: SocketAddr,
-    server: SocketAddr,
-    params: Arc<Params>,
-    todo: Todo,
-    stop: &mut watch::Receiver<bool>,
-) {
-    let mut stop = stop.clone();
+/// Screens the client: runs its session, carrying out each output, until
+/// it is handed off, hangs up or is hung up on.
+async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
+    let (shared, client) = (Arc::clone(&conn.shared), conn.client);
+    let mut stop = conn.stop.clone();
     let mut stress = shared.stress.subscribe();
     let write_limit = params.command_time_limit;
     let mut session = Session::new(params, client, todo, Instant::now());
@@ -1019,7 +992,7 @@ async fn screen(
     if *stress.borrow_and_update() {
         session.stress(Instant::now());
     }
-    let lookup = shared.dnsbl.read().expect("dnsbl lock").clone();
+    let lookup = read(&shared.dnsbl).clone();
     let mut dnsbl: Option<ScoreFuture> = match (session.dnsbl_deadline(), lookup) {
         (Some(deadline), Some(d)) => Some(d.score(client.ip().to_canonical(), deadline)),
         _ => None,
@@ -1028,7 +1001,7 @@ async fn screen(
         for out in outputs.drain(..) {
             match out {
                 Output::Send(bytes) => {
-                    if timeout(write_limit, stream.write_all(&bytes))
+                    if timeout(write_limit, conn.stream.write_all(&bytes))
                         .await
                         .map_or(true, |r| r.is_err())
                     {
@@ -1040,7 +1013,7 @@ async fn screen(
                     return;
                 }
                 Output::Fail { test, action } => {
-                    record_failure(shared, client, test, action);
+                    record_failure(&shared, client, test.into(), action);
                 }
                 Output::Pass(ttl) => {
                     shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
@@ -1051,17 +1024,7 @@ async fn screen(
                 Output::Handoff(plan) => {
                     // Boxed: a client still in the tests need not carry the relay's
                     // state (and buffers) inside its own future.
-                    Box::pin(hand_off(
-                        shared,
-                        settings,
-                        &mut slot,
-                        stream,
-                        client,
-                        server,
-                        plan,
-                        stop.clone(),
-                    ))
-                    .await;
+                    Box::pin(hand_off(conn, plan)).await;
                     return;
                 }
             }
@@ -1073,12 +1036,12 @@ async fn screen(
             .deadline()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            r = stream.readable() => {
+            r = conn.stream.readable() => {
                 // The buffer lives only between readiness and parsing, not
                 // across an await: it costs the 10,000 idle clients nothing.
                 let mut buf = [0u8; 1024];
                 let now = Instant::now();
-                outputs = match r.and_then(|()| stream.try_read(&mut buf)) {
+                outputs = match r.and_then(|()| conn.stream.try_read(&mut buf)) {
                     Ok(0) => session.eof(now),
                     Ok(n) => session.input(&buf[..n], now),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Vec::new(),
@@ -1100,7 +1063,7 @@ async fn screen(
                 outputs = Vec::new();
             }
             () = stopped(&mut stop) => {
-                let _ = timeout(Duration::from_secs(2), stream.write_all(b"421 4.3.2 Service shutting down\r\n")).await;
+                let _ = timeout(Duration::from_secs(2), conn.stream.write_all(b"421 4.3.2 Service shutting down\r\n")).await;
                 tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
                 return;
             }
@@ -1108,68 +1071,108 @@ async fn screen(
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one hand-off, all of it needed")]
-async fn hand_off(
-    shared: &Arc<Shared>,
-    settings: &Settings,
-    slot: &mut Slot,
-    mut client_stream: TcpStream,
-    client: SocketAddr,
-    server: SocketAddr,
-    plan: Plan,
-    mut stop: watch::Receiver<bool>,
-) {
-    {
-        if post_queue_full(shared, settings.gate.post_queue_limit) {
-            shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: all server ports busy", Peer(client));
-            let _ = timeout(
-                Duration::from_secs(10),
-                client_stream.write_all(b"421 4.3.2 All server ports are busy\r\n"),
-            )
-            .await;
-            return;
-        }
+/// Hands the client to the backend and follows `plan`, then relays both
+/// ways until either side closes or the shutdown grace is over.
+async fn hand_off(mut conn: Conn, plan: Plan) {
+    let (shared, settings, client) = (
+        Arc::clone(&conn.shared),
+        Arc::clone(&conn.settings),
+        conn.client,
+    );
+    if post_queue_full(&shared, settings.gate.post_queue_limit) {
+        shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: all server ports busy", Peer(client));
+        conn.reply("421 4.3.2 All server ports are busy\r\n").await;
+        return;
     }
-    slot.move_to(Queue::Post);
-    let _backend_fd = Descriptor::take(shared).0;
+    conn.slot.move_to(Queue::Post);
+    let _backend_fd = Descriptor::take(&shared).0;
     let ready = async {
-        let mut conn = settings.backend.connect(client, server).await?;
-        let first = conn.prepare(&plan).await?;
-        Ok::<_, BackendError>((conn, first))
+        let mut backend = settings.backend.connect(client, conn.server).await?;
+        let first = backend.prepare(&plan).await?;
+        Ok::<_, BackendError>((backend, first))
     };
-    let (mut conn, first) = match ready.await {
+    let (mut backend, first) = match ready.await {
         Ok(x) => x,
         Err(e) => {
             tracing::warn!(client = %Peer(client), "backend unavailable for {}: {e}", Peer(client));
-            let _ = timeout(
-                Duration::from_secs(10),
-                client_stream.write_all(b"421 4.3.2 Service currently unavailable\r\n"),
-            )
-            .await;
+            conn.reply("421 4.3.2 Service currently unavailable\r\n")
+                .await;
             return;
         }
     };
     tracing::debug!(client = %Peer(client), "handed {} to {}: {}", Peer(client), settings.backend.addr, escape(&first));
     let mut to_client = first;
-    to_client.extend_from_slice(&conn.extra);
-    if client_stream.write_all(&to_client).await.is_err() {
+    to_client.extend_from_slice(&backend.extra);
+    if conn.stream.write_all(&to_client).await.is_err() {
         return;
     }
     // What the client sent before it was greeted, or past its RCPT line,
     // follows the backend's reply in the order it was sent.
     let rest = plan.client_bytes();
-    if !rest.is_empty() && conn.stream.write_all(rest).await.is_err() {
+    if !rest.is_empty() && backend.stream.write_all(rest).await.is_err() {
         return;
     }
     let grace = settings.cfg.smtp.shutdown_grace;
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client_stream, &mut conn.stream) => {}
+        _ = tokio::io::copy_bidirectional(&mut conn.stream, &mut backend.stream) => {}
         () = async {
-            stopped(&mut stop).await;
+            stopped(&mut conn.stop).await;
             tokio::time::sleep(grace).await;
         } => {
             tracing::info!(client = %Peer(client), "shutdown grace over, closing hand-off of {}", Peer(client));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::screen::TestId;
+
+    #[test]
+    fn the_enabled_mask_follows_the_config_by_name() {
+        let mut cfg = Config::default();
+        cfg.screen.permit_local = false;
+        cfg.smtp.greet_banner = String::new();
+        cfg.screen.dnsbl_sites = vec!["zen.example".into()];
+        cfg.screen.bare_newline_enable = true;
+        let s = Settings::new(Arc::new(cfg), Arc::new(Vec::new()), &[]);
+        for t in TestId::ALL {
+            assert_eq!(
+                s.gate.enabled[t],
+                matches!(t, TestId::Dnsbl | TestId::BareNewline),
+                "{t}"
+            );
+        }
+
+        let mut cfg = Config::default();
+        cfg.screen.permit_local = false;
+        cfg.screen.pipelining_enable = true;
+        let s = Settings::new(Arc::new(cfg), Arc::new(Vec::new()), &[]);
+        for t in TestId::ALL {
+            assert_eq!(
+                s.gate.enabled[t],
+                matches!(t, TestId::Pregreet | TestId::Pipelining),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn fail_counts_show_each_test_by_name() {
+        let mut c = FailCounts::default();
+        c.tests[TestId::NonSmtpCommand] = 3;
+        c.denylist = 1;
+        let mut want = serde_json::Map::new();
+        for t in TestId::ALL {
+            let n = if t == TestId::NonSmtpCommand { 3 } else { 0 };
+            want.insert(t.name().into(), n.into());
+        }
+        want.insert("denylist".into(), 1.into());
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::Value::Object(want)
+        );
     }
 }

@@ -235,6 +235,12 @@ impl<'a> Reader<'a> {
             t => Err(DecodeError::new(format!("bad option tag {t}"))),
         }
     }
+    /// Whether every byte was read: a field added later is read only
+    /// when the record has it.
+    fn at_end(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn finish(self) -> Result<(), DecodeError> {
         if self.0.is_empty() {
             Ok(())
@@ -318,6 +324,11 @@ pub(super) fn encode_block(r: &BlockRecord) -> Vec<u8> {
     w.u32(r.offences);
     w.str(&r.reason);
     w.opt_str(r.list.as_deref());
+    // Appended only when set, so a record of this node's own is the same
+    // bytes as before fleets existed.
+    if r.origin.is_some() {
+        w.opt_str(r.origin.as_deref());
+    }
     w.0
 }
 
@@ -330,6 +341,7 @@ pub(super) fn decode_block(net: IpNet, v: &[u8]) -> Result<BlockRecord, DecodeEr
         offences: r.u32()?,
         reason: r.str()?,
         list: r.opt_str()?,
+        origin: if r.at_end() { None } else { r.opt_str()? },
     };
     r.finish()?;
     Ok(rec)
@@ -394,6 +406,7 @@ mod tests {
             expires: 7,
             added: 3,
             list: Some("drop".into()),
+            origin: None,
             offences: 2,
         };
         let enc = encode_block(&b);
@@ -402,8 +415,25 @@ mod tests {
             assert!(decode_block(b.net, &enc[..cut]).is_err(), "cut at {cut}");
         }
         let mut longer = enc.clone();
-        longer.push(0);
+        longer.push(9);
         assert!(decode_block(b.net, &longer).is_err());
+        longer.extend_from_slice(&[0, 0]);
+        assert!(decode_block(b.net, &longer).is_err());
+
+        // A fleet verdict carries its origin; one without reads as ours.
+        let remote = BlockRecord {
+            origin: Some("mx2".into()),
+            ..b.clone()
+        };
+        let enc_remote = encode_block(&remote);
+        assert_eq!(decode_block(b.net, &enc_remote).unwrap(), remote);
+        assert_eq!(enc_remote[..enc.len()], enc[..], "the origin is appended");
+        for cut in enc.len() + 1..enc_remote.len() {
+            assert!(
+                decode_block(b.net, &enc_remote[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
         let mut other_format = enc;
         other_format[0] = VERDICT_FORMAT + 1;
         let err = decode_block(b.net, &other_format).unwrap_err();

@@ -194,6 +194,7 @@ mod tests {
             expires: 0,
             added: 1,
             list: None,
+            origin: None,
             offences: 1,
         }
     }

@@ -17,11 +17,22 @@ fn block(n: &str, list: Option<&str>) -> BlockRecord {
         expires: 0,
         added: 100,
         list: list.map(str::to_owned),
+        origin: None,
         offences: 1,
     }
 }
 
 /// A store in a fresh temp dir; the dir lives as long as the returned guard.
+/// A record's expiries by test, every other test 0, so a record is
+/// written without counting positions (and a new test needs no edit here).
+fn expiries(by_test: &[(Test, u64)]) -> [u64; Test::COUNT] {
+    let mut e = [0; Test::COUNT];
+    for &(t, v) in by_test {
+        e[t.index()] = v;
+    }
+    e
+}
+
 fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.redb")).unwrap();
@@ -56,7 +67,11 @@ async fn client_round_trip_and_delete() {
     let a = ip("192.0.2.1");
     assert_eq!(s.client(a).await.unwrap(), None);
     let rec = ClientRecord {
-        expires: [10, 20, 0, 0, 30],
+        expires: expiries(&[
+            (Test::Pregreet, 10),
+            (Test::Dnsbl, 20),
+            (Test::BareNewline, 30),
+        ]),
         first_seen: 5,
         last_seen: 6,
         later: Vec::new(),
@@ -128,7 +143,11 @@ async fn cleanup_keeps_records_within_retention() {
     let day = 86_400;
     let retention = Duration::from_secs(7 * day);
     let with = |newest| ClientRecord {
-        expires: [1, newest, 0, 0, 2],
+        expires: expiries(&[
+            (Test::Pregreet, 1),
+            (Test::Dnsbl, newest),
+            (Test::BareNewline, 2),
+        ]),
         first_seen: 1,
         last_seen: 1,
         later: Vec::new(),
@@ -312,7 +331,7 @@ async fn data_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/deeper/s.redb");
     let rec = ClientRecord {
-        expires: [1, 2, 3, 4, 5],
+        expires: std::array::from_fn(|i| i as u64 + 1),
         first_seen: 1,
         last_seen: 2,
         later: Vec::new(),
@@ -783,6 +802,7 @@ async fn filled_store(dir: &Path, n: u32) -> PathBuf {
                 expires: 0,
                 added: 1,
                 list: None,
+                origin: None,
                 offences: 1,
             })
         })
@@ -846,6 +866,7 @@ async fn a_scribbled_page_is_a_damaged_store_error_and_repair_salvages_the_rest(
         expires: now_unix() + 3600,
         added: 5,
         list: None,
+        origin: None,
         offences: 1,
     };
     let pinned = salvage::Pinned {

@@ -87,14 +87,7 @@ pub fn kernel_reason(text: &str) -> Reason {
 
 /// The kernel reason of a screening outcome.
 pub fn block_on_reason(o: BlockOn) -> Reason {
-    match o {
-        BlockOn::Pregreet => Reason::Pregreet,
-        BlockOn::Dnsbl => Reason::Dnsbl,
-        BlockOn::Pipelining => Reason::Pipelining,
-        BlockOn::NonSmtpCommand => Reason::NonSmtpCommand,
-        BlockOn::BareNewline => Reason::BareNewline,
-        BlockOn::Denylist => Reason::Denylist,
-    }
+    o.reason()
 }
 
 /// Who must never be blocked, as the caller sees it now.
@@ -166,6 +159,7 @@ pub fn on_failure(
             expires: now + ttl.as_secs(),
             added: prev.map_or(now, |p| p.added),
             list: None,
+            origin: None,
             offences,
         },
         ttl,
@@ -186,6 +180,7 @@ pub fn manual(
         expires: now + ttl.as_secs().max(1),
         added: prev.map_or(now, |p| p.added),
         list: None,
+        origin: None,
         offences: prev.map_or(1, |p| p.offences + 1),
     }
 }
@@ -206,6 +201,7 @@ pub fn escalation(group: IpNet, now: u64, ttl_max: Duration) -> BlockRecord {
         expires: now + ttl_max.as_secs(),
         added: now,
         list: None,
+        origin: None,
         offences: 1,
     }
 }
@@ -378,6 +374,7 @@ mod tests {
         assert_eq!((ttl, again.offences, again.added), (2 * H, 2, 1000));
         let listed = BlockRecord {
             list: Some("drop".into()),
+            origin: None,
             expires: 0,
             ..rec
         };

@@ -51,6 +51,7 @@ fn adopted(l: Listed, prev: Option<&BlockRecord>, now: u64) -> BlockRecord {
         expires: l.expires_in.map_or(0, |s| now + s),
         added: prev.map_or(now, |p| p.added),
         list: prev.and_then(|p| p.list.clone()),
+        origin: None,
         offences: prev.map_or(1, |p| p.offences),
     }
 }
