@@ -147,32 +147,63 @@ fn smtp(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
     counters(
         e,
         "screener_smtp_connection_outcomes",
-        "How screened connections ended: passed now (pass_new), passed on a cached pass \
-         (pass_old), turned away (rejected), PROXY header from an untrusted peer \
-         (proxy_untrusted), refused for want of descriptors (descriptors_refused).",
+        "Connections ended, by how: handed_off, backend_error, passed (passed and closed \
+         without a hand-off), failed, disconnected, busy, denylisted, descriptors_refused, \
+         proxy_untrusted, proxy_error, shutdown. Every accepted connection ends with one.",
         "outcome",
-        [
-            ("pass_new", m.pass_new),
-            ("pass_old", m.pass_old),
-            ("rejected", m.rejects),
-            ("proxy_untrusted", m.proxy_untrusted),
-            ("descriptors_refused", m.descriptors.refused),
-        ],
+        m.outcomes.iter().map(|(o, n)| (*o, *n)),
     )?;
-    let f = &m.fails;
+    counters(
+        e,
+        "screener_smtp_passes",
+        "Clients let through: new (passed their tests now), old (a cached pass).",
+        "kind",
+        [("new", m.pass_new), ("old", m.pass_old)],
+    )?;
+    counters(
+        e,
+        "screener_smtp_test_passes",
+        "Screening tests passed, by test.",
+        "test",
+        m.passes.iter().map(|(t, n)| (t.name(), *n)),
+    )?;
     counters(
         e,
         "screener_smtp_test_failures",
-        "Screening test failures, by test (any action).",
+        "Screening test failures (any action), by test; denylist counts reject access rules.",
         "test",
-        [
-            ("pregreet", f.pregreet),
-            ("dnsbl", f.dnsbl),
-            ("pipelining", f.pipelining),
-            ("non_smtp_command", f.non_smtp_command),
-            ("bare_newline", f.bare_newline),
-            ("denylist", f.denylist),
-        ],
+        m.fails
+            .tests
+            .iter()
+            .map(|(t, n)| (t.name(), *n))
+            .chain([("denylist", m.fails.denylist)]),
+    )?;
+    counter(
+        e,
+        "screener_smtp_rejects",
+        "Connections and RCPTs turned away (limits, denylist, enforce).",
+        m.rejects,
+    )?;
+    counter(
+        e,
+        "screener_smtp_handoffs",
+        "Clients handed to the backend.",
+        m.handoffs,
+    )?;
+    counter(
+        e,
+        "screener_smtp_backend_errors",
+        "Hand-offs the backend failed (refused, timed out, misbehaved).",
+        m.backend_errors,
+    )?;
+    histogram_value(
+        &mut e.encode_descriptor(
+            "screener_smtp_screening_duration",
+            "Time from the first test to the hand-off, pass, failure or hang-up, for screened clients.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?,
+        &m.screening_time,
     )?;
     gauge(
         e,
@@ -467,7 +498,13 @@ mod tests {
                 verdicts,
             },
             store: crate::store::StoreHealth::default(),
-            smtp: crate::smtp::SmtpStats::default(),
+            smtp: crate::smtp::SmtpStats {
+                outcomes: crate::smtp::outcome::Outcome::ALL
+                    .into_iter()
+                    .map(|o| (o.name(), 1))
+                    .collect(),
+                ..crate::smtp::SmtpStats::default()
+            },
             dnsbl: Some(DnsblStats {
                 sites: BTreeMap::from([("zen.example".to_owned(), site)]),
                 ..DnsblStats::default()
