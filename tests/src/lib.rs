@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod netns;
+pub mod openmetrics;
 pub mod packet;
 pub mod rbldnsd;
 pub mod redis;
