@@ -1464,6 +1464,11 @@ ports = ["all"]
             ("[smtp]\nhostname = \"mx\\u0000\"", "smtp.hostname"),
             ("[smtp]\nlisten = []", "smtp.listen"),
             (
+                "[smtp]\nlisten = [\"127.0.0.1:2525\"]\n[metrics]\nlisten = [\"127.0.0.1:2525\"]",
+                "metrics.listen",
+            ),
+            ("[metrics]\nlisten = [\"localhost:9325\"]", "metrics.listen"),
+            (
                 "[smtp]\ngreet_banner = \"hi\\r\\n250 ok\"",
                 "smtp.greet_banner",
             ),
