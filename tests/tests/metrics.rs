@@ -293,7 +293,7 @@ fn the_endpoint_says_what_stats_says_after_a_bot_and_a_good_client() {
     // An operator's unblock and a reload move theirs.
     integration_tests::daemon::ok(&s.d.cfg, &["block", "del", &format!("{bot}/32")]);
     let pid = s.d.child.0.as_ref().expect("daemon running").id();
-    unsafe_free_kill_hup(pid);
+    signal(pid, "-HUP");
     wait_for("the reload", Duration::from_secs(10), || {
         stats(&s.d.cfg)["daemon"]["config_generation"].as_u64() == Some(1)
     });
@@ -316,16 +316,28 @@ fn the_endpoint_says_what_stats_says_after_a_bot_and_a_good_client() {
     // Only /metrics is served.
     let (status, _, _) = get(s.metrics, "/");
     assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+
+    // A scraper that connected and said nothing does not hold up the stop.
+    let idle = std::net::TcpStream::connect(s.metrics).expect("idle scraper");
+    let mut d = s.d;
+    signal(pid, "-TERM");
+    let child = d.child.0.as_mut().expect("daemon running");
+    wait_for("the daemon to stop", Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    drop(idle);
+    let log = d.log(0);
+    assert!(!log.contains("not finished"), "{log}");
 }
 
-/// Sends SIGHUP to `pid` through kill(1): the test needs no `unsafe`.
-fn unsafe_free_kill_hup(pid: u32) {
+/// Sends `sig` (`-HUP`, `-TERM`) to `pid` through kill(1).
+fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
+        .args([sig, &pid.to_string()])
         .status()
         .expect("run kill")
         .success();
-    assert!(ok, "kill -HUP {pid}");
+    assert!(ok, "kill {sig} {pid}");
 }
 
 #[test]
