@@ -834,7 +834,12 @@ impl Config {
                 "nothing to listen on",
             ));
         }
-        if let Some(l) = self.metrics.listen.iter().find(|l| self.smtp.listen.contains(l)) {
+        if let Some(l) = self
+            .metrics
+            .listen
+            .iter()
+            .find(|l| self.smtp.listen.contains(l))
+        {
             return Err(ConfigError::value(
                 "metrics.listen",
                 l,

@@ -176,9 +176,7 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             .clone()
             .ok_or_else(|| at("sample before any family".into()))?;
         let f = out.families.get_mut(&family).expect("current family");
-        let name_end = line
-            .find(['{', ' '])
-            .ok_or_else(|| at("no value".into()))?;
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
         let name = &line[..name_end];
         let suffix = name
             .strip_prefix(family.as_str())
@@ -233,19 +231,27 @@ fn check_histogram(name: &str, f: &Family) -> Result<(), String> {
         key.sort();
         let e = series.entry(key).or_default();
         if s.name.ends_with("_bucket") {
-            let le = s.labels.get("le").ok_or(format!("{name}: bucket without le"))?;
+            let le = s
+                .labels
+                .get("le")
+                .ok_or(format!("{name}: bucket without le"))?;
             e.0.push((number(le)?, s.value));
         } else if s.name.ends_with("_count") {
             e.1 = Some(s.value);
         }
     }
     for (labels, (buckets, count)) in series {
-        if !buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1) {
+        if !buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1)
+        {
             return Err(format!("{name}{labels:?}: buckets not cumulative"));
         }
         let inf = buckets.last().filter(|b| b.0.is_infinite()).map(|b| b.1);
         if inf.is_none() || inf != count {
-            return Err(format!("{name}{labels:?}: +Inf bucket {inf:?} != count {count:?}"));
+            return Err(format!(
+                "{name}{labels:?}: +Inf bucket {inf:?} != count {count:?}"
+            ));
         }
     }
     Ok(())
@@ -304,13 +310,13 @@ mod tests {
     #[test]
     fn faults_a_scraper_would_refuse_are_refused() {
         for bad in [
-            "# TYPE b counter\nb_total 1\n",                     // no EOF
-            "# TYPE b counter\nb 1\n# EOF\n",                    // counter without _total
-            "# TYPE b counter\nc_total 1\n# EOF\n",              // outside its family
-            "b 1\n# EOF\n",                                      // no family
-            "# TYPE b gauge\nb{k=v} 1\n# EOF\n",                 // unquoted
-            "# TYPE b gauge\nb 1\n# TYPE b gauge\n# EOF\n",      // declared twice
-            "# TYPE b gauge\nb x\n# EOF\n",                      // not a number
+            "# TYPE b counter\nb_total 1\n",                // no EOF
+            "# TYPE b counter\nb 1\n# EOF\n",               // counter without _total
+            "# TYPE b counter\nc_total 1\n# EOF\n",         // outside its family
+            "b 1\n# EOF\n",                                 // no family
+            "# TYPE b gauge\nb{k=v} 1\n# EOF\n",            // unquoted
+            "# TYPE b gauge\nb 1\n# TYPE b gauge\n# EOF\n", // declared twice
+            "# TYPE b gauge\nb x\n# EOF\n",                 // not a number
             "# TYPE h histogram\nh_count 2\nh_bucket{le=\"+Inf\"} 1\n# EOF\n", // +Inf != count
         ] {
             assert!(parse(bad).is_err(), "accepted {bad:?}");

@@ -2,11 +2,7 @@
 //! client (swaks through to a Postfix backend) and a DNSBL lookup each,
 //! `/metrics` parses strictly and says what `screener stats` says.
 
-use std::{
-    net::SocketAddr,
-    process::Command,
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use integration_tests::{
     daemon::{blocked, set, start, stats, write_config, Daemon},
@@ -184,7 +180,12 @@ fn the_endpoint_says_what_stats_says_after_a_bot_and_a_good_client() {
     let exp = &three.1;
     // Connections by outcome: the bot failed, the client was handed off,
     // the dropped SYN never reached the daemon.
-    let conns = agrees(&three, "screener_smtp_connections_total", &[], &["smtp", "connections"]);
+    let conns = agrees(
+        &three,
+        "screener_smtp_connections_total",
+        &[],
+        &["smtp", "connections"],
+    );
     assert_eq!(conns, 2.0);
     for (outcome, want) in [("failed", 1.0), ("handed_off", 1.0), ("disconnected", 0.0)] {
         let got = agrees(
@@ -218,14 +219,29 @@ fn the_endpoint_says_what_stats_says_after_a_bot_and_a_good_client() {
         assert_eq!(p, 1.0, "{test} passes");
     }
     assert_eq!(
-        agrees(&three, "screener_smtp_passes_total", &[("kind", "new")], &["smtp", "pass_new"]),
+        agrees(
+            &three,
+            "screener_smtp_passes_total",
+            &[("kind", "new")],
+            &["smtp", "pass_new"]
+        ),
         1.0
     );
     assert_eq!(
-        agrees(&three, "screener_smtp_handoffs_total", &[], &["smtp", "handoffs"]),
+        agrees(
+            &three,
+            "screener_smtp_handoffs_total",
+            &[],
+            &["smtp", "handoffs"]
+        ),
         1.0
     );
-    agrees(&three, "screener_smtp_backend_errors_total", &[], &["smtp", "backend_errors"]);
+    agrees(
+        &three,
+        "screener_smtp_backend_errors_total",
+        &[],
+        &["smtp", "backend_errors"],
+    );
     // Both were screened, and both for longer than the 1 s greeting
     // wait: the client until its hand-off, the bot (enforce) until it quit.
     let screened = agrees(
@@ -277,7 +293,12 @@ fn the_endpoint_says_what_stats_says_after_a_bot_and_a_good_client() {
         ),
         1.0
     );
-    agrees(&three, "screener_blocks_refused_full_total", &[], &["daemon", "blocks_refused_full"]);
+    agrees(
+        &three,
+        "screener_blocks_refused_full_total",
+        &[],
+        &["daemon", "blocks_refused_full"],
+    );
     let dropped = agrees(
         &three,
         "screener_xdp_packets_dropped_total",
@@ -308,7 +329,9 @@ fn the_endpoint_says_what_stats_says_after_a_bot_and_a_good_client() {
         1.0
     );
     assert_eq!(
-        three.1.value("screener_xdp_map_entries", &[("map", "block_v4")]),
+        three
+            .1
+            .value("screener_xdp_map_entries", &[("map", "block_v4")]),
         0.0
     );
     assert_eq!(three.1.value("screener_config_generation", &[]), 1.0);

@@ -581,9 +581,8 @@ mod tests {
             );
             assert!(text.contains(&line), "{line} in {text}");
         }
-        assert!(text.contains(
-            "screener_dnsbl_lookup_duration_seconds_sum{site=\"zen.example\"} 0.003\n"
-        ));
+        assert!(text
+            .contains("screener_dnsbl_lookup_duration_seconds_sum{site=\"zen.example\"} 0.003\n"));
     }
 
     #[test]

@@ -614,10 +614,7 @@ fn accepted(
     if room == Room::Full {
         // No task, so no `Ending`: counted here.
         shared.counters.connections.fetch_add(1, Ordering::Relaxed);
-        shared
-            .counters
-            .outcomes
-            .count(Outcome::DescriptorsRefused);
+        shared.counters.outcomes.count(Outcome::DescriptorsRefused);
         refuse_for_descriptors(shared, &stream, peer);
         return;
     }

@@ -673,9 +673,16 @@ fn warm(n: &BenchNet) -> Result<()> {
 /// namespace.
 const METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 9325);
 
+/// Scrapes timed back to back for the cost of one.
+const SCRAPES_TIMED: u32 = 300;
+
 /// Scrapes `addr` inside namespace `ns` once a second until `stop`,
 /// parsing each answer strictly; returns (scrapes, failures).
-fn scraper(ns: &str, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u32, u32)> {
+fn scraper(
+    ns: &str,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u32, u32)> {
     let ns = ns.to_owned();
     std::thread::spawn(move || {
         sys::on_netns_thread(&ns, move || {
@@ -704,7 +711,7 @@ fn scraper(ns: &str, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::Jo
 
 /// Scenario 7, one round of one variant: figures screenings/s, completed
 /// %, daemon CPU % of one core over the round, daemon peak RSS MiB,
-/// scrapes answered.
+/// scrapes answered, daemon CPU ms per scrape.
 fn metrics_round(n: &BenchNet, on: bool) -> Result<(Vec<f64>, Vec<String>)> {
     let addr = SocketAddr::from(METRICS_ADDR);
     // The maps loaded (attached nowhere), as in production: a scrape reads
@@ -734,7 +741,8 @@ fn metrics_round(n: &BenchNet, on: bool) -> Result<(Vec<f64>, Vec<String>)> {
     let scrapes = on.then(|| scraper(&n.server_ns, addr, stop.clone()));
     let (cpu0, t0) = (cpu::tree_time(daemon), Instant::now());
     let (figs, errs) = new_round(n, &server)?;
-    let cpu = cpu::tree_time(daemon).saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let cpu =
+        cpu::tree_time(daemon).saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let peak = rss.join().unwrap_or(0);
     let (ok, failed) = scrapes.map_or((0, 0), |h| h.join().unwrap_or((0, 0)));
@@ -742,9 +750,32 @@ fn metrics_round(n: &BenchNet, on: bool) -> Result<(Vec<f64>, Vec<String>)> {
     if failed > 0 {
         errs.push(format!("{failed} scrapes failed"));
     }
+    // The cost of one scrape on its own: back to back, the daemon idle
+    // after the round, its maps and counters filled.
+    let per_scrape = if on {
+        let c0 = cpu::tree_time(daemon);
+        sys::on_netns_thread(&n.server_ns, move || {
+            for _ in 0..SCRAPES_TIMED {
+                let (_, _, body) = integration_tests::openmetrics::get(addr, "/metrics");
+                assert!(body.ends_with("# EOF\n"), "a scrape was cut short");
+            }
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scraping thread panicked"))??;
+        cpu::tree_time(daemon).saturating_sub(c0).as_secs_f64() * 1000.0 / f64::from(SCRAPES_TIMED)
+    } else {
+        0.0
+    };
     drop(server);
     Ok((
-        vec![figs[0], figs[1], 100.0 * cpu, mib(peak), f64::from(ok)],
+        vec![
+            figs[0],
+            figs[1],
+            100.0 * cpu,
+            mib(peak),
+            f64::from(ok),
+            per_scrape,
+        ],
         errs,
     ))
 }
@@ -753,7 +784,11 @@ fn metrics_round(n: &BenchNet, on: bool) -> Result<(Vec<f64>, Vec<String>)> {
 fn metrics_scenario(n: &BenchNet, o: &Opts) -> Result<String> {
     let (mut off, mut on) = (Row::default(), Row::default());
     for i in 0..o.rounds {
-        let order = if i % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if i % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for variant in order {
             let (figs, errs) = metrics_round(n, variant)?;
             eprintln!(
@@ -779,6 +814,7 @@ fn metrics_scenario(n: &BenchNet, o: &Opts) -> Result<String> {
         "daemon CPU % (one core)",
         "daemon peak RSS MiB",
         "scrapes",
+        "daemon CPU ms per scrape (300 back to back)",
     ];
     let mut head = vec!["metrics"];
     head.extend_from_slice(&cols);
@@ -801,7 +837,11 @@ fn metrics_scenario(n: &BenchNet, o: &Opts) -> Result<String> {
     );
     for (name, row) in [("off", &off), ("on", &on)] {
         if !row.failures.is_empty() {
-            let _ = writeln!(out, "\nFailures with metrics {name}: {}", row.failures.join("; "));
+            let _ = writeln!(
+                out,
+                "\nFailures with metrics {name}: {}",
+                row.failures.join("; ")
+            );
         }
     }
     Ok(out)
