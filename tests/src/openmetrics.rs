@@ -1,4 +1,4 @@
-//! A strict reader of the OpenMetrics text format, for scraping the
+//! A strict reader of the `OpenMetrics` text format, for scraping the
 //! daemon's `/metrics` in tests and benchmarks, and a minimal HTTP GET.
 //!
 //! Strict where a scraper would be: every sample belongs to the family
@@ -66,6 +66,24 @@ impl Exposition {
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels)
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in the exposition"))
+    }
+
+    /// Like [`Exposition::value`], for a count: panics unless the value
+    /// is a whole number a `u64` holds exactly.
+    #[track_caller]
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let v = self.value(name, labels);
+        assert!(
+            (0.0..9.0e15).contains(&v) && v.fract() == 0.0,
+            "{name}{labels:?} = {v} is not a count"
+        );
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "checked whole and in range just above"
+        )]
+        let n = v as u64;
+        n
     }
 
     /// Every sample name served.
@@ -161,8 +179,8 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
                 return Err(at("metadata after samples".into()));
             }
             match kw {
-                "HELP" => f.help = arg.to_owned(),
-                "TYPE" => f.kind = arg.to_owned(),
+                "HELP" => arg.clone_into(&mut f.help),
+                "TYPE" => arg.clone_into(&mut f.kind),
                 "UNIT" => {
                     if !name.ends_with(&format!("_{arg}")) {
                         return Err(at(format!("unit {arg} not in the name")));
@@ -217,10 +235,12 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
     Ok(out)
 }
 
+/// One histogram series: its `(le, count)` buckets and its `_count`.
+type Series = (Vec<(f64, f64)>, Option<f64>);
+
 /// Buckets cumulative per label set, `+Inf` present and equal to `_count`.
 fn check_histogram(name: &str, f: &Family) -> Result<(), String> {
-    let mut series: BTreeMap<Vec<(String, String)>, (Vec<(f64, f64)>, Option<f64>)> =
-        BTreeMap::new();
+    let mut series: BTreeMap<Vec<(String, String)>, Series> = BTreeMap::new();
     for s in &f.samples {
         let mut key: Vec<(String, String)> = s
             .labels
@@ -303,8 +323,8 @@ mod tests {
                     a_seconds_bucket{le=\"1.0\",x=\"q\\\"\"} 1\na_seconds_bucket{le=\"+Inf\",x=\"q\\\"\"} 2\n\
                     # HELP b B.\n# TYPE b counter\nb_total{k=\"v\"} 3\n# EOF\n";
         let e = parse(text).unwrap();
-        assert_eq!(e.value("b_total", &[("k", "v")]), 3.0);
-        assert_eq!(e.value("a_seconds_count", &[("x", "q\"")]), 2.0);
+        assert_eq!(e.count("b_total", &[("k", "v")]), 3);
+        assert_eq!(e.count("a_seconds_count", &[("x", "q\"")]), 2);
     }
 
     #[test]

@@ -223,31 +223,31 @@ fn smtp(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
         "1 while stress mode (shorter deadlines) is on.",
         u64::from(m.stress),
     )?;
-    let q = &m.failure_queue;
+    let queue = &m.failure_queue;
     gauge(
         e,
         "screener_smtp_failure_queue_clients",
         "Failed clients waiting for the verdict task.",
-        q.queued,
+        queue.queued,
     )?;
     counter(
         e,
         "screener_smtp_failure_queue_dropped",
         "Failures dropped because the verdict queue was full.",
-        q.dropped,
+        queue.dropped,
     )?;
-    let d = &m.descriptors;
+    let fds = &m.descriptors;
     gauge(
         e,
         "screener_smtp_descriptors_held",
         "Client and backend sockets held now.",
-        d.held,
+        fds.held,
     )?;
     gauge(
         e,
         "screener_smtp_descriptors_cap",
         "Client and backend sockets the budget allows.",
-        d.cap,
+        fds.cap,
     )
 }
 
@@ -392,6 +392,10 @@ fn counter_value(m: &mut MetricEncoder, v: u64) -> fmt::Result {
     m.encode_counter::<NoLabelSet, u64, u64>(&v, None)
 }
 
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "bucket bounds and a sum of microseconds, far below 2^52"
+)]
 fn histogram_value(m: &mut MetricEncoder, h: &HistogramSnapshot) -> fmt::Result {
     // The encoder wants per-bucket counts with +Inf last; the snapshot
     // holds cumulative ones.
@@ -518,7 +522,7 @@ mod tests {
     }
 
     /// The sample names of `text`, each checked against the family its
-    /// `# TYPE` line declared: the suffixes OpenMetrics allows for that
+    /// `# TYPE` line declared: the suffixes `OpenMetrics` allows for that
     /// type and nothing else.
     fn sample_names(text: &str) -> BTreeSet<String> {
         let mut families: BTreeMap<String, String> = BTreeMap::new();

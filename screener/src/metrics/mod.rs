@@ -1,5 +1,5 @@
 //! The Prometheus endpoint: `GET /metrics` on `metrics.listen`, in the
-//! OpenMetrics text format, built on `prometheus-client`.
+//! `OpenMetrics` text format, built on `prometheus-client`.
 //!
 //! ONE SOURCE. The endpoint keeps no counter of its own. Its registry holds
 //! one collector that, at each scrape, asks the daemon for the very
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod families;
 
-/// The content type of the OpenMetrics text format.
+/// The content type of the `OpenMetrics` text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// How long a client may take to send its request head.
@@ -360,7 +360,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut registry = Registry::default();
-        let c: prometheus_client::metrics::counter::Counter = Default::default();
+        let c = prometheus_client::metrics::counter::Counter::<u64>::default();
         c.inc_by(7);
         registry.register("screener_test", "A test counter", c);
         let stop = CancellationToken::new();

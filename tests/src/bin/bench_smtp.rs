@@ -818,22 +818,24 @@ fn metrics_scenario(n: &BenchNet, o: &Opts) -> Result<String> {
     ];
     let mut head = vec!["metrics"];
     head.extend_from_slice(&cols);
-    let mut t = Table::new(&head);
+    let mut table = Table::new(&head);
     for (name, row) in [("off", &off), ("on, scraped every 1 s", &on)] {
         let mut cells = vec![name.to_owned()];
         cells.extend((0..cols.len()).map(|i| cell(row.spread(i))));
-        t.row(cells);
+        table.row(cells);
     }
-    let m = |r: &Row, i| r.spread(i).map(|s| s.median);
+    let median = |r: &Row, i| r.spread(i).map(|s| s.median);
     let mut cells = vec!["on ÷ off".to_owned()];
-    cells.extend((0..cols.len()).map(|i| match (m(&on, i), m(&off, i)) {
-        (Some(a), Some(b)) if b != 0.0 => format!("{}×", report::num(a / b)),
-        _ => "n/a".into(),
-    }));
-    t.row(cells);
+    cells.extend(
+        (0..cols.len()).map(|i| match (median(&on, i), median(&off, i)) {
+            (Some(a), Some(b)) if b != 0.0 => format!("{}×", report::num(a / b)),
+            _ => "n/a".into(),
+        }),
+    );
+    table.row(cells);
     let mut out = format!(
         "7. Metrics: scenario 2 for the screener alone ({NEW_CLIENTS} first-time clients, {NEW_CONCURRENCY} at once, XDP maps loaded), metrics.listen off and on with a strict scrape every second; rounds alternate which goes first\n\n{}",
-        t.render()
+        table.render()
     );
     for (name, row) in [("off", &off), ("on", &on)] {
         if !row.failures.is_empty() {
