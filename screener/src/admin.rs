@@ -1,6 +1,8 @@
-//! The admin socket: a Unix stream socket (mode 0600) over which the CLI
-//! asks the running daemon to change or show its state, so the store and
-//! the kernel maps have one writer and never disagree.
+//! The admin socket: a Unix stream socket over which the CLI asks the
+//! running daemon to change or show its state, so the store and the kernel
+//! maps have one writer and never disagree. It is bound mode 0600 and
+//! opened to `daemon.admin_group` (mode 0660) once the daemon hands it to
+//! `daemon.user`: whoever may connect may change every verdict.
 //!
 //! Protocol: one JSON request line, one JSON response line, then close.
 //! Listings, which may hold a million entries, stream instead: the
@@ -45,6 +47,8 @@ pub enum Request {
     },
     AllowList,
     Stats,
+    /// The fleet as this node sees it, with the nodes that beat recently.
+    ClusterStatus,
     XdpStatus,
     XdpDetach,
     CacheList,
@@ -279,17 +283,29 @@ async fn exchange(
 /// Handles one request.
 pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Reply> + Send + Sync>;
 
+/// The bound admin socket.
+pub struct Bound {
+    /// Accepting nothing until the daemon serves.
+    pub listener: UnixListener,
+    /// The socket's directory when this bind created it (mode 0700): the
+    /// daemon hands it to its user and the admin group, an existing one
+    /// stays as it is.
+    pub created_dir: Option<PathBuf>,
+}
+
 /// Binds the admin socket: creates its directory (0700 when new), refuses
 /// when another daemon answers there, replaces a stale socket file.
-pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+pub async fn bind(path: &Path) -> Result<Bound, AdminError> {
     let io = |source| AdminError::Io {
         path: path.to_owned(),
         source,
     };
+    let mut created_dir = None;
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
             std::fs::create_dir_all(dir).map_err(io)?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+            created_dir = Some(dir.to_owned());
         }
     }
     if path.exists() {
@@ -302,7 +318,10 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     }
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    Ok(listener)
+    Ok(Bound {
+        listener,
+        created_dir,
+    })
 }
 
 /// Serves one admin connection: one request, one reply. A client that

@@ -406,6 +406,12 @@ pub struct Config {
     pub admin: Admin,
     pub import: Import,
     pub metrics: Metrics,
+    /// The fleet this node shares verdicts and passes with; off while
+    /// `cluster.redis` is empty.
+    pub cluster: crate::cluster::Settings,
+    pub daemon: Daemon,
+    /// Where the daemon's lines go and in which shape.
+    pub log: crate::logging::Settings,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -736,6 +742,55 @@ impl Default for Admin {
     }
 }
 
+/// `[daemon]`: whom the daemon runs as once its privileged start is done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Daemon {
+    /// The account the daemon switches to after binding and attaching, so
+    /// SMTP from the internet is never parsed as root; `root` keeps root.
+    pub user: String,
+    /// The group that owns the admin socket (mode 0660): its members may
+    /// run the admin commands.
+    pub admin_group: String,
+}
+
+impl Default for Daemon {
+    fn default() -> Self {
+        Daemon {
+            // The account the Debian package creates.
+            user: "screener".into(),
+            // Only root reaches the admin socket until an operator names
+            // a group.
+            admin_group: "root".into(),
+        }
+    }
+}
+
+impl Daemon {
+    /// Both names must be account names; whether the accounts exist is
+    /// checked where they are used (`config check`, `run`).
+    fn check(&self) -> Result<(), ConfigError> {
+        for (key, name) in [
+            ("daemon.user", &self.user),
+            ("daemon.admin_group", &self.admin_group),
+        ] {
+            let fine = !name.is_empty()
+                && !name.starts_with('-')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'));
+            if !fine {
+                return Err(ConfigError::value(
+                    key,
+                    format!("{name:?}"),
+                    "not an account name",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The Prometheus endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -826,6 +881,10 @@ impl Config {
 
     /// Range and consistency checks serde cannot express.
     fn check(&self) -> Result<(), ConfigError> {
+        self.cluster
+            .check()
+            .map_err(|(key, value, reason)| ConfigError::value(key, value, reason))?;
+        self.daemon.check()?;
         let s = &self.screen;
         if self.smtp.listen.is_empty() {
             return Err(ConfigError::value(
@@ -1009,6 +1068,9 @@ impl Config {
                     "not an interface name",
                 ));
             }
+        }
+        if let Err((key, value, reason)) = self.log.check() {
+            return Err(ConfigError::value(key, format!("{value:?}"), reason));
         }
         self.check_rejects_nobody()
     }

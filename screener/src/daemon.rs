@@ -9,7 +9,7 @@
 //! adopted), restoring verdicts into them, attaching, binding the admin
 //! socket and the SMTP listeners. [`serve`] starts every task and answers
 //! signals; it needs no privilege beyond the descriptors `start` opened,
-//! which is where privileges can be dropped. [`stop`] drains: SMTP ends
+//! so [`privileges`] drops to `daemon.user` in between. [`stop`] drains: SMTP ends
 //! its sessions, the failures they queued become verdicts, admin requests
 //! and list changes finish, then the store's queue is written; all within
 //! a deadline, naming what did not finish.
@@ -37,6 +37,7 @@ use crate::{
 
 mod dnsbl;
 mod listing;
+pub mod privileges;
 mod reload;
 mod requests;
 mod serve;

@@ -8,8 +8,22 @@
 //! identifier `postfix/postscreen` (`postfix/dnsblog` for list answers),
 //! the bare text, nothing appended — so pflogsumm, Logwatch and fail2ban's
 //! `postfix` filter read them unchanged.
+//!
+//! THREE PROGRAMS. A Postfix installation logs a client's screening under
+//! postscreen, list answers under dnsblog, and its own housekeeping under
+//! master and friends. The daemon's lines split the same way: a line
+//! about one client (an event with a `client` field) is a postscreen
+//! line, a [`DNSBLOG_TARGET`] line a dnsblog line, and anything else
+//! (start-up, XDP, the store, imports) the daemon's own, which under
+//! `format = "postscreen"` keeps the identifier `screener`: postscreen
+//! has no such lines, and a parser that knows postscreen's would count
+//! them as unknown.
 
-use std::{fmt, io::IsTerminal as _};
+use std::{
+    fmt,
+    io::IsTerminal as _,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use serde::{Deserialize, Serialize};
 use tracing::{Event, Subscriber};
@@ -25,8 +39,35 @@ use tracing_subscriber::{
 /// writes under its own program name.
 pub const DNSBLOG_TARGET: &str = "screener::dnsblog";
 
+/// The field that makes an event a line about one client.
+pub const CLIENT_FIELD: &str = "client";
+
 /// Syslog facility "mail" (2), as journald's `SYSLOG_FACILITY` wants it.
 const FACILITY_MAIL: &str = "2";
+
+/// Which program of a Postfix installation a line stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// A client's screening: postscreen's lines.
+    Postscreen,
+    /// A DNS list's answer: dnsblog's lines.
+    Dnsblog,
+    /// The daemon's own housekeeping.
+    Daemon,
+}
+
+impl Program {
+    /// The program `m`'s lines belong to.
+    pub fn of(m: &tracing::Metadata<'_>) -> Program {
+        if m.target() == DNSBLOG_TARGET {
+            Program::Dnsblog
+        } else if m.fields().field(CLIENT_FIELD).is_some() {
+            Program::Postscreen
+        } else {
+            Program::Daemon
+        }
+    }
+}
 
 /// `log.format`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +92,9 @@ pub struct Settings {
     /// The identifier of DNSBL answer lines; empty means the same as
     /// `identifier`, or `postfix/dnsblog` under `format = "postscreen"`.
     pub dnsblog_identifier: String,
+    /// `ALLOWLISTED`/`DENYLISTED` (Postfix 3.6 on) rather than
+    /// `WHITELISTED`/`BLACKLISTED`, which older log parsers know.
+    pub respectful_logging: bool,
 }
 
 impl Default for Settings {
@@ -59,6 +103,8 @@ impl Default for Settings {
             format: Format::Auto,
             identifier: String::new(),
             dnsblog_identifier: String::new(),
+            // As Postfix's own default from compatibility level 3.6.
+            respectful_logging: true,
         }
     }
 }
@@ -79,6 +125,24 @@ impl Settings {
             ("", Format::Postscreen) => "postfix/dnsblog",
             ("", Format::Auto) => self.identifier(),
             (id, _) => id,
+        }
+    }
+
+    /// The identifier of the daemon's own lines: `screener` beside
+    /// postscreen's, else the same as the others.
+    pub fn daemon_identifier(&self) -> &str {
+        match self.format {
+            Format::Postscreen => "screener",
+            Format::Auto => self.identifier(),
+        }
+    }
+
+    /// The identifier of `program`'s lines.
+    pub fn identifier_of(&self, program: Program) -> &str {
+        match program {
+            Program::Postscreen => self.identifier(),
+            Program::Dnsblog => self.dnsblog_identifier(),
+            Program::Daemon => self.daemon_identifier(),
         }
     }
 
@@ -158,37 +222,39 @@ fn filter() -> EnvFilter {
         .add_directive("hickory_resolver=info".parse().expect("valid directive"))
 }
 
-/// Installs the global subscriber for `settings`. Falls back to stderr,
-/// saying so, when journald cannot be reached.
+/// Installs the global subscriber for `settings`, as `screener run`
+/// does once its configuration is loaded. Falls back to stderr, saying
+/// so, when journald cannot be reached.
 pub fn init(settings: &Settings) {
+    RESPECTFUL.store(settings.respectful_logging, Ordering::Relaxed);
     let sink = sink();
     let journald = (sink == Sink::Journald)
         .then(|| {
-            let main = tracing_journald::layer()
-                .map(|l| {
-                    l.with_syslog_identifier(settings.identifier().to_owned())
-                        .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
-                })
-                .map_err(|e| e.to_string())?;
-            let dnsblog = tracing_journald::layer()
-                .map(|l| {
-                    l.with_syslog_identifier(settings.dnsblog_identifier().to_owned())
-                        .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
-                })
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((main, dnsblog))
+            let layer = |program: Program| {
+                tracing_journald::layer()
+                    .map(|l| {
+                        l.with_syslog_identifier(settings.identifier_of(program).to_owned())
+                            .with_custom_fields([("SYSLOG_FACILITY", FACILITY_MAIL)])
+                    })
+                    .map_err(|e| e.to_string())
+            };
+            Ok::<_, String>([
+                layer(Program::Postscreen)?,
+                layer(Program::Dnsblog)?,
+                layer(Program::Daemon)?,
+            ])
         })
         .transpose();
     let registry = tracing_subscriber::registry().with(filter());
     match journald {
-        Ok(Some((main, dnsblog))) => {
-            let not_dnsblog =
-                tracing_subscriber::filter::filter_fn(|m| m.target() != DNSBLOG_TARGET);
-            let only_dnsblog =
-                tracing_subscriber::filter::filter_fn(|m| m.target() == DNSBLOG_TARGET);
+        Ok(Some([screen, dnsblog, daemon])) => {
+            let only = |program: Program| {
+                tracing_subscriber::filter::filter_fn(move |m| Program::of(m) == program)
+            };
             registry
-                .with(main.with_filter(not_dnsblog))
-                .with(dnsblog.with_filter(only_dnsblog))
+                .with(screen.with_filter(only(Program::Postscreen)))
+                .with(dnsblog.with_filter(only(Program::Dnsblog)))
+                .with(daemon.with_filter(only(Program::Daemon)))
                 .init();
         }
         other => {
@@ -210,15 +276,97 @@ pub fn init(settings: &Settings) {
     let _ = tracing_log::LogTracer::init();
 }
 
+/// Installs the subscriber of the admin commands: text on stderr,
+/// coloured on a terminal. They run beside the daemon, not under it, so
+/// neither journald nor the `[log]` section applies.
+pub fn init_stderr() {
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+    let _ = tracing_log::LogTracer::init();
+}
+
+/// `log.respectful_logging`, for the lines that name the lists.
+static RESPECTFUL: AtomicBool = AtomicBool::new(true);
+
+/// The keyword of a client on the permanent allowlist: `ALLOWLISTED`, or
+/// `WHITELISTED` for parsers older than Postfix 3.6.
+pub fn allowlisted() -> &'static str {
+    if RESPECTFUL.load(Ordering::Relaxed) {
+        "ALLOWLISTED"
+    } else {
+        "WHITELISTED"
+    }
+}
+
+/// The keyword of a client on the permanent denylist: `DENYLISTED`, or
+/// `BLACKLISTED` for parsers older than Postfix 3.6.
+pub fn denylisted() -> &'static str {
+    if RESPECTFUL.load(Ordering::Relaxed) {
+        "DENYLISTED"
+    } else {
+        "BLACKLISTED"
+    }
+}
+
+/// A time since the connection began as postscreen prints it (Postfix's
+/// `format_tv` with two significant digits and at most two decimals):
+/// `0.05`, `1.3`, `6`, `12`; trailing zeros left out.
+pub struct Delta(pub std::time::Duration);
+
+impl fmt::Display for Delta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MILLION: u64 = 1_000_000;
+        // Two significant digits, two decimals at most.
+        const WID: u64 = 100;
+        let mut sec = self.0.as_secs();
+        let mut usec = u64::from(self.0.subsec_micros());
+        let mut ures = MILLION / 100;
+        if sec > 0 {
+            let mut n = 1;
+            while sec >= n && n <= WID / 10 {
+                n *= 10;
+            }
+            ures = (MILLION / WID) * n;
+        } else {
+            while usec >= WID * ures {
+                ures *= 10;
+            }
+        }
+        if ures > 1 {
+            usec += ures / 2;
+            if usec >= MILLION {
+                sec += 1;
+                usec -= MILLION;
+            }
+        }
+        write!(f, "{sec}")?;
+        if usec >= ures {
+            f.write_str(".")?;
+            let (mut rem, mut n) = (usec, MILLION / 10);
+            while rem >= ures && n > 0 {
+                write!(f, "{}", rem / n)?;
+                rem %= n;
+                n /= 10;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Lines as syslog writes postscreen's: `Mon dd hh:mm:ss host
-/// identifier[pid]: text`, local time, the event's text and nothing else.
+/// identifier[pid]: text`, local time, the event's text and nothing else;
+/// warnings and errors start `warning: ` and `error: `, as Postfix's own.
 pub struct Syslog {
     /// This host's short name, as syslog writes it.
     host: String,
-    /// For ordinary lines.
-    identifier: String,
-    /// For DNSBL answer lines.
-    dnsblog: String,
+    /// The identifiers of postscreen, dnsblog and daemon lines.
+    identifiers: [String; 3],
     /// Ours.
     pid: u32,
 }
@@ -229,20 +377,26 @@ impl Syslog {
         let host = host.split('.').next().unwrap_or("localhost").to_owned();
         Syslog {
             host,
-            identifier: settings.identifier().to_owned(),
-            dnsblog: settings.dnsblog_identifier().to_owned(),
+            identifiers: [Program::Postscreen, Program::Dnsblog, Program::Daemon]
+                .map(|p| settings.identifier_of(p).to_owned()),
             pid: std::process::id(),
         }
     }
 
     /// One line's prefix, for `now` seconds since the epoch.
-    fn prefix(&self, now: i64, target: &str) -> String {
-        let ident = if target == DNSBLOG_TARGET {
-            &self.dnsblog
-        } else {
-            &self.identifier
+    fn prefix(&self, now: i64, program: Program, level: tracing::Level) -> String {
+        let ident = &self.identifiers[program as usize];
+        let severity = match level {
+            tracing::Level::ERROR => "error: ",
+            tracing::Level::WARN => "warning: ",
+            _ => "",
         };
-        format!("{} {} {ident}[{}]: ", syslog_time(now), self.host, self.pid)
+        format!(
+            "{} {} {ident}[{}]: {severity}",
+            syslog_time(now),
+            self.host,
+            self.pid
+        )
     }
 }
 
@@ -304,10 +458,11 @@ where
         // One event, one line: a line break inside would start a line a
         // log parser reads as something else.
         let text = text.replace(['\r', '\n'], " ");
+        let m = event.metadata();
         writeln!(
             writer,
             "{}{text}",
-            self.prefix(now, event.metadata().target())
+            self.prefix(now, Program::of(m), *m.level())
         )
     }
 }
@@ -324,13 +479,22 @@ mod tests {
         };
         assert_eq!(s.identifier(), "postfix/postscreen");
         assert_eq!(s.dnsblog_identifier(), "postfix/dnsblog");
+        assert_eq!(s.daemon_identifier(), "screener");
         let auto = Settings::default();
         assert_eq!(auto.identifier(), "screener");
         assert_eq!(auto.dnsblog_identifier(), "screener");
+        let named = Settings {
+            identifier: "mx-in".into(),
+            ..Settings::default()
+        };
+        for p in [Program::Postscreen, Program::Dnsblog, Program::Daemon] {
+            assert_eq!(named.identifier_of(p), "mx-in");
+        }
         let own = Settings {
             format: Format::Postscreen,
             identifier: "postfix-in/postscreen".into(),
             dnsblog_identifier: String::new(),
+            ..Settings::default()
         };
         assert_eq!(own.identifier(), "postfix-in/postscreen");
     }
@@ -348,20 +512,73 @@ mod tests {
     }
 
     #[test]
+    fn the_config_file_refuses_bad_log_values_naming_the_key() {
+        use crate::config::{Config, ConfigError};
+        let key_of = |text: &str| match Config::from_toml(text) {
+            Err(ConfigError::Value { key, .. } | ConfigError::UnknownKey { key }) => key,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(key_of("[log]\nformat = \"json\""), "log.format");
+        assert_eq!(key_of("[log]\nidentifier = \"mail in\""), "log.identifier");
+        assert_eq!(
+            key_of("[log]\ndnsblog_identifier = \"x:y\""),
+            "log.dnsblog_identifier"
+        );
+        assert_eq!(key_of("[log]\ncolour = true"), "log.colour");
+        let cfg = Config::from_toml(
+            "[log]\nformat = \"postscreen\"\nidentifier = \"postfix-in/postscreen\"\nrespectful_logging = false",
+        )
+        .expect("a good [log] section");
+        assert_eq!(cfg.log.format, Format::Postscreen);
+        assert_eq!(cfg.log.identifier(), "postfix-in/postscreen");
+        assert_eq!(cfg.log.dnsblog_identifier(), "postfix/dnsblog");
+        assert!(!cfg.log.respectful_logging);
+    }
+
+    #[test]
+    fn delays_print_as_postfix_format_tv_prints_them() {
+        // Postfix's own format_tv test cases at 2 significant digits and
+        // a 2-digit limit (postscreen's delay_logging_resolution_limit).
+        for (ms, want) in [
+            (0, "0"),
+            (4, "0"),
+            (5, "0.01"),
+            (50, "0.05"),
+            (123, "0.12"),
+            (999, "1"),
+            (1_260, "1.3"),
+            (6_000, "6"),
+            (6_040, "6"),
+            (12_345, "12"),
+            (99_600, "100"),
+        ] {
+            let got = Delta(std::time::Duration::from_millis(ms)).to_string();
+            assert_eq!(got, want, "{ms} ms");
+        }
+    }
+
+    #[test]
     fn the_prefix_is_syslogs() {
         let s = Syslog {
             host: "mx1".into(),
-            identifier: "postfix/postscreen".into(),
-            dnsblog: "postfix/dnsblog".into(),
+            identifiers: [
+                "postfix/postscreen".into(),
+                "postfix/dnsblog".into(),
+                "screener".into(),
+            ],
             pid: 4242,
         };
-        let p = s.prefix(0, "screener::smtp::server");
+        let info = tracing::Level::INFO;
+        let p = s.prefix(0, Program::Postscreen, info);
         let re_like = p.split(' ').filter(|w| !w.is_empty()).collect::<Vec<_>>();
         assert_eq!(re_like.len(), 5, "{p:?}");
         assert!(p.ends_with(" mx1 postfix/postscreen[4242]: "), "{p:?}");
         assert!(s
-            .prefix(0, DNSBLOG_TARGET)
+            .prefix(0, Program::Dnsblog, info)
             .ends_with(" mx1 postfix/dnsblog[4242]: "));
+        assert!(s
+            .prefix(0, Program::Daemon, tracing::Level::WARN)
+            .ends_with(" mx1 screener[4242]: warning: "));
         // `Mon dd hh:mm:ss` with a space-padded day.
         let t = syslog_time(1_700_000_000);
         assert_eq!(t.len(), 15, "{t:?}");

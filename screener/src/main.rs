@@ -61,6 +61,9 @@ enum Command {
     /// The XDP attachment.
     #[command(subcommand)]
     Xdp(XdpCmd),
+    /// The fleet of MX hosts this node shares verdicts with (`[cluster]`).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Check or repair the store file (store.path); run without the daemon.
     #[command(subcommand)]
     Store(StoreCmd),
@@ -204,6 +207,16 @@ enum StoreCmd {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// This node's link to Redis, its lag and queue, and the nodes that
+    /// beat recently.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum XdpCmd {
     /// Show the pinned program, links and maps.
     Status {
@@ -245,18 +258,12 @@ fn main() -> ExitCode {
         };
     }
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // The resolver's debug events name the queries it sends, which
-        // would print a paid DNSBL feed's secret domain.
-        .add_directive("hickory_proto=info".parse().expect("valid directive"))
-        .add_directive("hickory_resolver=info".parse().expect("valid directive"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    // aya-log speaks `log`; carry its records into tracing.
-    let _ = tracing_log::LogTracer::init();
+    // The daemon logs as its configuration's [log] says, once that is
+    // loaded (until then its errors go plainly to stderr); the admin
+    // commands log as text on stderr.
+    if !matches!(cli.command, Command::Run { .. }) {
+        screener::logging::init_stderr();
+    }
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -286,6 +293,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { no_xdp } => {
             let (cfg, path) = load_config(cpath, true)?;
+            screener::logging::init(&cfg.log);
             daemon::run(cfg, path, no_xdp).await
         }
         Command::Config(c) => config_cmd(cpath, c),
@@ -357,6 +365,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Xdp(x) => {
             let (cfg, _) = load_config(cpath, false)?;
             xdp_cmd(&cfg, x).await
+        }
+        Command::Cluster(ClusterCmd::Status { json }) => {
+            let (cfg, _) = load_config(cpath, false)?;
+            let data = ask(&cfg, &Request::ClusterStatus).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                print_cluster(&data);
+            }
+            Ok(())
         }
         Command::Store(s) => {
             let (cfg, _) = load_config(cpath, false)?;
@@ -484,14 +502,54 @@ fn print_entry(out: &mut dyn Write, item: &serde_json::Value) -> std::io::Result
         Some(0) => "expired".to_owned(),
         Some(s) => format!("in {}", duration::Display(Duration::from_secs(s))),
     };
+    let origin = get("origin")
+        .as_str()
+        .map(|o| format!(" from {o}"))
+        .unwrap_or_default();
     writeln!(
         out,
-        "{:<43} {:<16} expires {:<12} hits {}",
+        "{:<43} {:<16} expires {:<12} hits {}{origin}",
         get("net").as_str().unwrap_or(""),
         get("reason").as_str().unwrap_or(""),
         expires,
         get("hits")
     )
+}
+
+/// `cluster status` as text.
+fn print_cluster(s: &serde_json::Value) {
+    let g = |k: &str| s.get(k).cloned().unwrap_or_default();
+    let link = if g("connected").as_bool() == Some(true) {
+        "connected"
+    } else {
+        "NOT CONNECTED (screening alone, verdicts queued)"
+    };
+    println!("node {}: {link}", g("node").as_str().unwrap_or("?"));
+    println!(
+        "lag {} entries, queued {}, dropped {}, published {}, applied {}, resyncs {}",
+        g("lag"),
+        g("queued"),
+        g("dropped"),
+        g("published"),
+        g("applied"),
+        g("resyncs")
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let nodes = g("nodes");
+    let nodes = nodes.as_array().map(Vec::as_slice).unwrap_or_default();
+    println!("nodes seen in the last 30s: {}", nodes.len());
+    for n in nodes {
+        let ng = |k: &str| n.get(k).cloned().unwrap_or_default();
+        let age = now_ms.saturating_sub(ng("at_ms").as_u64().unwrap_or(0)) / 1000;
+        println!(
+            "  {:<24} last heartbeat {age}s ago, lag {}, queued {}",
+            ng("node").as_str().unwrap_or("?"),
+            ng("lag"),
+            ng("queued")
+        );
+    }
 }
 
 /// One `cache list` row as text: the client and its record.
@@ -565,6 +623,8 @@ fn config_cmd(path: Option<&PathBuf>, c: ConfigCmd) -> anyhow::Result<()> {
     match c {
         ConfigCmd::Check => {
             let cfg = Config::load(&p).with_context(|| format!("configuration {}", p.display()))?;
+            daemon::privileges::Account::resolve(&cfg.daemon)
+                .with_context(|| format!("configuration {}", p.display()))?;
             for w in cfg.warnings() {
                 eprintln!("screener: warning: {w}");
             }

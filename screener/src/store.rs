@@ -102,6 +102,10 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Layout numbers (see [`layout`]); a table's number changes when its
 /// meaning or key/value encoding does.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Meta keys of the fleet stream position this node applied last: the
+/// two halves of a stream ID.
+const CLUSTER_MS: &str = "cluster.position.ms";
+const CLUSTER_SEQ: &str = "cluster.position.seq";
 const CLIENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clients");
 const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
 const ALLOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("allows");
@@ -1084,6 +1088,38 @@ impl Store {
                     codec::encode_block(&rec).as_slice(),
                 )
                 .map_err(s.err(OP))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// The fleet stream position this node applied last (`ms-seq`), kept
+    /// so a restart reads on from there; `None` before the first.
+    pub async fn cluster_position(&self) -> Result<Option<String>, StoreError> {
+        const OP: &str = "cluster_position";
+        self.blocking(OP, Kind::Read, move |s| {
+            let txn = s.read_txn(OP)?;
+            let meta = txn.open_table(META).map_err(s.err(OP))?;
+            let ms = meta.get(CLUSTER_MS).map_err(s.err(OP))?.map(|v| v.value());
+            let seq = meta.get(CLUSTER_SEQ).map_err(s.err(OP))?.map(|v| v.value());
+            Ok(ms.map(|ms| format!("{ms}-{}", seq.unwrap_or(0))))
+        })
+        .await
+    }
+
+    /// Saves the fleet stream position `id` (`ms-seq`).
+    pub async fn set_cluster_position(&self, id: &str) -> Result<(), StoreError> {
+        const OP: &str = "set_cluster_position";
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        let (Ok(ms), Ok(seq)) = (ms.parse::<u64>(), seq.parse::<u64>()) else {
+            return Ok(());
+        };
+        self.blocking(OP, Kind::Write, move |s| {
+            s.write(OP, Durability::Immediate, |txn| {
+                let mut meta = txn.open_table(META).map_err(s.err(OP))?;
+                meta.insert(CLUSTER_MS, ms).map_err(s.err(OP))?;
+                meta.insert(CLUSTER_SEQ, seq).map_err(s.err(OP))?;
                 Ok(())
             })
         })

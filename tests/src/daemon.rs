@@ -51,6 +51,10 @@ path = "{dir}/screener.redb"
 
 [admin]
 socket = "{dir}/admin.sock"
+
+# Tests run as root; a test that drops privileges sets its own user.
+[daemon]
+user = "root"
 "#,
         iface = ns.host_if,
         pins = pins.0.display(),

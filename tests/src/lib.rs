@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod fleet;
 pub mod netns;
 pub mod openmetrics;
 pub mod packet;

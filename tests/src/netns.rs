@@ -302,6 +302,23 @@ impl Drop for NetNs {
     }
 }
 
+/// Whether a TCP connection from `from` to `to` opens within `timeout`,
+/// in the calling thread's network namespace.
+pub fn connect_from(from: IpAddr, to: SocketAddr, timeout: Duration) -> bool {
+    socket2_like::connect(&socket2_like::bind(from), to, timeout)
+}
+
+/// A TCP stream from `from` to `to`, in the calling thread's network
+/// namespace; `None` if it did not open within `timeout`.
+pub fn bound_stream(
+    from: IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Option<std::net::TcpStream> {
+    let fd = socket2_like::bind(from);
+    socket2_like::connect(&fd, to, timeout).then(|| std::net::TcpStream::from(fd))
+}
+
 /// Minimal blocking TCP connect from a chosen source address, with a
 /// timeout, using libc directly (std cannot bind before connect).
 mod socket2_like {
@@ -407,11 +424,19 @@ impl Drop for PinDir {
 /// The `screener` binary built next to the test executables.
 #[track_caller]
 pub fn screener_bin() -> PathBuf {
+    // A test runs from target/<profile>/deps, a benchmark binary from
+    // target/<profile>: the daemon is in target/<profile> either way.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("screener");
+    let here = exe.parent().unwrap();
+    let bin = [
+        here.join("screener"),
+        here.parent().unwrap().join("screener"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| here.join("screener"));
     assert!(
-        bin.exists(),
+        bin.is_file(),
         "{} is missing: build it first (`cargo build -p screener`, which `cargo xtask test` does)",
         bin.display()
     );

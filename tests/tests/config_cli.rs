@@ -142,7 +142,8 @@ fn config_check_refuses_a_dnsbl_threshold_of_zero_naming_the_key() {
     // A value that works but is suspicious passes, with a warning naming it.
     std::fs::write(
         &cfg,
-        "[screen]\naccess_list = [\"permit 192.0.2.0/24\", \"reject ::/0\"]\n",
+        "[screen]\naccess_list = [\"permit 192.0.2.0/24\", \"reject ::/0\"]\n\
+         [daemon]\nuser = \"root\"\n",
     )
     .unwrap();
     let (code, out) = run(&cfg, &["config", "check"]);

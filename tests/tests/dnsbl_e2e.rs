@@ -113,6 +113,9 @@ path = "{dir}/screener.redb"
 
 [admin]
 socket = "{dir}/admin.sock"
+
+[daemon]
+user = "root"
 "#,
             backend = backend.addr,
             dns = dns.addr,

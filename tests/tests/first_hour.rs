@@ -46,7 +46,8 @@ fn relative_daemon(root: &Path) -> (PathBuf, ChildGuard) {
         conf.join("screener.toml"),
         "[smtp]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.example.com\"\n\
          [store]\npath = \"var/screener.redb\"\n\
-         [admin]\nsocket = \"./var/admin.sock\"\n",
+         [admin]\nsocket = \"./var/admin.sock\"\n\
+         [daemon]\nuser = \"root\"\n",
     )
     .unwrap();
     let child = spawn_logged(

@@ -13,7 +13,7 @@ fn config(dir: &Path, port: u16, banner: &str) -> String {
     format!(
         "[smtp]\nlisten = [\"127.0.0.1:{port}\"]\ngreet_banner = \"{banner}\"\n\
          [screen]\ngreet_wait = \"30s\"\npermit_local = false\n\
-         [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+         [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
         d = dir.display()
     )
 }

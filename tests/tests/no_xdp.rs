@@ -16,7 +16,7 @@ fn blocks_are_recorded_without_xdp() {
     std::fs::write(
         &cfg,
         format!(
-            "[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+            "[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             free_port(),
             d = dir.path().display()
         ),
@@ -61,7 +61,7 @@ fn cache_commands_go_through_the_daemon() {
         format!(
             "[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:9\"\n\
              [screen]\ngreet_wait = \"1s\"\npermit_local = false\n\
-             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             d = dir.path().display()
         ),
     )

@@ -21,7 +21,7 @@ fn daemon(dir: &Path, backend: &Postfix, port: u16, extra: &str) -> ChildGuard {
             "[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.example.com\"\n\
              backend = \"{backend}\"\n\
              [screen]\ngreet_wait = \"1s\"\n{extra}\n\
-             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             backend = backend.addr,
             d = dir.display()
         ),

@@ -31,7 +31,7 @@ fn a_proxy_header_from_an_untrusted_host_is_refused_and_blocks_nobody() {
              upstream_proxy_protocol = \"haproxy\"\n\
              upstream_proxy_trusted = [\"127.0.0.1\"]\n\
              [screen]\ngreet_wait = \"1s\"\n\
-             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             d = dir.path().display()
         ),
     )

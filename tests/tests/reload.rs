@@ -45,7 +45,7 @@ impl Loopback {
             &cfg,
             format!(
                 "[smtp]\nlisten = [{listen}]\nhostname = \"mx.example.com\"\n\
-                 [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n{extra}",
+                 [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n{extra}",
                 listen = listen.join(", "),
                 d = dir.path().display()
             ),

@@ -53,7 +53,8 @@ impl Run {
                  backend = \"{backend}\"\n\
                  [screen]\ngreet_wait = \"2s\"\n\
                  [store]\npath = \"{d}/screener.redb\"\n\
-                 [admin]\nsocket = \"{d}/admin.sock\"\n",
+                 [admin]\nsocket = \"{d}/admin.sock\"\n\
+                 [daemon]\nuser = \"root\"\n",
                 d = dir.path().display()
             ),
         )

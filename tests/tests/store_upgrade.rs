@@ -153,7 +153,7 @@ fn the_daemon_upgrades_the_fixture_once_and_lists_every_record() {
     std::fs::write(
         &cfg,
         format!(
-            "[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[store]\npath = \"{}\"\n[admin]\nsocket = \"{}/admin.sock\"\n",
+            "[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[store]\npath = \"{}\"\n[admin]\nsocket = \"{}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             free_port(),
             path.display(),
             dir.path().display()
@@ -271,7 +271,7 @@ fn a_store_of_a_later_clients_layout_is_refused_naming_file_and_table() {
     std::fs::write(
         &cfg,
         format!(
-            "[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[store]\npath = \"{}\"\n[admin]\nsocket = \"{}/admin.sock\"\n",
+            "[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[store]\npath = \"{}\"\n[admin]\nsocket = \"{}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             free_port(),
             path.display(),
             dir.path().display()

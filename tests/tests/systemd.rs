@@ -207,7 +207,7 @@ fn loopback_config(dir: &Path, port: u16) -> std::path::PathBuf {
             "[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:9\"\n\
              # Loopback clients are local: screen them, so they get the teaser.\n\
              [screen]\npermit_local = false\n\
-             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n",
+             [store]\npath = \"{d}/s.redb\"\n[admin]\nsocket = \"{d}/admin.sock\"\n[daemon]\nuser = \"root\"\n",
             d = dir.display()
         ),
     )
@@ -255,9 +255,9 @@ fn effective_caps(pid: u32) -> u64 {
     u64::from_str_radix(hex, 16).unwrap()
 }
 
-/// With XDP, started as the unit starts it: root bounded to the unit's
-/// capability set, which must be enough to load, pin and attach the gate
-/// and bind the listener.
+/// With XDP, bounded to the unit's capability set, which must be enough
+/// to load, pin and attach the gate and bind the listener. (Run as root
+/// here; the unit's unprivileged `User=` start is tests/privileges.rs.)
 #[test]
 fn notify_protocol_with_the_gate_attached() {
     let ns = NetNs::new();

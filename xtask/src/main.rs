@@ -24,7 +24,7 @@ commands:
                      daemon (`screener -c screener.toml run ARGS`) in front of it;
                      Ctrl-C stops both
   test [ARGS...]     bootstrap, then fmt check, clippy and every unit and integration test
-  bench xdp|smtp|flood|all
+  bench xdp|smtp|flood|cluster|all
                      bootstrap, then run the benchmarks
   deb [--debug-build]
                      install what building needs, build (release), then the Debian
@@ -67,6 +67,10 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
     // the fleet's shared verdicts (redis-cli comes with it)
     "redis-server",
+    // the log parsers whose regular expressions read the postscreen lines
+    "fail2ban",
+    "logwatch",
+    "pflogsumm",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -414,16 +418,25 @@ fn bench(rest: &[String]) -> Result<()> {
             "connection flood: XDP vs nftables vs postscreen",
         )
     };
+    let cluster = || -> Result<()> {
+        daemon()?;
+        bin(
+            "bench_cluster",
+            "a fleet of two nodes sharing verdicts through Redis",
+        )
+    };
     match which {
         "xdp" => xdp(),
         "smtp" => smtp(),
         "flood" => flood(),
+        "cluster" => cluster(),
         "all" => {
             xdp()?;
             flood()?;
-            smtp()
+            smtp()?;
+            cluster()
         }
-        other => bail!("unknown benchmark {other:?}: xdp, smtp, flood or all"),
+        other => bail!("unknown benchmark {other:?}: xdp, smtp, flood, cluster or all"),
     }
 }
 

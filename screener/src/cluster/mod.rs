@@ -25,7 +25,6 @@ use std::{
     time::Duration,
 };
 
-use ipnet::IpNet;
 use redis::{aio::ConnectionManager, AsyncCommands as _};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -131,6 +130,8 @@ struct Inner {
     outbox: Mutex<VecDeque<Outgoing>>,
     /// Wakes the publisher.
     wake: Notify,
+    /// The stream position applied last, for the lag.
+    position: Mutex<Option<String>>,
     /// Whether Redis answered last time; flips log once each way.
     up: AtomicBool,
     /// See [`Status`].
@@ -166,6 +167,7 @@ impl Cluster {
                 conn: tokio::sync::RwLock::new(None),
                 outbox: Mutex::new(VecDeque::new()),
                 wake: Notify::new(),
+                position: Mutex::new(None),
                 up: AtomicBool::new(false),
                 lag: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
@@ -269,32 +271,6 @@ impl Cluster {
                 self.inner.pass_timeouts.fetch_add(1, Ordering::Relaxed);
                 None
             }
-        }
-    }
-
-    /// Counts one more offence of `net` across the fleet within `window`;
-    /// `None` when Redis cannot say (the caller counts locally).
-    pub async fn offence(&self, net: IpNet, window: Duration) -> Option<u64> {
-        if !self.shares(Share::Blocks) || !self.inner.up.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut conn = self.inner.conn.read().await.clone()?;
-        let key = self.inner.keys.offences(net);
-        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .incr(&key, 1)
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(ms)
-            .ignore();
-        match tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<(u64,)>(&mut conn)).await {
-            Ok(Ok((n,))) => Some(n),
-            Ok(Err(e)) => {
-                self.down("counting an offence", &e);
-                None
-            }
-            Err(_) => None,
         }
     }
 
@@ -588,7 +564,10 @@ impl Cluster {
         };
         if resync {
             let id = self.resync(&mut conn, apply).await?;
+            self.note_position(&id);
             *last_id = Some(id);
+        } else if let Some(id) = last_id.as_deref() {
+            self.note_position(id);
         }
         self.up();
         loop {
@@ -653,6 +632,7 @@ impl Cluster {
                 return Ok(());
             }
             self.inner.applied.fetch_add(n, Ordering::Relaxed);
+            self.note_position(&newest);
             *last_id = Some(newest);
         }
     }
@@ -708,6 +688,16 @@ impl Cluster {
         // XDEL moves `max-deleted-entry-id`. Either beyond our place means
         // entries we never read are gone. (A first entry that is exactly
         // our next one also counts: a needless resync, never a lost entry.)
+        let count = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+        };
+        // Nothing ever left the stream: whatever came after us is there.
+        if let (Some(added), Some(len)) = (count("entries-added"), count("length")) {
+            if added == len {
+                return Ok(false);
+            }
+        }
         let after_us = |other: Option<String>| {
             other.is_some_and(|o| wire::id_cmp(id, &o) == Some(std::cmp::Ordering::Less))
         };
@@ -774,6 +764,9 @@ impl Cluster {
     /// Says this node is alive, and measures its lag.
     async fn heartbeat_loop(&self, stop: &CancellationToken) {
         loop {
+            if self.shares(Share::Blocks) {
+                let _ = tokio::time::timeout(COMMAND_TIMEOUT, self.measure_lag()).await;
+            }
             if let Some(mut conn) = self.inner.conn.read().await.clone() {
                 let beat = wire::Heartbeat {
                     node: self.inner.node.clone(),
@@ -807,10 +800,27 @@ impl Cluster {
         }
     }
 
-    /// Records how many stream entries are past `applied_id`; the daemon
-    /// calls this after it saved a position.
-    pub async fn measure_lag(&self, applied_id: &str) {
+    fn note_position(&self, id: &str) {
+        *self
+            .inner
+            .position
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
+    }
+
+    /// Records how many stream entries are past the position applied
+    /// last (counted up to 10,000).
+    async fn measure_lag(&self) {
         let Some(mut conn) = self.inner.conn.read().await.clone() else {
+            return;
+        };
+        let applied_id = self
+            .inner
+            .position
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(applied_id) = applied_id else {
             return;
         };
         let r: redis::RedisResult<redis::streams::StreamRangeReply> = redis::cmd("XRANGE")

@@ -69,15 +69,17 @@ impl Settings {
         }
     }
 
+    /// Whether this node is part of a fleet: `cluster.redis` names a
+    /// server. Without one the daemon behaves exactly as a single host.
+    pub fn enabled(&self) -> bool {
+        !self.redis.is_empty()
+    }
+
     /// Checks what serde cannot: `Err((key, value, reason))` names the
-    /// first bad key.
+    /// first bad key. Nothing is checked while the cluster is off.
     pub fn check(&self) -> Result<(), (&'static str, String, String)> {
-        if self.redis.is_empty() {
-            return Err((
-                "cluster.redis",
-                "[]".into(),
-                "name at least one redis:// URL, or remove [cluster]".into(),
-            ));
+        if !self.enabled() {
+            return Ok(());
         }
         for url in &self.redis {
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
@@ -115,7 +117,7 @@ impl Settings {
             return Err((
                 "cluster.share",
                 "[]".into(),
-                "share \"blocks\", \"passes\" or both, or remove [cluster]".into(),
+                "share \"blocks\", \"passes\" or both, or set cluster.redis = [] to leave the fleet".into(),
             ));
         }
         if self.pass_timeout.is_zero() || self.pass_timeout > Duration::from_secs(1) {

@@ -9,7 +9,6 @@
 //!   fell behind the trimmed stream rebuilds its remote set from these.
 //! - `{prefix}:pass:{ip}`: `test=expires,…` for a client's passed tests,
 //!   expiring with the last of them.
-//! - `{prefix}:offences:{net}`: a fleet-wide offence counter (`INCR`).
 //! - `{prefix}:node:{node}`: a node's heartbeat (JSON), expiring when the
 //!   node stops beating.
 
@@ -80,10 +79,6 @@ impl Keys {
 
     pub fn pass(&self, ip: IpAddr) -> String {
         format!("{}:pass:{ip}", self.prefix)
-    }
-
-    pub fn offences(&self, net: IpNet) -> String {
-        format!("{}:offences:{net}", self.prefix)
     }
 
     pub fn node(&self, node: &str) -> String {

@@ -84,6 +84,30 @@ pub const SECTIONS: &[Section] = &[
         text: "Shared block lists imported at start and again whenever their \
                file changes.",
     },
+    Section {
+        name: "cluster",
+        text: "A fleet of MX hosts sharing verdicts and passes through Redis 7 \
+               or Valkey. Off while cluster.redis is empty. Redis is never a \
+               reason to reject or delay a client: while it is unreachable each \
+               node screens alone and queues what it has to publish.",
+    },
+    Section {
+        name: "daemon",
+        text: "Whom the daemon runs as. It starts with the privileges it needs \
+               to open the store, load and attach the XDP program and bind its \
+               sockets, then switches to daemon.user keeping only CAP_BPF, \
+               CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (a reload may \
+               load a new program instance or bind a new port).",
+    },
+    Section {
+        name: "log",
+        text: "Where the daemon's lines go and in which shape. Under systemd \
+               (its journal stream on standard error) they go to journald as \
+               native entries with facility mail; on a terminal they are \
+               coloured; elsewhere plain. format = \"postscreen\" writes the \
+               screening lines as postscreen(8) and dnsblog(8) write theirs, so \
+               pflogsumm, Logwatch and fail2ban's postfix filter read them.",
+    },
 ];
 
 /// Every key. Order within a section is the manual's; `config show` keeps
@@ -558,6 +582,24 @@ pub const KEYS: &[Key] = &[
                authentication: keep it on loopback or behind a firewall. Takes \
                effect on restart.",
     },
+    // [daemon]
+    Key {
+        name: "daemon.user",
+        postscreen: Some("mail_owner"),
+        default_note: None,
+        text: "The account the daemon runs as after its privileged start; the \
+               admin socket, the store and the pin directory are handed to it. \
+               \"root\" means do not switch (capabilities are still reduced to \
+               the four named above). An account that does not exist is an \
+               error at start and in config check.",
+    },
+    Key {
+        name: "daemon.admin_group",
+        postscreen: None,
+        default_note: None,
+        text: "The group of the admin socket (mode 0660): its members may run \
+               the admin commands. root: only root may.",
+    },
     // [import]
     Key {
         name: "import.lists",
@@ -568,6 +610,103 @@ pub const KEYS: &[Key] = &[
                Spamhaus DROP style \"CIDR ; SBLnnn\" lines, cidr plain CIDRs; name \
                defaults to the file name; interval is how often the file is \
                checked for changes.",
+    },
+    // [cluster]
+    Key {
+        name: "cluster.redis",
+        postscreen: Some("postscreen_cache_map = memcache:... (passes only)"),
+        default_note: None,
+        text: "Redis URLs, \"redis://[user:password@]host:port/db\"; the first \
+               that answers is used, the next ones when it stops answering. \
+               Empty (the default) leaves this node out of any fleet.",
+    },
+    Key {
+        name: "cluster.node",
+        postscreen: None,
+        default_note: Some("this host's name"),
+        text: "This node's name in the fleet: stored with every verdict it \
+               makes, shown by block list and cluster status on every node.",
+    },
+    Key {
+        name: "cluster.prefix",
+        postscreen: None,
+        default_note: None,
+        text: "The prefix of every Redis key, so several fleets can share one \
+               Redis.",
+    },
+    Key {
+        name: "cluster.share",
+        postscreen: None,
+        default_note: None,
+        text: "What the fleet shares: \"blocks\" (every block and unblock, \
+               applied to every node's kernel maps; offences count across the \
+               fleet) and \"passes\" (a client that passed on one node is \
+               PASS OLD on every node).",
+    },
+    Key {
+        name: "cluster.pass_timeout",
+        postscreen: None,
+        default_note: None,
+        text: "The longest a new client waits for Redis to say whether another \
+               node passed it; past it the client is screened as new. Between \
+               1ms and 1s.",
+    },
+    Key {
+        name: "cluster.queue",
+        postscreen: None,
+        default_note: None,
+        text: "Verdicts and passes kept for Redis while it is unreachable; past \
+               this the oldest are dropped and counted (the local kernel maps \
+               and store have them regardless).",
+    },
+    Key {
+        name: "cluster.stream_length",
+        postscreen: None,
+        default_note: None,
+        text: "The approximate length the shared verdict stream is trimmed to. \
+               A node that was away longer than this many verdicts rebuilds its \
+               fleet blocks from the snapshot keys instead of replaying.",
+    },
+    // [log]
+    Key {
+        name: "log.format",
+        postscreen: None,
+        default_note: None,
+        text: "auto: journald under systemd, otherwise text on standard error \
+               with the level and module of each line. postscreen: syslog lines \
+               (\"Mon dd hh:mm:ss host identifier[pid]: text\") carrying only \
+               the text, screening decisions worded as postscreen words them \
+               (CONNECT, PASS NEW, PREGREET, DNSBL rank, NOQUEUE: reject: RCPT \
+               ...) and DNSBL answers as dnsblog's \"addr A listed by domain D \
+               as R\". Under journald the identifiers below apply either way.",
+    },
+    Key {
+        name: "log.identifier",
+        postscreen: Some("syslog_name"),
+        default_note: None,
+        text: "The syslog identifier of the lines about a client (postscreen's \
+               lines); empty means screener, or postfix/postscreen under format \
+               = \"postscreen\" (what log parsers look for). The daemon's own \
+               lines (start-up, XDP, store, imports) use it too, except under \
+               format = \"postscreen\", where they keep screener: postscreen \
+               writes no such lines and parsers would count them as unknown. Up \
+               to 64 printable characters without '[' or ':'.",
+    },
+    Key {
+        name: "log.dnsblog_identifier",
+        postscreen: None,
+        default_note: None,
+        text: "The syslog identifier of DNSBL answer lines; empty means the same \
+               as log.identifier, or postfix/dnsblog under format = \
+               \"postscreen\".",
+    },
+    Key {
+        name: "log.respectful_logging",
+        postscreen: Some("respectful_logging"),
+        default_note: None,
+        text: "true writes ALLOWLISTED and DENYLISTED, as Postfix 3.6 and later \
+               do; false writes the older WHITELISTED and BLACKLISTED, which log \
+               parsers written before 3.6 (Logwatch 7.7) count.",
     },
 ];
 
@@ -666,7 +805,9 @@ pub fn man_page(version: &str) -> String {
          .PP\n\
          SIGHUP (systemctl reload screener) rereads the file; a key that takes \
          effect only after a restart (verdict.ipv6_prefix, xdp.pin_path, \
-         store.path, admin.socket, metrics.listen) is named in a warning.\n",
+         store.path, admin.socket, metrics.listen, daemon.user, \
+         daemon.admin_group, the log keys, the cluster keys) is named in a \
+         warning.\n",
     );
     for section in SECTIONS {
         let _ = writeln!(m, ".SH \"[{}]\"\n{}", section.name, roff(section.text));

@@ -78,6 +78,24 @@ where
         .unwrap_or_else(|e| Err(e.to_string()))
 }
 
+/// Which stored blocks other fleet nodes made, by net: the kernel does not
+/// know who decided. Empty outside a fleet (no store walk then).
+async fn fleet_origins(verdicts: &Verdicts) -> std::collections::HashMap<ipnet::IpNet, String> {
+    if verdicts.cluster().is_none() {
+        return std::collections::HashMap::new();
+    }
+    match verdicts.store().blocks().await {
+        Ok(all) => all
+            .into_iter()
+            .filter_map(|b| b.origin.map(|o| (b.net, o)))
+            .collect(),
+        Err(e) => {
+            tracing::debug!("block list: no origins from the store: {e}");
+            std::collections::HashMap::new()
+        }
+    }
+}
+
 /// Streams a listing: from the kernel maps when the gate is loaded
 /// (through their pins, so the gate's lock is not held while a million
 /// entries are walked), else from the store. Rows are serialised on the
@@ -93,6 +111,11 @@ pub(super) fn start(
         let result = match (what, pins) {
             (Listing::Blocks | Listing::Allows, Some(dir)) => {
                 let blocks = what == Listing::Blocks;
+                let origins = if blocks {
+                    fleet_origins(&verdicts).await
+                } else {
+                    std::collections::HashMap::new()
+                };
                 let tx = tx.clone();
                 tokio::task::spawn_blocking(move || {
                     let listed = xdp::Maps::from_pins(&dir)
@@ -112,7 +135,13 @@ pub(super) fn start(
                                 .unwrap_or(Err(e))
                         });
                     match listed {
-                        Ok(rows) => stream_rows(rows, &tx),
+                        Ok(rows) => stream_rows(
+                            rows.into_iter().map(|mut l| {
+                                l.origin = origins.get(&l.net).cloned();
+                                l
+                            }),
+                            &tx,
+                        ),
                         Err(e) => Err(e.to_string()),
                     }
                 })
@@ -133,6 +162,7 @@ pub(super) fn start(
                                 expires_in: (b.expires != 0).then(|| b.expires - now),
                                 hits: 0,
                                 map: "store",
+                                origin: b.origin,
                             });
                         blocking_rows(rows, &tx).await
                     }
@@ -147,6 +177,7 @@ pub(super) fn start(
                         expires_in: None,
                         hits: 0,
                         map: "store",
+                        origin: None,
                     });
                     blocking_rows(rows, &tx).await
                 }

@@ -253,5 +253,24 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(new.store.path != old.store.path, "store.path");
     check(new.admin.socket != old.admin.socket, "admin.socket");
     check(new.metrics.listen != old.metrics.listen, "metrics.listen");
+    // The fleet link is made once, at start.
+    check(new.cluster != old.cluster, "cluster");
+    check(new.daemon.user != old.daemon.user, "daemon.user");
+    check(
+        new.daemon.admin_group != old.daemon.admin_group,
+        "daemon.admin_group",
+    );
+    // The subscriber is installed once, at start.
+    let (l, o) = (&new.log, &old.log);
+    check(l.format != o.format, "log.format");
+    check(l.identifier != o.identifier, "log.identifier");
+    check(
+        l.dnsblog_identifier != o.dnsblog_identifier,
+        "log.dnsblog_identifier",
+    );
+    check(
+        l.respectful_logging != o.respectful_logging,
+        "log.respectful_logging",
+    );
     keys
 }

@@ -60,6 +60,8 @@ pub struct Stats {
     pub smtp: smtp::SmtpStats,
     /// Lookups and site health (none without sites).
     pub dnsbl: Option<dnsbl::DnsblStats>,
+    /// The fleet link: connected, lag, queue (none without `[cluster]`).
+    pub cluster: Option<crate::cluster::Status>,
 }
 
 /// Where a block/allow change went, so the CLI never says "blocked" when
@@ -156,6 +158,10 @@ impl Daemon {
                 Ok(self.changed(&parsed))
             }
             Request::Stats => Ok(json(self.stats())),
+            Request::ClusterStatus => match v.cluster() {
+                Some(c) => Ok(json(c.status_with_nodes().await)),
+                None => Err("this node is in no fleet: cluster.redis is empty".into()),
+            },
             Request::XdpStatus => {
                 let cfg = self.cfg();
                 let held = v.with_gate(|g| g.interfaces());
@@ -302,6 +308,7 @@ impl Daemon {
                 verdicts: self.verdicts.counters(),
             },
             kernel,
+            cluster: self.verdicts.cluster().map(crate::cluster::Cluster::status),
         }
     }
 }

@@ -18,7 +18,9 @@ use tokio::{
 
 use super::{start::Started, tasks::Tasks, Daemon, SWEEP_INTERVAL};
 use crate::{
-    admin, metrics,
+    admin,
+    cluster::{Cluster, Incoming},
+    metrics,
     smtp::{self, FailureQueue},
     verdict::{VerdictError, Verdicts},
     xdp::{self, Gate},
@@ -51,6 +53,22 @@ pub(super) async fn serve(s: Started) -> (Arc<Daemon>, anyhow::Result<()>) {
     }
     *daemon.dnsbl.write().expect("dnsbl lock") = s.dnsbl;
     tasks.adopt("store retry", s.verdicts.store().spawn_retry());
+    // Before SMTP starts: its first client may already be a fleet pass.
+    let fleet = daemon.cfg().cluster.clone();
+    if fleet.enabled() {
+        let cluster = Cluster::new(fleet);
+        tracing::info!(
+            "cluster: node {} sharing {:?} through {} Redis URL(s)",
+            cluster.node(),
+            daemon.cfg().cluster.share,
+            daemon.cfg().cluster.redis.len()
+        );
+        s.verdicts.set_cluster(cluster.clone());
+        if cluster.shares(crate::cluster::Share::Passes) {
+            s.smtp.set_cluster(cluster.clone());
+        }
+        spawn_fleet(&tasks, cluster, Arc::clone(&s.verdicts));
+    }
     let smtp_failed = spawn_smtp(&tasks, s.smtp, s.listeners, Arc::clone(&s.failures));
     spawn_verdicts(&tasks, Arc::clone(&s.verdicts), s.failures);
     spawn_admin(&tasks, &daemon, s.admin);
@@ -97,6 +115,48 @@ fn spawn_verdicts(tasks: &Tasks, verdicts: Arc<Verdicts>, failures: Arc<FailureQ
             for test in q.tests {
                 verdicts.on_failure(q.ip, test).await;
             }
+        }
+    });
+}
+
+/// The fleet link, and the task applying what other nodes decided: each
+/// batch reaches the kernel and the store before its stream position is
+/// saved, so a crash replays rather than skips.
+fn spawn_fleet(tasks: &Tasks, cluster: Cluster, verdicts: Arc<Verdicts>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let stop = tasks.stop().clone();
+    let (link, v) = (cluster.clone(), Arc::clone(&verdicts));
+    tasks.spawn("cluster link", async move {
+        let position = v.store().cluster_position().await.unwrap_or_else(|e| {
+            tracing::warn!("cluster: cannot read the saved stream position ({e}); resynchronising");
+            None
+        });
+        link.run(position, tx, stop).await;
+    });
+    tasks.spawn("fleet verdicts", async move {
+        while let Some(msg) = rx.recv().await {
+            let (position, done) = match msg {
+                Incoming::Events {
+                    events,
+                    last_id,
+                    done,
+                } => {
+                    verdicts.apply_fleet(events).await;
+                    (last_id, done)
+                }
+                Incoming::Snapshot {
+                    blocks,
+                    last_id,
+                    done,
+                } => {
+                    verdicts.apply_fleet_snapshot(blocks, cluster.node()).await;
+                    (last_id, done)
+                }
+            };
+            if let Err(e) = verdicts.store().set_cluster_position(&position).await {
+                tracing::warn!("cluster: saving the stream position: {e}");
+            }
+            let _ = done.send(());
         }
     });
 }

@@ -6,15 +6,18 @@
 //! before the program is attached (so the gate never opens in between),
 //! the admin socket and the SMTP listeners are bound. No task is started:
 //! what comes back is a set of open descriptors and the state built on
-//! them, which [`super::serve`] puts to work. Dropping privileges belongs
-//! between the two.
+//! them, which [`super::serve`] puts to work. Last, privileges are dropped
+//! ([`super::privileges`]): what serves runs as `daemon.user`.
 
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{net::UnixListener, sync::watch};
 
-use super::dnsbl::build_dnsbl;
+use super::{
+    dnsbl::build_dnsbl,
+    privileges::{self, Account, Owned},
+};
 use crate::{
     admin, config::Config, dnsbl::Dnsbl, smtp, store::Store, verdict::Verdicts, xdp::Gate,
 };
@@ -49,6 +52,8 @@ pub(super) struct Started {
 /// On error whatever was bound is closed again (the admin socket file is
 /// removed); the gate, if attached, stays attached, as at every exit.
 pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyhow::Result<Started> {
+    // Before anything is opened: a missing account stops the start here.
+    let account = Account::resolve(&cfg.daemon)?;
     let store = open_store(&cfg).await?;
     let gate = if no_xdp {
         tracing::info!("running without XDP (--no-xdp)");
@@ -57,7 +62,10 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         // Loaded, not yet attached: the maps are filled from the store first.
         Some(Gate::load(&cfg).context("loading the XDP gate")?)
     };
-    let admin = admin::bind(&cfg.admin.socket)
+    let admin::Bound {
+        listener: admin,
+        created_dir,
+    } = admin::bind(&cfg.admin.socket)
         .await
         .context("opening the admin socket")?;
     let socket = cfg.admin.socket.clone();
@@ -71,8 +79,17 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         let cfg = verdicts.cfg();
         cfg.log_warnings();
         crate::local::refresh();
-        let smtp = bind_smtp(&verdicts, &cfg)?;
-        Ok((smtp, bind_metrics(&cfg).await?))
+        let bound = bind_smtp(&verdicts, &cfg)?;
+        // Bound while privileged, as the SMTP listeners are.
+        let metrics = bind_metrics(&cfg).await?;
+        let owned = Owned {
+            admin_socket: &socket,
+            admin_dir: created_dir.as_deref(),
+            store: verdicts.store().path(),
+            pins: (!no_xdp).then_some(cfg.xdp.pin_path.as_path()),
+        };
+        privileges::after_start(&account, &owned, no_xdp)?;
+        Ok((bound, metrics))
     }
     .await;
     let ((smtp, listeners, failures, dnsbl), metrics) = match built {

@@ -352,6 +352,39 @@ async fn error_answers_are_warned_once_and_counted() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn listings_are_logged_as_dnsblog_logs_them_once_per_answer() {
+    let source = Scripted::new(|_| {
+        (
+            Answer::Listed {
+                addrs: vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 4)],
+                ttl: 60,
+            },
+            Duration::from_millis(50),
+        )
+    });
+    let (logs, _guard) = Logs::capture();
+    let dnsbl = engine(opts(&["zen.example*3"]), &source);
+    let deadline = far();
+    let scores = futures::future::join_all((0..5).map(|_| dnsbl.score(client(), deadline))).await;
+    assert!(scores.iter().all(|s| s.score == 3), "{scores:?}");
+    let text = logs.text();
+    for a in ["127.0.0.2", "127.0.0.4"] {
+        let line = format!("addr {CLIENT} listed by domain zen.example as {a}");
+        assert_eq!(text.matches(&line).count(), 1, "{line}: {text}");
+    }
+    // Under their own target, which the postscreen format and journald
+    // write under the dnsblog identifier.
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(" listed by domain "))
+            .filter(|l| l.contains(&format!(" {}: ", crate::logging::DNSBLOG_TARGET)))
+            .count(),
+        2,
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn mapped_ipv4_clients_are_queried_as_ipv4() {
     let source = Scripted::new(|_| (listed(2, 900), Duration::ZERO));
     let dnsbl = engine(opts(&["a.example"]), &source);

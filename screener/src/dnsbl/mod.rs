@@ -627,12 +627,25 @@ impl Inner {
         let _ = tx.send(answer);
     }
 
-    /// Logs and counts error answers and DNS failures, once per answer
-    /// (not once per waiting connection).
+    /// Logs every listing as postscreen's dnsblog does, and logs and
+    /// counts error answers and DNS failures, once per answer (not once
+    /// per waiting connection).
     fn note(&self, d: usize, ip: IpAddr, answer: &Answer) {
         let domain = &self.domains[d];
         match answer {
             Answer::Listed { addrs, .. } => {
+                // One line per A record, as dnsblog(8) writes them (error
+                // codes too: which code a list answered is what an
+                // operator looks for), under the public name.
+                for a in addrs {
+                    tracing::info!(
+                        target: crate::logging::DNSBLOG_TARGET,
+                        site = %domain.public,
+                        client = %ip,
+                        "addr {ip} listed by domain {} as {a}",
+                        domain.public
+                    );
+                }
                 let mut codes: Vec<std::net::Ipv4Addr> = Vec::new();
                 for &e in &domain.entries {
                     if let Judgement::Error(errs) = judge(&self.entries[e], addrs) {

@@ -513,6 +513,7 @@ mod tests {
                 sites: BTreeMap::from([("zen.example".to_owned(), site)]),
                 ..DnsblStats::default()
             }),
+            cluster: None,
         }
     }
 

@@ -15,13 +15,14 @@ pub fn check(line: &Line<'_>, _p: &Params) -> bool {
     line.bare
 }
 
-/// `BARE NEWLINE from [addr]:port after VERB`.
-pub fn log(_line: &Line<'_>, _p: &Params, cx: &LogContext<'_>) {
+/// `BARE NEWLINE from [addr]:port after <the line>`, as postscreen
+/// writes it: the line that ended bare, escaped and cut.
+pub fn log(line: &Line<'_>, _p: &Params, cx: &LogContext<'_>) {
     tracing::info!(
         client = %Peer(cx.client),
         "BARE NEWLINE from {} after {}",
         Peer(cx.client),
-        cx.last
+        crate::smtp::text::escape(line.text)
     );
 }
 

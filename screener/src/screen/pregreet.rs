@@ -27,9 +27,9 @@ pub fn check(p: &Params, failed_already: bool) -> bool {
 pub fn log(bytes: &[u8], elapsed: f64, client: SocketAddr) {
     tracing::info!(
         client = %Peer(client),
-        "PREGREET {} after {:.2} from {}: {}",
+        "PREGREET {} after {} from {}: {}",
         bytes.len(),
-        elapsed,
+        crate::logging::Delta(std::time::Duration::try_from_secs_f64(elapsed).unwrap_or_default()),
         Peer(client),
         escape(bytes)
     );

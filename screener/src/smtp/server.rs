@@ -239,6 +239,9 @@ struct Shared {
     /// Set once every listener of the start is accepting, so the daemon
     /// reports readiness only when a client can already connect.
     listening: watch::Sender<bool>,
+    /// The fleet, when `[cluster]` shares passes: asked on a cache miss,
+    /// told of every PASS NEW.
+    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
 }
 
 /// Listeners bound by [`Server::bind`], each under the address
@@ -288,6 +291,7 @@ impl Server {
                 stop: watch::channel(false).0,
                 listeners: Mutex::new(HashMap::new()),
                 listening: watch::Sender::new(false),
+                cluster: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -297,6 +301,11 @@ impl Server {
     pub fn reload(&self, cfg: Arc<Config>) {
         self.rebuild(cfg);
         tracing::info!("smtp parameters reloaded");
+    }
+
+    /// Shares passes with `cluster` from now on.
+    pub fn set_cluster(&self, cluster: crate::cluster::Cluster) {
+        let _ = self.shared.cluster.set(cluster);
     }
 
     /// Sets the allow entries: clients they cover skip every test, from
@@ -634,6 +643,18 @@ fn accepted(
     });
 }
 
+/// Runs `work` as a task the shutdown drain waits for.
+fn spawn_counted(shared: &Arc<Shared>, work: impl Future<Output = ()> + Send + 'static) {
+    shared.tasks.fetch_add(1, Ordering::AcqRel);
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        work.await;
+        if shared.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared.idle.notify_waiters();
+        }
+    });
+}
+
 /// One client or backend socket, counted against the descriptor budget
 /// while it lives.
 struct Descriptor(Arc<Shared>);
@@ -798,7 +819,29 @@ impl Drop for Slot {
 
 /// Records passes: tests with a lifetime get `now + ttl`, the others keep
 /// their cached expiry.
-async fn store_pass(cache: Store, ip: IpAddr, ttl: PerTest<Option<Duration>>) {
+/// What the fleet knows of `ip`'s passes, on a local cache miss; `None`
+/// when no node passed it or Redis does not answer within
+/// `cluster.pass_timeout`.
+async fn fleet_passes(fleet: &crate::cluster::Cluster, ip: IpAddr) -> Option<PerTest<u64>> {
+    let passes = fleet.passes(ip).await?;
+    let mut out = PerTest::splat(0);
+    let mut any = false;
+    for (name, expires) in passes {
+        // A test this release does not know is one it never asks for.
+        if let Some(t) = crate::screen::TestId::from_name(&name) {
+            out[t] = expires;
+            any = true;
+        }
+    }
+    any.then_some(out)
+}
+
+async fn store_pass(
+    cache: Store,
+    fleet: Option<crate::cluster::Cluster>,
+    ip: IpAddr,
+    ttl: PerTest<Option<Duration>>,
+) {
     let now = unix_now();
     let mut rec = match cache.client(ip).await {
         Ok(r) => r.unwrap_or(ClientRecord {
@@ -814,6 +857,14 @@ async fn store_pass(cache: Store, ip: IpAddr, ttl: PerTest<Option<Duration>>) {
         Some(ttl) => now + ttl.as_secs(),
         None => exp,
     });
+    if let Some(fleet) = fleet {
+        let passes: Vec<(&str, u64)> = expires
+            .iter()
+            .filter(|(_, &e)| e > now)
+            .map(|(t, &e)| (t.name(), e))
+            .collect();
+        fleet.publish_pass(ip, &passes);
+    }
     rec.expires = expires.into();
     rec.last_seen = now;
     if let Err(e) = cache.put_client(ip, rec).await {
@@ -936,6 +987,10 @@ async fn connection(
         },
         None => None,
     };
+    let expiries = match (expiries, shared.cluster.get()) {
+        (None, Some(fleet)) => fleet_passes(fleet, ip).await,
+        (known, _) => known,
+    };
     let (admission, stress) = admit(shared, &settings, &slot, expiries);
     let mut conn = Conn {
         shared: Arc::clone(shared),
@@ -951,20 +1006,28 @@ async fn connection(
         Admission::Busy { reply, why } => {
             conn.ending.set(Outcome::Busy);
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: {why}", Peer(client));
+            // postscreen's own wording for each: the screening-slot case
+            // is its one reject logged without the queue ID.
+            if why == "all screening ports busy" {
+                tracing::info!(client = %Peer(client), "reject: connect from {}: {why}", Peer(client));
+            } else {
+                tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: {why}", Peer(client));
+            }
             conn.reply(&format!("{reply}\r\n")).await;
             return;
         }
         Admission::Denylisted => {
             conn.ending.set(Outcome::Denylisted);
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %Peer(client), "DENYLISTED {}", Peer(client));
+            tracing::info!(client = %Peer(client), "{} {}", crate::logging::denylisted(), Peer(client));
             record_failure(shared, client, FailedTest::Denylist, Action::Drop);
             let reply = format!(
                 "521 5.3.2 {} Service currently unavailable\r\n",
                 conn.settings.cfg.smtp.hostname
             );
             conn.reply(&reply).await;
+            // As postscreen ends a dropped session's lines.
+            tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
             return;
         }
         Admission::Allowlisted | Admission::PassOld => {
@@ -972,7 +1035,7 @@ async fn connection(
                 shared.counters.pass_old.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(client = %Peer(client), "PASS OLD {}", Peer(client));
             } else {
-                tracing::info!(client = %Peer(client), "ALLOWLISTED {}", Peer(client));
+                tracing::info!(client = %Peer(client), "{} {}", crate::logging::allowlisted(), Peer(client));
             }
             // Boxed: a client still in the tests need not carry the relay's
             // state (and buffers) inside its own future.
@@ -1065,7 +1128,18 @@ async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
                     }
                     shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
                     if let Some(cache) = shared.cache.clone() {
-                        tokio::spawn(store_pass(cache, client.ip().to_canonical(), ttl));
+                        // Off the client's path (a store write may wait on
+                        // the disk), but counted: the drain at shutdown
+                        // waits for it like for a connection.
+                        spawn_counted(
+                            &shared,
+                            store_pass(
+                                cache,
+                                shared.cluster.get().cloned(),
+                                client.ip().to_canonical(),
+                                ttl,
+                            ),
+                        );
                     }
                 }
                 Output::Handoff(plan) => {

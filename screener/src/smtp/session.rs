@@ -348,8 +348,8 @@ impl Session {
         };
         tracing::info!(
             client = %Peer(self.client),
-            "HANGUP after {:.2} from {} in {}",
-            self.elapsed(now),
+            "HANGUP after {} from {} in {}",
+            crate::logging::Delta(now.saturating_duration_since(self.started)),
             Peer(self.client),
             phase
         );
@@ -505,7 +505,11 @@ impl Session {
     /// log line) and hands the client over.
     fn pass_and_handoff(&mut self, plan: Plan, note: &str) {
         if self.clean() && self.passed.values().any(Option::is_some) {
-            tracing::info!(client = %Peer(self.client), "PASS NEW {}{note}", Peer(self.client));
+            // Nothing after the client: log parsers match the line whole.
+            tracing::info!(client = %Peer(self.client), "PASS NEW {}", Peer(self.client));
+            if !note.is_empty() {
+                tracing::info!("{}: passed{note}", Peer(self.client));
+            }
             self.out.push(Output::Pass(self.passed));
         }
         self.state = State::HandedOff;

@@ -63,7 +63,7 @@ impl Verdicts {
     /// The stored block on exactly `net`, for offence counts and first-seen
     /// times. A store that cannot be read (its failure is logged once by
     /// the store) must not stop a verdict: it counts as a first offence.
-    async fn stored_block(&self, net: IpNet) -> Option<BlockRecord> {
+    pub(super) async fn stored_block(&self, net: IpNet) -> Option<BlockRecord> {
         match self.store.block(net).await {
             Ok(rec) => rec,
             Err(e) => {
@@ -85,7 +85,7 @@ impl Verdicts {
 
     /// Whether the kernel holds a block entry on exactly `net` (for when the
     /// store cannot be read; this walks the maps).
-    fn in_kernel(&self, net: IpNet) -> Result<bool, VerdictError> {
+    pub(super) fn in_kernel(&self, net: IpNet) -> Result<bool, VerdictError> {
         let net = net.trunc();
         match self.with_gate(|g| g.maps.blocks()) {
             Some(listed) => Ok(listed?.iter().any(|l| l.net == net)),
@@ -117,6 +117,9 @@ impl Verdicts {
         }
         let until = now + ttl.as_secs().max(1);
         for net in nets {
+            if let Ok(Some(rec)) = self.store.block(net.trunc()).await {
+                self.publish_block(&rec);
+            }
             self.groups
                 .lock()
                 .expect("groups lock")
@@ -141,6 +144,7 @@ impl Verdicts {
         }
         for net in nets {
             self.remove_block(*net).await?;
+            self.publish_unblock(*net);
             self.counters.unblock(super::Unblock::Operator);
             tracing::info!("UNBLOCK {net} reason={why}");
         }
@@ -250,7 +254,9 @@ impl Verdicts {
             .lock()
             .expect("groups lock")
             .note(net, rec.expires);
+        let published = rec.clone();
         self.apply_block(rec).await?;
+        self.publish_block(&published);
         self.counters.block(reason);
         tracing::info!(
             "BLOCK {net} reason={} ttl={} offences={offences}",
@@ -286,8 +292,10 @@ impl Verdicts {
             return Ok(());
         }
         let ttl = cfg.verdict.block_ttl_max;
-        self.apply_block(policy::escalation(group, now_unix(), ttl))
-            .await?;
+        let rec = policy::escalation(group, now_unix(), ttl);
+        let published = rec.clone();
+        self.apply_block(rec).await?;
+        self.publish_block(&published);
         self.counters.escalations.fetch_add(1, Ordering::Relaxed);
         self.counters.block(Reason::Escalation);
         tracing::info!(

@@ -39,6 +39,7 @@ use crate::{
 };
 
 pub mod apply;
+pub mod fleet;
 pub mod lists;
 pub mod policy;
 pub mod restore;
@@ -56,6 +57,10 @@ pub struct Counters {
     unblocks_operator: AtomicU64,
     /// Blocks removed because they lapsed.
     unblocks_expired: AtomicU64,
+    /// Other nodes' blocks and unblocks applied here.
+    pub fleet_applied: AtomicU64,
+    /// Other nodes' blocks not applied: the net is protected here.
+    pub fleet_skipped_protected: AtomicU64,
     /// Blocks a full kernel map refused.
     pub blocks_refused_full: AtomicU64,
     /// Verdicts not made because the net is protected.
@@ -71,6 +76,10 @@ pub struct CountersSnapshot {
     pub blocks: u64,
     /// Blocks per kernel reason (`manual`, `pregreet`, ..., `escalation`).
     pub blocks_by_reason: BTreeMap<&'static str, u64>,
+    /// Other nodes' blocks and unblocks applied here.
+    pub fleet_applied: u64,
+    /// Other nodes' blocks not applied: the net is protected here.
+    pub fleet_skipped_protected: u64,
     /// Every cause's unblocks together.
     pub unblocks: u64,
     /// Unblocks per cause: `operator`, `expired`.
@@ -117,6 +126,8 @@ impl Counters {
         CountersSnapshot {
             blocks: blocks_by_reason.values().sum(),
             blocks_by_reason,
+            fleet_applied: g(&self.fleet_applied),
+            fleet_skipped_protected: g(&self.fleet_skipped_protected),
             unblocks: unblocks_by_cause.values().sum(),
             unblocks_by_cause,
             blocks_refused_full: g(&self.blocks_refused_full),
@@ -162,6 +173,9 @@ pub struct Verdicts {
     /// The allow entries, as the store holds them: consulted on every
     /// verdict, so kept here instead of read from disk each time.
     allows: RwLock<Vec<IpNet>>,
+    /// The fleet this node publishes its verdicts to, when `[cluster]`
+    /// is on; set once, when the daemon starts serving.
+    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
     /// What `stats` shows.
     pub counters: Counters,
 }
@@ -176,6 +190,7 @@ impl Verdicts {
             swept: AtomicU64::new(0),
             dnswl: Mutex::new(HashSet::new()),
             allows: RwLock::new(Vec::new()),
+            cluster: std::sync::OnceLock::new(),
             counters: Counters::default(),
         }
     }

@@ -77,6 +77,10 @@ pub struct Listed {
     pub hits: u32,
     /// The kernel map holding it.
     pub map: &'static str,
+    /// The fleet node whose verdict it is, when another node's (filled in
+    /// from the store by `block list`; never known to the kernel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// Kernel counters summed over CPUs.
@@ -994,6 +998,7 @@ fn listed(net: IpNet, v: Entry, now: u32, map: &'static str) -> Listed {
         expires_in: (v.expires != 0).then(|| u64::from(v.expires.saturating_sub(now))),
         hits: v.hits,
         map,
+        origin: None,
     }
 }
 

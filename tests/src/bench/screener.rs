@@ -55,7 +55,7 @@ impl Screener {
         let d = dir.path().display();
         let text = sections.replace("@PINS@", &pins.to_string_lossy())
             + &format!(
-                "\n[store]\npath = \"{d}/screener.redb\"\n\n[admin]\nsocket = \"{d}/admin.sock\"\n"
+                "\n[store]\npath = \"{d}/screener.redb\"\n\n[admin]\nsocket = \"{d}/admin.sock\"\n\n[daemon]\nuser = \"root\"\n"
             );
         let config = dir.path().join("screener.toml");
         std::fs::write(&config, text)?;
