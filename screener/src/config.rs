@@ -405,6 +405,7 @@ pub struct Config {
     pub store: Store,
     pub admin: Admin,
     pub import: Import,
+    pub metrics: Metrics,
     /// The fleet this node shares verdicts and passes with; off while
     /// `cluster.redis` is empty.
     pub cluster: crate::cluster::Settings,
@@ -790,6 +791,16 @@ impl Daemon {
     }
 }
 
+/// The Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// Where `GET /metrics` is answered; empty (the default) serves
+    /// nothing, since the figures say what the screener sees and whom it
+    /// blocks.
+    pub listen: Vec<SocketAddr>,
+}
+
 impl Config {
     /// Reads, parses and checks `path`. Relative paths in it are taken
     /// relative to the file's own directory, not to wherever the command
@@ -880,6 +891,18 @@ impl Config {
                 "smtp.listen",
                 "[]",
                 "nothing to listen on",
+            ));
+        }
+        if let Some(l) = self
+            .metrics
+            .listen
+            .iter()
+            .find(|l| self.smtp.listen.contains(l))
+        {
+            return Err(ConfigError::value(
+                "metrics.listen",
+                l,
+                "is also in smtp.listen",
             ));
         }
         if self.smtp.hostname.is_empty() || self.smtp.hostname.contains(char::is_whitespace) {
@@ -1507,6 +1530,11 @@ ports = ["all"]
             ("[smtp]\nhostname = \"\"", "smtp.hostname"),
             ("[smtp]\nhostname = \"mx\\u0000\"", "smtp.hostname"),
             ("[smtp]\nlisten = []", "smtp.listen"),
+            (
+                "[smtp]\nlisten = [\"127.0.0.1:2525\"]\n[metrics]\nlisten = [\"127.0.0.1:2525\"]",
+                "metrics.listen",
+            ),
+            ("[metrics]\nlisten = [\"localhost:9325\"]", "metrics.listen"),
             (
                 "[smtp]\ngreet_banner = \"hi\\r\\n250 ok\"",
                 "smtp.greet_banner",

@@ -45,6 +45,7 @@ mod start;
 mod stop;
 mod tasks;
 
+pub use requests::{DaemonStats, Stats};
 use tasks::Tasks;
 
 /// How often expired kernel entries are swept out.

@@ -13,6 +13,7 @@ pub mod duration;
 pub mod import;
 pub mod local;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod screen;

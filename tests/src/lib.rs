@@ -6,6 +6,7 @@ pub mod bench;
 pub mod daemon;
 pub mod fleet;
 pub mod netns;
+pub mod openmetrics;
 pub mod packet;
 pub mod rbldnsd;
 pub mod redis;

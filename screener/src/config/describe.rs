@@ -75,6 +75,11 @@ pub const SECTIONS: &[Section] = &[
                import) use to reach the running daemon.",
     },
     Section {
+        name: "metrics",
+        text: "The Prometheus (OpenMetrics text) endpoint: the counters screener \
+               stats shows, for scraping.",
+    },
+    Section {
         name: "import",
         text: "Shared block lists imported at start and again whenever their \
                file changes.",
@@ -564,6 +569,19 @@ pub const KEYS: &[Key] = &[
         default_note: None,
         text: "The admin commands' Unix socket.",
     },
+    // [metrics]
+    Key {
+        name: "metrics.listen",
+        postscreen: None,
+        default_note: None,
+        text: "Addresses (e.g. [\"127.0.0.1:9325\"]) where GET /metrics answers \
+               in the OpenMetrics text format with the counters screener stats \
+               shows: connections by outcome, passes and failures per test, DNSBL \
+               lookups, errors and latency per list, blocks and unblocks, kernel \
+               drops per reason, map fill, stress mode. Empty serves nothing. No \
+               authentication: keep it on loopback or behind a firewall. Takes \
+               effect on restart.",
+    },
     // [daemon]
     Key {
         name: "daemon.user",
@@ -787,8 +805,9 @@ pub fn man_page(version: &str) -> String {
          .PP\n\
          SIGHUP (systemctl reload screener) rereads the file; a key that takes \
          effect only after a restart (verdict.ipv6_prefix, xdp.pin_path, \
-         store.path, admin.socket, daemon.user, daemon.admin_group, the log \
-         keys, the cluster keys) is named in a warning.\n",
+         store.path, admin.socket, metrics.listen, daemon.user, \
+         daemon.admin_group, the log keys, the cluster keys) is named in a \
+         warning.\n",
     );
     for section in SECTIONS {
         let _ = writeln!(m, ".SH \"[{}]\"\n{}", section.name, roff(section.text));

@@ -252,6 +252,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(new.xdp.max_allows != old.xdp.max_allows, "xdp.max_allows");
     check(new.store.path != old.store.path, "store.path");
     check(new.admin.socket != old.admin.socket, "admin.socket");
+    check(new.metrics.listen != old.metrics.listen, "metrics.listen");
     // The fleet link is made once, at start.
     check(new.cluster != old.cluster, "cluster");
     check(new.daemon.user != old.daemon.user, "daemon.user");

@@ -31,37 +31,37 @@ fn admin_ttl(ttl: Option<u64>) -> Result<Option<Duration>, String> {
 
 /// The daemon's own part of `stats`.
 #[derive(Serialize)]
-struct DaemonStats {
+pub struct DaemonStats {
     /// Seconds since start.
-    uptime_secs: u64,
+    pub uptime_secs: u64,
     /// True only when every configured interface runs the program now.
-    xdp_attached: bool,
+    pub xdp_attached: bool,
     /// Configurations applied since start: 0 until the first reload.
-    config_generation: u64,
+    pub config_generation: u64,
     /// Keys changed in the file that take effect only on restart.
-    config_restart_pending: Vec<&'static str>,
+    pub config_restart_pending: Vec<&'static str>,
     /// Each configured interface as the kernel sees it (none without XDP).
-    xdp_interfaces: Vec<xdp::InterfaceStatus>,
+    pub xdp_interfaces: Vec<xdp::InterfaceStatus>,
     /// Blocks, unblocks, refusals, escalations.
     #[serde(flatten)]
-    verdicts: verdict::CountersSnapshot,
+    pub verdicts: verdict::CountersSnapshot,
 }
 
 /// The answer to `stats`: one section per part of the daemon.
 #[derive(Serialize)]
-struct Stats {
+pub struct Stats {
     /// The program's counters and map fill (none without a gate).
-    kernel: Option<xdp::maps::KernelStats>,
+    pub kernel: Option<xdp::maps::KernelStats>,
     /// Uptime, configuration, interfaces, verdict counters.
-    daemon: DaemonStats,
+    pub daemon: DaemonStats,
     /// Whether the store works and what waits to be written.
-    store: crate::store::StoreHealth,
+    pub store: crate::store::StoreHealth,
     /// Connections, passes, failures, queues.
-    smtp: smtp::SmtpStats,
+    pub smtp: smtp::SmtpStats,
     /// Lookups and site health (none without sites).
-    dnsbl: Option<dnsbl::DnsblStats>,
+    pub dnsbl: Option<dnsbl::DnsblStats>,
     /// The fleet link: connected, lag, queue (none without `[cluster]`).
-    cluster: Option<crate::cluster::Status>,
+    pub cluster: Option<crate::cluster::Status>,
 }
 
 /// Where a block/allow change went, so the CLI never says "blocked" when
@@ -277,7 +277,9 @@ impl Daemon {
         }))
     }
 
-    fn stats(&self) -> Stats {
+    /// Every counter, read now: what `stats` prints and what the
+    /// metrics endpoint renders.
+    pub fn stats(&self) -> Stats {
         let kernel = self.verdicts.with_gate(|g| g.maps.stats()).and_then(|r| {
             r.map_err(|e| tracing::warn!("reading kernel counters: {e}"))
                 .ok()

@@ -11,7 +11,7 @@ use std::{
 
 use futures::FutureExt as _;
 use tokio::{
-    net::UnixListener,
+    net::{TcpListener, UnixListener},
     signal::unix::{signal, SignalKind},
     sync::oneshot,
 };
@@ -20,6 +20,7 @@ use super::{start::Started, tasks::Tasks, Daemon, SWEEP_INTERVAL};
 use crate::{
     admin,
     cluster::{Cluster, Incoming},
+    metrics,
     smtp::{self, FailureQueue},
     verdict::{VerdictError, Verdicts},
     xdp::{self, Gate},
@@ -72,6 +73,7 @@ pub(super) async fn serve(s: Started) -> (Arc<Daemon>, anyhow::Result<()>) {
     spawn_verdicts(&tasks, Arc::clone(&s.verdicts), s.failures);
     spawn_admin(&tasks, &daemon, s.admin);
     tracing::info!(socket = %socket.display(), "admin socket ready");
+    spawn_metrics(&tasks, &daemon, s.metrics);
     spawn_chores(&tasks, &s.verdicts);
     daemon.reload_imports(&daemon.cfg().import.lists);
     let ended = signals(&daemon, smtp_failed).await;
@@ -187,6 +189,28 @@ fn spawn_admin(tasks: &Tasks, daemon: &Arc<Daemon>, listener: UnixListener) {
             );
         }
     });
+}
+
+/// Serves `GET /metrics` on each listener until the stop signal. The
+/// registry holds the daemon weakly: the endpoint renders `stats`, it
+/// does not keep the daemon alive.
+fn spawn_metrics(tasks: &Tasks, daemon: &Arc<Daemon>, listeners: Vec<TcpListener>) {
+    if listeners.is_empty() {
+        return;
+    }
+    let weak = Arc::downgrade(daemon);
+    let registry = Arc::new(metrics::families::registry(move || {
+        weak.upgrade().map(|d| d.stats())
+    }));
+    for l in listeners {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "metrics endpoint ready at http://{addr}/metrics");
+        }
+        tasks.spawn(
+            "metrics endpoint",
+            metrics::serve(l, Arc::clone(&registry), tasks.stop().clone()),
+        );
+    }
 }
 
 /// The periodic chores: sweeping lapsed kernel entries, cleaning the

@@ -43,6 +43,9 @@ pub(super) struct Started {
     /// The DNSBL engine (`None` without sites); its health checks start
     /// with the serving.
     pub dnsbl: Option<Dnsbl>,
+    /// The metrics endpoint's listeners (`metrics.listen`), bound, not yet
+    /// accepting.
+    pub metrics: Vec<tokio::net::TcpListener>,
 }
 
 /// Opens the store and the gate, restores the verdicts, attaches, binds.
@@ -77,6 +80,8 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         cfg.log_warnings();
         crate::local::refresh();
         let bound = bind_smtp(&verdicts, &cfg)?;
+        // Bound while privileged, as the SMTP listeners are.
+        let metrics = bind_metrics(&cfg).await?;
         let owned = Owned {
             admin_socket: &socket,
             admin_dir: created_dir.as_deref(),
@@ -84,10 +89,10 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
             pins: (!no_xdp).then_some(cfg.xdp.pin_path.as_path()),
         };
         privileges::after_start(&account, &owned, no_xdp)?;
-        Ok(bound)
+        Ok((bound, metrics))
     }
     .await;
-    let (smtp, listeners, failures, dnsbl) = match built {
+    let ((smtp, listeners, failures, dnsbl), metrics) = match built {
         Ok(b) => b,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -104,7 +109,20 @@ pub(super) async fn start(cfg: Config, cfg_path: PathBuf, no_xdp: bool) -> anyho
         listeners,
         failures,
         dnsbl,
+        metrics,
     })
+}
+
+/// Binds `metrics.listen` (nothing when it is empty).
+async fn bind_metrics(cfg: &Config) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut out = Vec::new();
+    for addr in &cfg.metrics.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics.listen: binding {addr}"))?;
+        out.push(l);
+    }
+    Ok(out)
 }
 
 /// The SMTP server with its DNSBL engine and failure queue, its

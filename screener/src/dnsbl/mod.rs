@@ -55,6 +55,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::metrics::{Histogram, HistogramSnapshot};
+
 pub use answer::Score;
 pub use spec::{Filter, SiteSpec, SiteSpecError};
 
@@ -180,6 +182,8 @@ pub struct SiteStats {
     pub health_skipped: bool,
     /// Health checks completed (with or without an answer).
     pub health_checks: u64,
+    /// Lookup latency (health checks not included).
+    pub latency: HistogramSnapshot,
 }
 
 /// The DNSBL engine; cheap to clone.
@@ -213,6 +217,8 @@ struct Domain {
     health_warnings: AtomicU64,
     /// Checks completed, so a test or an operator can tell one has run.
     health_checks: AtomicU64,
+    /// How long its lookups took (a timeout counts as the timeout).
+    latency: Histogram,
 }
 
 /// An address family, judged apart by the health checks: a list may hold
@@ -393,6 +399,7 @@ impl Dnsbl {
                     health_failures: AtomicU64::new(0),
                     health_warnings: AtomicU64::new(0),
                     health_checks: AtomicU64::new(0),
+                    latency: Histogram::new(crate::metrics::DNSBL_LATENCY_MS),
                 });
                 domains.len() - 1
             };
@@ -549,6 +556,7 @@ impl Dnsbl {
             site.health_failures += domain.health_failures.load(Ordering::Relaxed);
             site.health_warnings += warnings;
             site.health_checks += domain.health_checks.load(Ordering::Relaxed);
+            site.latency.merge(&domain.latency.snapshot());
             site.health_skipped |= domain.health_skip;
             site.disabled_ipv4 |= off4;
             site.disabled_ipv6 |= off6;
@@ -578,9 +586,11 @@ impl Inner {
         self.queries.fetch_add(1, Ordering::Relaxed);
         domain.queries.fetch_add(1, Ordering::Relaxed);
         let name = query_name(ip, &domain.name);
+        let sent = Instant::now();
         let answer = tokio::time::timeout(self.timeout, self.source.query(name))
             .await
             .unwrap_or(Answer::Failed(Failure::Timeout));
+        domain.latency.observe(sent.elapsed());
         self.note(d, ip, &answer);
         {
             let now = Instant::now();

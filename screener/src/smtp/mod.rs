@@ -9,7 +9,7 @@
 //! splice), [`server`] is the thin socket loop with the shared counters,
 //! cache and stress mode, [`failures`] the bounded queue of clients to
 //! block, [`descriptors`] the open-file budget, [`text`] how clients and
-//! their text appear in logs.
+//! their text appear in logs, [`outcome`] how each connection ended.
 
 pub mod backend;
 pub mod descriptors;
@@ -17,6 +17,7 @@ pub mod dialogue;
 pub mod failures;
 pub mod gate;
 mod locks;
+pub mod outcome;
 pub mod params;
 pub mod server;
 pub mod session;

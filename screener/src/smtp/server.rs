@@ -4,7 +4,7 @@
 //! [`session`](super::session); this loop only moves bytes, time and
 //! results between them and the world.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -24,11 +24,13 @@ use super::descriptors::{self, Budget, Room};
 use super::failures::{FailureQueue, FailureQueueStats};
 use super::gate::{self, Admission, GateParams, Load};
 use super::locks::{lock, read, write};
+use super::outcome::{Ending, Outcome, Outcomes, Timer};
 use super::params::{Action, Params};
 use super::session::{DnsblScore, Output, Plan, Session, Todo};
 use super::text::{escape, Peer};
 use super::{FailedTest, Failure};
 use crate::config::{AccessAction, AccessRule, Config, Upstream};
+use crate::metrics::HistogramSnapshot;
 use crate::proxy;
 use crate::screen::PerTest;
 use crate::store::{now_unix as unix_now, ClientRecord, Store};
@@ -68,6 +70,18 @@ pub struct SmtpStats {
     pub failure_queue: FailureQueueStats,
     /// Open-file budget and what it refused.
     pub descriptors: DescriptorStats,
+    /// How connections ended, one outcome each (see [`Outcome`]).
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Tests passed, per test (a pass is a test's verdict in this
+    /// connection, not a cached one).
+    pub passes: PerTest<u64>,
+    /// Clients handed to the backend since start.
+    pub handoffs: u64,
+    /// Hand-offs the backend failed (refused, timed out, misbehaved).
+    pub backend_errors: u64,
+    /// How long screening took, for screened clients: from the first
+    /// test to the hand-off, pass, failure or hang-up.
+    pub screening_time: HistogramSnapshot,
 }
 
 /// The open-file budget of the SMTP server.
@@ -112,6 +126,14 @@ struct Counters {
     proxy_untrusted: AtomicU64,
     /// Connections refused for want of descriptors.
     fd_refused: AtomicU64,
+    /// Tests passed (not cached), per test.
+    passes: PerTest<AtomicU64>,
+    /// How connections ended, and the screening time.
+    outcomes: Arc<Outcomes>,
+    /// Hand-offs the backend accepted.
+    handoffs: AtomicU64,
+    /// Hand-offs the backend failed.
+    backend_errors: AtomicU64,
 }
 
 /// What a connection reads from the configuration, rebuilt on reload and
@@ -339,6 +361,11 @@ impl Server {
                     refused: c.fd_refused.load(Ordering::Relaxed),
                 }
             },
+            outcomes: c.outcomes.by_name(),
+            passes: c.passes.map(|_, n| n.load(Ordering::Relaxed)),
+            handoffs: c.handoffs.load(Ordering::Relaxed),
+            backend_errors: c.backend_errors.load(Ordering::Relaxed),
+            screening_time: c.outcomes.screening_time().snapshot(),
         }
     }
 
@@ -594,6 +621,9 @@ fn accepted(
     let (fd, held) = Descriptor::take(shared);
     let room = read(&shared.budget).room(held);
     if room == Room::Full {
+        // No task, so no `Ending`: counted here.
+        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+        shared.counters.outcomes.count(Outcome::DescriptorsRefused);
         refuse_for_descriptors(shared, &stream, peer);
         return;
     }
@@ -892,6 +922,8 @@ struct Conn {
     slot: Slot,
     /// Shutdown: screening ends with a 421, a hand-off gets the grace period.
     stop: watch::Receiver<bool>,
+    /// How it ended, counted when it is dropped.
+    ending: Ending,
 }
 
 impl Conn {
@@ -916,6 +948,7 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let mut ending = Ending::new(Arc::clone(&shared.counters.outcomes));
     let settings = Arc::clone(&read(&shared.settings));
     let (client, server) = if settings.cfg.smtp.upstream_proxy_protocol == Upstream::Haproxy {
         if !gate::proxy_trusted(&settings.cfg.smtp.upstream_proxy_trusted, peer.ip()) {
@@ -923,6 +956,7 @@ async fn connection(
                 .counters
                 .proxy_untrusted
                 .fetch_add(1, Ordering::Relaxed);
+            ending.set(Outcome::ProxyUntrusted);
             tracing::warn!(client = %Peer(peer), "PROXY header refused: {} is not in smtp.upstream_proxy_trusted; closed", Peer(peer));
             return;
         }
@@ -931,6 +965,7 @@ async fn connection(
         match proxy::read_header(&mut stream, settings.cfg.smtp.upstream_proxy_timeout).await {
             Ok(h) => h.source.unwrap_or((peer, local)),
             Err(e) => {
+                ending.set(Outcome::ProxyError);
                 tracing::info!("PROXY header from {}: {e}", Peer(peer));
                 return;
             }
@@ -965,9 +1000,11 @@ async fn connection(
         server,
         slot,
         stop,
+        ending,
     };
     let todo = match admission {
         Admission::Busy { reply, why } => {
+            conn.ending.set(Outcome::Busy);
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
             // postscreen's own wording for each: the screening-slot case
             // is its one reject logged without the queue ID.
@@ -980,6 +1017,7 @@ async fn connection(
             return;
         }
         Admission::Denylisted => {
+            conn.ending.set(Outcome::Denylisted);
             shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client = %Peer(client), "{} {}", crate::logging::denylisted(), Peer(client));
             record_failure(shared, client, FailedTest::Denylist, Action::Drop);
@@ -1007,6 +1045,7 @@ async fn connection(
         Admission::Screen(_) if known_good_only => {
             // Past the descriptor budget only known-good clients go on;
             // screening this one could take what the daemon itself needs.
+            conn.ending.set(Outcome::DescriptorsRefused);
             refuse_for_descriptors(shared, &conn.stream, client);
             return;
         }
@@ -1046,6 +1085,7 @@ fn admit(
 /// it is handed off, hangs up or is hung up on.
 async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
     let (shared, client) = (Arc::clone(&conn.shared), conn.client);
+    let mut timer = Timer::start(Arc::clone(&shared.counters.outcomes));
     let mut stop = conn.stop.clone();
     let mut stress = shared.stress.subscribe();
     let write_limit = params.command_time_limit;
@@ -1076,9 +1116,16 @@ async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
                     return;
                 }
                 Output::Fail { test, action } => {
+                    conn.ending.set(Outcome::Failed);
                     record_failure(&shared, client, test.into(), action);
                 }
                 Output::Pass(ttl) => {
+                    conn.ending.set(Outcome::Passed);
+                    for (t, passed) in ttl.iter() {
+                        if passed.is_some() {
+                            shared.counters.passes[t].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     shared.counters.pass_new.fetch_add(1, Ordering::Relaxed);
                     if let Some(cache) = shared.cache.clone() {
                         // Off the client's path (a store write may wait on
@@ -1096,6 +1143,7 @@ async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
                     }
                 }
                 Output::Handoff(plan) => {
+                    timer.stop();
                     // Boxed: a client still in the tests need not carry the relay's
                     // state (and buffers) inside its own future.
                     Box::pin(hand_off(conn, plan)).await;
@@ -1137,6 +1185,7 @@ async fn screen(mut conn: Conn, params: Arc<Params>, todo: Todo) {
                 outputs = Vec::new();
             }
             () = stopped(&mut stop) => {
+                conn.ending.set(Outcome::Shutdown);
                 let _ = timeout(Duration::from_secs(2), conn.stream.write_all(b"421 4.3.2 Service shutting down\r\n")).await;
                 tracing::info!(client = %Peer(client), "DISCONNECT {}", Peer(client));
                 return;
@@ -1154,6 +1203,7 @@ async fn hand_off(mut conn: Conn, plan: Plan) {
         conn.client,
     );
     if post_queue_full(&shared, settings.gate.post_queue_limit) {
+        conn.ending.set(Outcome::Busy);
         shared.counters.rejects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(client = %Peer(client), "NOQUEUE: reject: CONNECT from {}: all server ports busy", Peer(client));
         conn.reply("421 4.3.2 All server ports are busy\r\n").await;
@@ -1169,12 +1219,19 @@ async fn hand_off(mut conn: Conn, plan: Plan) {
     let (mut backend, first) = match ready.await {
         Ok(x) => x,
         Err(e) => {
+            conn.ending.set(Outcome::BackendError);
+            shared
+                .counters
+                .backend_errors
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(client = %Peer(client), "backend unavailable for {}: {e}", Peer(client));
             conn.reply("421 4.3.2 Service currently unavailable\r\n")
                 .await;
             return;
         }
     };
+    conn.ending.set(Outcome::HandedOff);
+    shared.counters.handoffs.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(client = %Peer(client), "handed {} to {}: {}", Peer(client), settings.backend.addr, escape(&first));
     let mut to_client = first;
     to_client.extend_from_slice(&backend.extra);

@@ -124,7 +124,7 @@ impl Verdicts {
                 .lock()
                 .expect("groups lock")
                 .note(net.trunc(), until);
-            self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+            self.counters.block(policy::kernel_reason(label));
             tracing::info!("BLOCK {net} reason={label} ttl={}", duration::Display(ttl));
         }
         Ok(())
@@ -145,7 +145,7 @@ impl Verdicts {
         for net in nets {
             self.remove_block(*net).await?;
             self.publish_unblock(*net);
-            self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
+            self.counters.unblock(super::Unblock::Operator);
             tracing::info!("UNBLOCK {net} reason={why}");
         }
         Ok(())
@@ -257,7 +257,7 @@ impl Verdicts {
         let published = rec.clone();
         self.apply_block(rec).await?;
         self.publish_block(&published);
-        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+        self.counters.block(reason);
         tracing::info!(
             "BLOCK {net} reason={} ttl={} offences={offences}",
             reason.name(),
@@ -297,7 +297,7 @@ impl Verdicts {
         self.apply_block(rec).await?;
         self.publish_block(&published);
         self.counters.escalations.fetch_add(1, Ordering::Relaxed);
-        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+        self.counters.block(Reason::Escalation);
         tracing::info!(
             "BLOCK {group} reason=escalation ttl={} hosts={count}",
             duration::Display(ttl)

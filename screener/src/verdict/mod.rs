@@ -19,7 +19,7 @@
 //! kernel holds that the store lacks (see RESTORING in [`restore`]).
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -28,6 +28,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+use screener_common::{Reason, REASONS};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -49,14 +50,17 @@ pub use restore::{pinned_verdicts, Restored};
 /// Daemon-side counters of verdicts.
 #[derive(Default)]
 pub struct Counters {
-    /// Blocks made (screening, escalation, operator).
-    pub blocks: AtomicU64,
+    /// Blocks made (screening, escalation, operator), per kernel reason:
+    /// a wave shows as one reason climbing.
+    blocks: [AtomicU64; REASONS as usize],
+    /// Blocks an operator removed.
+    unblocks_operator: AtomicU64,
+    /// Blocks removed because they lapsed.
+    unblocks_expired: AtomicU64,
     /// Other nodes' blocks and unblocks applied here.
     pub fleet_applied: AtomicU64,
     /// Other nodes' blocks not applied: the net is protected here.
     pub fleet_skipped_protected: AtomicU64,
-    /// Blocks removed (operator, expiry).
-    pub unblocks: AtomicU64,
     /// Blocks a full kernel map refused.
     pub blocks_refused_full: AtomicU64,
     /// Verdicts not made because the net is protected.
@@ -66,25 +70,66 @@ pub struct Counters {
 }
 
 /// [`Counters`] as `stats` shows them.
-#[derive(Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct CountersSnapshot {
+    /// Every reason's blocks together.
     pub blocks: u64,
+    /// Blocks per kernel reason (`manual`, `pregreet`, ..., `escalation`).
+    pub blocks_by_reason: BTreeMap<&'static str, u64>,
+    /// Other nodes' blocks and unblocks applied here.
     pub fleet_applied: u64,
+    /// Other nodes' blocks not applied: the net is protected here.
     pub fleet_skipped_protected: u64,
+    /// Every cause's unblocks together.
     pub unblocks: u64,
+    /// Unblocks per cause: `operator`, `expired`.
+    pub unblocks_by_cause: BTreeMap<&'static str, u64>,
     pub blocks_refused_full: u64,
     pub blocks_skipped_protected: u64,
     pub escalations: u64,
 }
 
+/// Why a block was removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unblock {
+    /// `screener block del`.
+    Operator,
+    /// Its TTL ran out.
+    Expired,
+}
+
 impl Counters {
+    /// Counts a block made for `reason`.
+    pub fn block(&self, reason: Reason) {
+        self.blocks[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a block removed.
+    pub fn unblock(&self, why: Unblock) {
+        match why {
+            Unblock::Operator => &self.unblocks_operator,
+            Unblock::Expired => &self.unblocks_expired,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> CountersSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let blocks_by_reason: BTreeMap<&'static str, u64> = Reason::ALL
+            .into_iter()
+            .map(|r| (r.name(), g(&self.blocks[r as usize])))
+            .collect();
+        let unblocks_by_cause = BTreeMap::from([
+            ("operator", g(&self.unblocks_operator)),
+            ("expired", g(&self.unblocks_expired)),
+        ]);
         CountersSnapshot {
-            blocks: g(&self.blocks),
+            blocks: blocks_by_reason.values().sum(),
+            blocks_by_reason,
             fleet_applied: g(&self.fleet_applied),
             fleet_skipped_protected: g(&self.fleet_skipped_protected),
-            unblocks: g(&self.unblocks),
+            unblocks: unblocks_by_cause.values().sum(),
+            unblocks_by_cause,
             blocks_refused_full: g(&self.blocks_refused_full),
             blocks_skipped_protected: g(&self.blocks_skipped_protected),
             escalations: g(&self.escalations),

@@ -152,7 +152,7 @@ impl Verdicts {
             // was in force, so the lapse is logged once.
             let in_group = self.groups.lock().expect("groups lock").lapse(b.net, now);
             if in_kernel || (in_group && self.with_gate(|_| ()).is_none()) {
-                self.counters.unblocks.fetch_add(1, Ordering::Relaxed);
+                self.counters.unblock(super::Unblock::Expired);
                 tracing::info!("UNBLOCK {} reason={} expired", b.net, b.reason);
                 n += 1;
             }

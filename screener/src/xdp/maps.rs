@@ -58,6 +58,11 @@ pub struct Maps {
     pre_v6: Prefilter,
     /// The CIDR tries' keys (filled by `rebuild_prefilters`).
     cidrs: std::collections::HashSet<IpNet>,
+    /// Entries in `block_v4` and `block_v6`, counted by
+    /// `rebuild_prefilters` and kept by `block`/`unblock`: the fill level
+    /// is read on every scrape, and walking a million keys each time is
+    /// what a wave can least afford. `None` until the first count.
+    hosts: Option<[usize; 2]>,
     /// Copy of the `config` entry; this process is its only writer.
     settings: KConfig,
 }
@@ -86,6 +91,19 @@ pub struct KernelStats {
     pub dropped: u64,
     pub passed_by_cause: std::collections::BTreeMap<&'static str, u64>,
     pub dropped_by_reason: std::collections::BTreeMap<&'static str, u64>,
+    /// How full each block and allow map is: a full map refuses verdicts.
+    pub maps: Vec<MapFill>,
+}
+
+/// One map's fill level.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MapFill {
+    /// The map's pinned name.
+    pub map: &'static str,
+    /// Entries in it now.
+    pub entries: u64,
+    /// Entries it can hold (the `xdp.max_*` key that sizes it).
+    pub max_entries: u64,
 }
 
 /// Current `CLOCK_BOOTTIME` second: the clock the program expires on.
@@ -464,6 +482,7 @@ impl Maps {
                 names::BLOCK_V6_CIDR,
             )?,
             cidrs: std::collections::HashSet::new(),
+            hosts: None,
             pre_v4: Prefilter::new(
                 take(Map::Array(open(names::PREFILTER_V4)?), names::PREFILTER_V4)?,
                 names::PREFILTER_V4,
@@ -485,6 +504,8 @@ impl Maps {
             .filter(|l| l.map == names::BLOCK_V4_CIDR || l.map == names::BLOCK_V6_CIDR)
             .map(|l| l.net)
             .collect();
+        let hosts = |map: &str| listed.iter().filter(|l| l.map == map).count();
+        self.hosts = Some([hosts(names::BLOCK_V4), hosts(names::BLOCK_V6)]);
         let nets: Vec<IpNet> = listed.into_iter().map(|l| l.net).collect();
         self.pre_v4
             .rebuild(nets.iter().filter(|n| matches!(n, IpNet::V4(_))))?;
@@ -635,6 +656,9 @@ impl Maps {
         if result.is_ok() && !host {
             self.cidrs.insert(net);
         }
+        if result.is_ok() && host && !existed {
+            self.count_host(&net, true);
+        }
         result
     }
 
@@ -702,6 +726,9 @@ impl Maps {
                 names::BLOCK_V6_CIDR,
             )?,
         };
+        if removed && host {
+            self.count_host(&net, false);
+        }
         if removed {
             self.cidrs.remove(&net);
             self.prefilter_of(&net).remove(&net)?;
@@ -721,6 +748,59 @@ impl Maps {
             self.drop_flag_if(flag, empty)?;
         }
         Ok(removed)
+    }
+
+    /// Keeps the host maps' entry count as `block`/`unblock` change them.
+    fn count_host(&mut self, net: &IpNet, added: bool) {
+        let i = usize::from(net.addr().is_ipv6());
+        if let Some(hosts) = &mut self.hosts {
+            hosts[i] = if added {
+                hosts[i] + 1
+            } else {
+                hosts[i].saturating_sub(1)
+            };
+        }
+    }
+
+    /// Entries and size of every block and allow map. The host maps'
+    /// counts are kept as entries change and the tries' keys are mirrored
+    /// (see `hosts`, `cidrs`), so only the small allow tries are walked.
+    pub fn fill(&self) -> Vec<MapFill> {
+        let (hosts, cidrs) = match self.hosts {
+            Some(h) => {
+                let v4 = self.cidrs.iter().filter(|n| n.addr().is_ipv4()).count();
+                (h, [v4, self.cidrs.len() - v4])
+            }
+            // Nothing counted yet: walk them this once.
+            None => (
+                [self.block_v4.keys().count(), self.block_v6.keys().count()],
+                [
+                    self.block_v4_cidr.keys().count(),
+                    self.block_v6_cidr.keys().count(),
+                ],
+            ),
+        };
+        let fill = |map, entries, max_entries| MapFill {
+            map,
+            entries: entries as u64,
+            max_entries: u64::from(max_entries),
+        };
+        vec![
+            fill(
+                names::ALLOW_V4,
+                self.allow_v4.keys().count(),
+                max_of(&self.allow_v4),
+            ),
+            fill(
+                names::ALLOW_V6,
+                self.allow_v6.keys().count(),
+                max_of(&self.allow_v6),
+            ),
+            fill(names::BLOCK_V4, hosts[0], max_of(&self.block_v4)),
+            fill(names::BLOCK_V6, hosts[1], max_of(&self.block_v6)),
+            fill(names::BLOCK_V4_CIDR, cidrs[0], max_of(&self.block_v4_cidr)),
+            fill(names::BLOCK_V6_CIDR, cidrs[1], max_of(&self.block_v6_cidr)),
+        ]
     }
 
     /// Adds an allow entry: never dropped.
@@ -882,6 +962,7 @@ impl Maps {
             }
         }
         out.seen = out.passed + out.dropped;
+        out.maps = self.fill();
         Ok(out)
     }
 }

@@ -9,12 +9,15 @@
 //! 5. DNSBL: scenario 2 scored against rbldnsd with three sites;
 //! 6. re-import: scenario 1 for the screener alone, idle and while a
 //!    300,000-line list is re-imported over and over (the XDP maps loaded,
-//!    attached nowhere), so the baseline is measured in the same run.
+//!    attached nowhere), so the baseline is measured in the same run;
+//! 7. metrics: scenario 2 for the screener alone, `metrics.listen` off
+//!    and on with a scrape every second, the daemon's CPU time and peak
+//!    RSS; the two alternate round by round, so drift hits both.
 //!
 //! (Scenario 4, the flood, is `bench_flood`.) Everything runs in two
 //! network namespaces the benchmark creates and removes.
 //!
-//! Usage: `bench_smtp [--rounds N] [fast] [new] [horde] [dnsbl] [import]`
+//! Usage: `bench_smtp [--rounds N] [fast] [new] [horde] [dnsbl] [import] [metrics]`
 
 use std::{
     fmt::Write as _,
@@ -74,6 +77,7 @@ enum Scenario {
     Horde,
     Dnsbl,
     Import,
+    Metrics,
 }
 
 /// rbldnsd in the server namespace on 127.0.0.1:53, killed on drop.
@@ -159,6 +163,7 @@ impl Server {
         limit: u32,
         dnsbl: bool,
         gate: bool,
+        metrics: Option<SocketAddr>,
     ) -> Result<Server> {
         let rbl = if dnsbl {
             Some(Rbldnsd::start(&n.server_ns)?)
@@ -189,6 +194,9 @@ impl Server {
                         "dnsbl_sites = [\"bl1.example*2\", \"bl2.example*1\", \"wl.example=127.0.10.[0..255]*-2\"]\n\
                          dnsbl_threshold = 2\n\n[dns]\nnameservers = [\"127.0.0.1:53\"]\n",
                     );
+                }
+                if let Some(addr) = metrics {
+                    cfg.push_str(&format!("\n[metrics]\nlisten = [\"{addr}\"]\n"));
                 }
                 cfg.push_str("\n[xdp]\npin_path = \"@PINS@\"\n");
                 let screener = if gate {
@@ -631,7 +639,8 @@ fn opts() -> Result<Opts> {
             "horde" => o.scenarios.push(Scenario::Horde),
             "dnsbl" => o.scenarios.push(Scenario::Dnsbl),
             "import" => o.scenarios.push(Scenario::Import),
-            other => bail!("unknown argument {other:?}; usage: bench_smtp [--rounds N] [fast] [new] [horde] [dnsbl]"),
+            "metrics" => o.scenarios.push(Scenario::Metrics),
+            other => bail!("unknown argument {other:?}; usage: bench_smtp [--rounds N] [fast] [new] [horde] [dnsbl] [import] [metrics]"),
         }
     }
     if o.scenarios.is_empty() {
@@ -641,6 +650,7 @@ fn opts() -> Result<Opts> {
             Scenario::Horde,
             Scenario::Dnsbl,
             Scenario::Import,
+            Scenario::Metrics,
         ];
     }
     if o.rounds == 0 {
@@ -659,7 +669,190 @@ fn warm(n: &BenchNet) -> Result<()> {
     .with_context(|| format!("the first visit of {GOOD_V4}"))
 }
 
+/// Where the daemon serves its metrics in scenario 7, inside the server
+/// namespace.
+const METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 9325);
+
+/// Scrapes timed back to back for the cost of one.
+const SCRAPES_TIMED: u32 = 300;
+
+/// Scrapes `addr` inside namespace `ns` once a second until `stop`,
+/// parsing each answer strictly; returns (scrapes, failures).
+fn scraper(
+    ns: &str,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u32, u32)> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        sys::on_netns_thread(&ns, move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let next = Instant::now() + Duration::from_secs(1);
+                let (status, _, body) = integration_tests::openmetrics::get(addr, "/metrics");
+                let parsed = integration_tests::openmetrics::parse(&body);
+                if status.ends_with("200 OK") && parsed.is_ok() {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+                while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            (ok, failed)
+        })
+        .join()
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or((0, 0))
+    })
+}
+
+/// Scenario 7, one round of one variant: figures screenings/s, completed
+/// %, daemon CPU % of one core over the round, daemon peak RSS MiB,
+/// scrapes answered, daemon CPU ms per scrape.
+fn metrics_round(n: &BenchNet, on: bool) -> Result<(Vec<f64>, Vec<String>)> {
+    let addr = SocketAddr::from(METRICS_ADDR);
+    // The maps loaded (attached nowhere), as in production: a scrape reads
+    // the per-CPU counters and the map fill.
+    let server = Server::start(
+        System::Screener,
+        n,
+        GREET_WAIT_S,
+        1_000,
+        false,
+        true,
+        on.then_some(addr),
+    )?;
+    let daemon = server.screener.as_ref().context("no daemon")?.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(cpu::rss(daemon));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        })
+    };
+    let scrapes = on.then(|| scraper(&n.server_ns, addr, stop.clone()));
+    let (cpu0, t0) = (cpu::tree_time(daemon), Instant::now());
+    let (figs, errs) = new_round(n, &server)?;
+    let cpu =
+        cpu::tree_time(daemon).saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let peak = rss.join().unwrap_or(0);
+    let (ok, failed) = scrapes.map_or((0, 0), |h| h.join().unwrap_or((0, 0)));
+    let mut errs = errs;
+    if failed > 0 {
+        errs.push(format!("{failed} scrapes failed"));
+    }
+    // The cost of one scrape on its own: back to back, the daemon idle
+    // after the round, its maps and counters filled.
+    let per_scrape = if on {
+        let c0 = cpu::tree_time(daemon);
+        sys::on_netns_thread(&n.server_ns, move || {
+            for _ in 0..SCRAPES_TIMED {
+                let (_, _, body) = integration_tests::openmetrics::get(addr, "/metrics");
+                assert!(body.ends_with("# EOF\n"), "a scrape was cut short");
+            }
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scraping thread panicked"))??;
+        cpu::tree_time(daemon).saturating_sub(c0).as_secs_f64() * 1000.0 / f64::from(SCRAPES_TIMED)
+    } else {
+        0.0
+    };
+    drop(server);
+    Ok((
+        vec![
+            figs[0],
+            figs[1],
+            100.0 * cpu,
+            mib(peak),
+            f64::from(ok),
+            per_scrape,
+        ],
+        errs,
+    ))
+}
+
+/// Scenario 7: metrics off and on, alternating which goes first.
+fn metrics_scenario(n: &BenchNet, o: &Opts) -> Result<String> {
+    let (mut off, mut on) = (Row::default(), Row::default());
+    for i in 0..o.rounds {
+        let order = if i % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for variant in order {
+            let (figs, errs) = metrics_round(n, variant)?;
+            eprintln!(
+                "    round {} metrics {}: {figs:?}{}",
+                i + 1,
+                if variant { "on" } else { "off" },
+                errs.first()
+                    .map(|e| format!(" ({} failed, e.g. {e})", errs.len()))
+                    .unwrap_or_default()
+            );
+            let row = if variant { &mut on } else { &mut off };
+            for e in errs {
+                if row.failures.len() < 3 && !row.failures.contains(&e) {
+                    row.failures.push(e);
+                }
+            }
+            row.push(figs);
+        }
+    }
+    let cols = [
+        "screenings/s",
+        "completed %",
+        "daemon CPU % (one core)",
+        "daemon peak RSS MiB",
+        "scrapes",
+        "daemon CPU ms per scrape (300 back to back)",
+    ];
+    let mut head = vec!["metrics"];
+    head.extend_from_slice(&cols);
+    let mut table = Table::new(&head);
+    for (name, row) in [("off", &off), ("on, scraped every 1 s", &on)] {
+        let mut cells = vec![name.to_owned()];
+        cells.extend((0..cols.len()).map(|i| cell(row.spread(i))));
+        table.row(cells);
+    }
+    let median = |r: &Row, i| r.spread(i).map(|s| s.median);
+    let mut cells = vec!["on ÷ off".to_owned()];
+    cells.extend(
+        (0..cols.len()).map(|i| match (median(&on, i), median(&off, i)) {
+            (Some(a), Some(b)) if b != 0.0 => format!("{}×", report::num(a / b)),
+            _ => "n/a".into(),
+        }),
+    );
+    table.row(cells);
+    let mut out = format!(
+        "7. Metrics: scenario 2 for the screener alone ({NEW_CLIENTS} first-time clients, {NEW_CONCURRENCY} at once, XDP maps loaded), metrics.listen off and on with a strict scrape every second; rounds alternate which goes first\n\n{}",
+        table.render()
+    );
+    for (name, row) in [("off", &off), ("on", &on)] {
+        if !row.failures.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nFailures with metrics {name}: {}",
+                row.failures.join("; ")
+            );
+        }
+    }
+    Ok(out)
+}
+
 fn run_scenario(n: &BenchNet, sc: Scenario, o: &Opts) -> Result<String> {
+    if sc == Scenario::Metrics {
+        return metrics_scenario(n, o);
+    }
     let mut rows: Vec<(System, Row)> = Vec::new();
     // postscreen has no list import: the re-import scenario's baseline is
     // the screener's own idle fast path, measured in the same round.
@@ -675,7 +868,7 @@ fn run_scenario(n: &BenchNet, sc: Scenario, o: &Opts) -> Result<String> {
             _ => (GREET_WAIT_S, 1_000, false),
         };
         eprintln!("==> {sc:?}: {}", system.title());
-        let server = Server::start(system, n, wait, limit, dnsbl, sc == Scenario::Import)?;
+        let server = Server::start(system, n, wait, limit, dnsbl, sc == Scenario::Import, None)?;
         if matches!(sc, Scenario::Fast | Scenario::Import) {
             warm(n)?;
         }
@@ -686,6 +879,7 @@ fn run_scenario(n: &BenchNet, sc: Scenario, o: &Opts) -> Result<String> {
                 Scenario::New | Scenario::Dnsbl => new_round(n, &server)?,
                 Scenario::Horde => horde_round(n, &server)?,
                 Scenario::Import => import_round(n, &server)?,
+                Scenario::Metrics => unreachable!("run by metrics_scenario"),
             };
             eprintln!(
                 "    round {}: {figs:?}{}",
@@ -722,6 +916,7 @@ fn ratio(rows: &[(System, Row)], i: usize) -> String {
 
 fn render(sc: Scenario, rows: &[(System, Row)]) -> String {
     let (title, cols): (String, &[&str]) = match sc {
+        Scenario::Metrics => unreachable!("rendered by metrics_scenario"),
         Scenario::Fast => (
             format!("1. Fast path: {FAST_SESSIONS} sequential visits per round by a client on the temporary allowlist, connect → the backend's 220"),
             &["p50 ms", "p99 ms", "failed"],
