@@ -60,7 +60,62 @@ pub fn encode(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
     if let Some(k) = &s.kernel {
         kernel(k, e)?;
     }
+    if let Some(c) = &s.cluster {
+        cluster(c, e)?;
+    }
     store(s, e)
+}
+
+/// The fleet link, when `[cluster]` is on.
+fn cluster(c: &crate::cluster::Status, e: &mut DescriptorEncoder) -> fmt::Result {
+    gauge(
+        e,
+        "screener_cluster_connected",
+        "1 while Redis answers; 0 while this node screens alone.",
+        u64::from(c.connected),
+    )?;
+    gauge(
+        e,
+        "screener_cluster_lag_entries",
+        "Fleet stream entries not yet applied here (counted up to 10000).",
+        c.lag,
+    )?;
+    gauge(
+        e,
+        "screener_cluster_queued",
+        "Verdicts and passes waiting for Redis.",
+        c.queued,
+    )?;
+    counter(
+        e,
+        "screener_cluster_dropped",
+        "Outgoing verdicts and passes dropped because the queue was full.",
+        c.dropped,
+    )?;
+    counter(
+        e,
+        "screener_cluster_published",
+        "Verdicts this node published to the fleet.",
+        c.published,
+    )?;
+    counter(
+        e,
+        "screener_cluster_applied",
+        "Other nodes' verdicts applied here.",
+        c.applied,
+    )?;
+    counter(
+        e,
+        "screener_cluster_pass_timeouts",
+        "Pass lookups that ran out of cluster.pass_timeout.",
+        c.pass_timeouts,
+    )?;
+    counter(
+        e,
+        "screener_cluster_resyncs",
+        "Times this node rebuilt its fleet blocks from the snapshot.",
+        c.resyncs,
+    )
 }
 
 fn daemon(s: &Stats, e: &mut DescriptorEncoder) -> fmt::Result {
