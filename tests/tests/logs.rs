@@ -79,6 +79,9 @@ path = "{dir}/screener.redb"
 [admin]
 socket = "{dir}/admin.sock"
 
+[daemon]
+user = "root"
+
 [log]
 {log_section}
 "#,

@@ -484,7 +484,9 @@ fn deb(debug: bool) -> Result<PathBuf> {
     cargo_deb()?;
     let (profile, dir) = if debug {
         step("building screener (debug)");
-        check(Command::new("cargo").args(["build", "-p", "screener"]))?;
+        // The workspace's build, as the suite has it: `-p screener` alone
+        // unifies features differently and would build the crate again.
+        check(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
         ("dev", "debug")
     } else {
         build_release()?;
