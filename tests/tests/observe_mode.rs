@@ -38,6 +38,9 @@ fn shipped_config(dir: &Path, port: u16, backend: SocketAddr) -> PathBuf {
             "screen.permit_local=false",
             &format!("store.path={}/s.redb", dir.display()),
             &format!("admin.socket={}/admin.sock", dir.display()),
+            // The package creates the screener account; this machine
+            // need not have it.
+            "daemon.user=root",
         ],
     );
     cfg

@@ -292,12 +292,17 @@ fn starttls_postfix_sender_is_remembered() {
     let stats = scr.server.stats();
     assert_eq!((stats.pass_new, stats.pass_old), (1, 1), "{stats:?}");
     backend.wait_log(&["TLS connection established from", "[127.0.0.9]"]);
-    let sent = sender
-        .log()
-        .lines()
-        .filter(|l| l.contains("status=sent"))
-        .count();
-    assert_eq!(sent, 2, "{}", sender.log());
+    // The sender logs status=sent after the backend took the message:
+    // wait for the second line rather than race it.
+    let both_sent = integration_tests::sys::poll_until(std::time::Duration::from_secs(20), || {
+        sender
+            .log()
+            .lines()
+            .filter(|l| l.contains("status=sent"))
+            .count()
+            == 2
+    });
+    assert!(both_sent, "{}", sender.log());
 }
 
 /// Waits until the cache holds `n` unexpired passes for `ip`.
