@@ -248,33 +248,44 @@ fn main() {
         cell(Spread::of(&catchup)),
     ]);
 
-    // 4b. Passes: the cluster link publishes 10,000 of them.
+    // 4b. Passes: a fleet link publishes 10,000 of them, from inside the
+    // LAN (Redis is only reachable there).
     let before = redis_memory(&redis);
-    rt.block_on(async {
-        let c = screener::cluster::Cluster::new(screener::cluster::Settings {
-            redis: vec![redis.url()],
-            node: "bench".into(),
-            prefix: lan.ns("lan"),
-            ..Default::default()
+    let (url, prefix) = (redis.url(), lan.ns("lan"));
+    integration_tests::sys::on_netns_thread(&lan.ns("client"), move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let c = screener::cluster::Cluster::new(screener::cluster::Settings {
+                redis: vec![url],
+                node: "bench".into(),
+                prefix,
+                ..Default::default()
+            });
+            let (tx, _rx) = tokio::sync::mpsc::channel(1);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let run = {
+                let c = c.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move { c.run(Some("0-0".into()), tx, stop).await })
+            };
+            for i in 0..10_000u32 {
+                let ip: IpAddr = format!("2001:db8:ffff::{i:x}").parse().unwrap();
+                c.publish_pass(ip, &[("pregreet", 4_000_000_000), ("dnsbl", 4_000_000_000)]);
+            }
+            let t0 = Instant::now();
+            while (c.status().queued > 0 || !c.status().connected)
+                && t0.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(c.status().queued, 0, "the passes were not published");
+            stop.cancel();
+            let _ = run.await;
         });
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let run = {
-            let c = c.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move { c.run(Some("0-0".into()), tx, stop).await })
-        };
-        for i in 0..10_000u32 {
-            let ip: IpAddr = format!("2001:db8:ffff::{i:x}").parse().unwrap();
-            c.publish_pass(ip, &[("pregreet", 4_000_000_000), ("dnsbl", 4_000_000_000)]);
-        }
-        let t0 = Instant::now();
-        while c.status().queued > 0 && t0.elapsed() < Duration::from_secs(60) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stop.cancel();
-        let _ = run.await;
-    });
+    })
+    .join()
+    .unwrap()
+    .unwrap();
     let per_pass = redis_memory(&redis).saturating_sub(before) as f64 / 10_000.0;
     t.row(vec![
         "Redis memory per shared pass, bytes".into(),
