@@ -18,8 +18,9 @@ pub enum Share {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// `redis://[user:pass@]host:port/db`; the first URL that answers is
-    /// used, the others are tried in turn when it stops answering.
+    /// `redis://[user:pass@]host:port/db`. At start the first URL that
+    /// answers is used for commands (then reconnected to by itself); the
+    /// stream reader tries them in turn at every reconnect.
     pub redis: Vec<String>,
     /// This node's name in the stream and in `block list`; the host name
     /// when empty.

@@ -616,9 +616,10 @@ pub const KEYS: &[Key] = &[
         name: "cluster.redis",
         postscreen: Some("postscreen_cache_map = memcache:... (passes only)"),
         default_note: None,
-        text: "Redis URLs, \"redis://[user:password@]host:port/db\"; the first \
-               that answers is used, the next ones when it stops answering. \
-               Empty (the default) leaves this node out of any fleet.",
+        text: "Redis URLs, \"redis://[user:password@]host:port/db\". At start \
+               the first that answers carries commands and is reconnected to \
+               when it drops; the stream reader tries the URLs in turn at every \
+               reconnect. Empty (the default) leaves this node out of any fleet.",
     },
     Key {
         name: "cluster.node",
